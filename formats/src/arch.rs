@@ -1,0 +1,261 @@
+//! The architecture half of a plan: what a model is made of, layer by layer.
+//!
+//! Each layer carries its own attention and MLP description so that operators can make layers differ
+//! (MoE layers, pruned widths, linear attention) without a new config format for every case.
+use serde::{Deserialize, Serialize};
+
+/// Model families whose config.json we read and write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Mixtral,
+}
+
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "mixtral"];
+
+impl Family {
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "llama" => Some(Family::Llama),
+            "mistral" => Some(Family::Mistral),
+            "qwen2" => Some(Family::Qwen2),
+            "mixtral" => Some(Family::Mixtral),
+            _ => None,
+        }
+    }
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Mixtral => "mixtral",
+        }
+    }
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Mixtral => "MixtralForCausalLM",
+        }
+    }
+}
+
+/// How attention is computed in one layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AttentionKind {
+    /// Standard softmax attention (optionally sliding-window, see [`ModelArch::sliding_window`]).
+    Softmax,
+    /// Hedgehog linear attention with trainable feature maps of size `feature_dim`.
+    Hedgehog { feature_dim: usize },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attention {
+    pub kind: AttentionKind,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// q/k/v projections carry biases (Qwen2).
+    pub qkv_bias: bool,
+}
+
+impl Attention {
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+/// How routed experts are weighted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MoeRouting {
+    /// Mixtral: softmax over all experts, top-k, renormalise the k weights to sum to 1.
+    Mixtral,
+    /// LLaMA-MoE: like Mixtral, then every selected expert's output is multiplied by `scale` (n/k).
+    Scaled { scale: f64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Mlp {
+    /// SwiGLU: down(silu(gate(x)) * up(x)).
+    Dense { intermediate_size: usize },
+    /// Routed SwiGLU experts, each of width `intermediate_size`.
+    Moe {
+        num_experts: usize,
+        top_k: usize,
+        intermediate_size: usize,
+        routing: MoeRouting,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Layer {
+    pub attention: Attention,
+    pub mlp: Mlp,
+}
+
+/// Bookkeeping that operators leave for later steps (healing reads it), stored in config.json under
+/// the key `surgeon`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SurgeonMeta {
+    /// Layers inserted by an operator (e.g. LLaMA Pro expansion): `--train new-blocks` trains these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub new_layers: Vec<usize>,
+    /// Token ids added by vocabulary extension: `--train new-embeddings` trains these rows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub new_token_ids: Vec<u32>,
+    /// One line per operation applied, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<String>,
+    /// Free-form notes for the model card (e.g. how routing differs from the exported layout).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl SurgeonMeta {
+    pub fn is_empty(&self) -> bool {
+        self == &SurgeonMeta::default()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelArch {
+    pub family: Family,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub layers: Vec<Layer>,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// `rope_scaling` as found in config.json (e.g. llama3 frequency scaling), passed through.
+    pub rope_scaling: Option<serde_json::Value>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// Hidden activation; only `silu` is supported by the runtime.
+    pub hidden_act: String,
+    /// dtype the checkpoint declares (`torch_dtype`), if any.
+    pub torch_dtype: Option<crate::DType>,
+    pub surgeon: SurgeonMeta,
+    /// config.json keys we do not interpret, carried over unchanged.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ModelArch {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The single attention shape if all layers agree.
+    pub fn uniform_attention(&self) -> Option<&Attention> {
+        let first = &self.layers.first()?.attention;
+        self.layers
+            .iter()
+            .all(|l| &l.attention == first)
+            .then_some(first)
+    }
+
+    /// The single MLP shape if all layers agree.
+    pub fn uniform_mlp(&self) -> Option<&Mlp> {
+        let first = &self.layers.first()?.mlp;
+        self.layers.iter().all(|l| &l.mlp == first).then_some(first)
+    }
+
+    /// Expected tensors (HF names and shapes) of this architecture, in layer order.
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.extend(layer_tensors(i, layer, h));
+        }
+        out.push(("model.norm.weight".into(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), vec![self.vocab_size, h]));
+        }
+        out
+    }
+
+    /// Parameter count from the formula (no tensors needed).
+    pub fn parameter_count(&self) -> u64 {
+        self.expected_tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum()
+    }
+}
+
+/// Tensors of decoder layer `i`, HF names and shapes.
+pub fn layer_tensors(i: usize, layer: &Layer, h: usize) -> Vec<(String, Vec<usize>)> {
+    let p = format!("model.layers.{i}");
+    let a = &layer.attention;
+    let mut out = vec![
+        (format!("{p}.input_layernorm.weight"), vec![h]),
+        (format!("{p}.self_attn.q_proj.weight"), vec![a.q_dim(), h]),
+        (format!("{p}.self_attn.k_proj.weight"), vec![a.kv_dim(), h]),
+        (format!("{p}.self_attn.v_proj.weight"), vec![a.kv_dim(), h]),
+        (format!("{p}.self_attn.o_proj.weight"), vec![h, a.q_dim()]),
+    ];
+    if a.qkv_bias {
+        out.push((format!("{p}.self_attn.q_proj.bias"), vec![a.q_dim()]));
+        out.push((format!("{p}.self_attn.k_proj.bias"), vec![a.kv_dim()]));
+        out.push((format!("{p}.self_attn.v_proj.bias"), vec![a.kv_dim()]));
+    }
+    if let AttentionKind::Hedgehog { feature_dim } = a.kind {
+        out.push((
+            format!("{p}.self_attn.feature_map_q.weight"),
+            vec![a.num_heads, a.head_dim, feature_dim],
+        ));
+        out.push((
+            format!("{p}.self_attn.feature_map_k.weight"),
+            vec![a.num_heads, a.head_dim, feature_dim],
+        ));
+    }
+    out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    match &layer.mlp {
+        Mlp::Dense {
+            intermediate_size: i_size,
+        } => {
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![*i_size, h]));
+            out.push((format!("{p}.mlp.up_proj.weight"), vec![*i_size, h]));
+            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, *i_size]));
+        }
+        Mlp::Moe {
+            num_experts,
+            intermediate_size: i_size,
+            ..
+        } => {
+            out.push((
+                format!("{p}.block_sparse_moe.gate.weight"),
+                vec![*num_experts, h],
+            ));
+            for e in 0..*num_experts {
+                let q = format!("{p}.block_sparse_moe.experts.{e}");
+                out.push((format!("{q}.w1.weight"), vec![*i_size, h]));
+                out.push((format!("{q}.w2.weight"), vec![h, *i_size]));
+                out.push((format!("{q}.w3.weight"), vec![*i_size, h]));
+            }
+        }
+    }
+    out
+}
+
+/// Parses `model.layers.{i}.rest` into `(i, rest)`.
+pub fn split_layer_name(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let dot = rest.find('.')?;
+    Some((rest[..dot].parse().ok()?, &rest[dot + 1..]))
+}

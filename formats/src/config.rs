@@ -1,0 +1,462 @@
+//! Hugging Face `config.json` <-> [`ModelArch`].
+//!
+//! Reads both dialects (transformers >= 5 `rope_parameters`/`dtype`, older top-level `rope_theta`,
+//! `rope_scaling`, `torch_dtype`) and writes both rope spellings so old and new loaders agree.
+use crate::arch::*;
+use crate::{DType, Error, Result};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+/// Keys this module interprets; everything else is carried over in `ModelArch::extra`.
+const KNOWN_KEYS: &[&str] = &[
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "hidden_act",
+    "torch_dtype",
+    "dtype",
+    "attention_bias",
+    "mlp_bias",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "surgeon",
+    "transformers_version",
+    "_name_or_path",
+];
+
+struct Fields<'a> {
+    path: &'a Path,
+    map: &'a Map<String, Value>,
+}
+
+impl Fields<'_> {
+    fn err(&self, field: &str, message: impl Into<String>) -> Error {
+        Error::config(self.path, field, message)
+    }
+    fn usize_opt(&self, field: &str) -> Result<Option<usize>> {
+        match self.map.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                self.err(field, format!("expected a non-negative integer, got {v}"))
+            }),
+        }
+    }
+    fn usize(&self, field: &str) -> Result<usize> {
+        self.usize_opt(field)?
+            .ok_or_else(|| self.err(field, "missing"))
+    }
+    fn f64_opt(&self, field: &str) -> Result<Option<f64>> {
+        match self.map.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(field, format!("expected a number, got {v}"))),
+        }
+    }
+    fn bool_opt(&self, field: &str) -> Result<Option<bool>> {
+        match self.map.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(field, format!("expected true or false, got {v}"))),
+        }
+    }
+    fn token_ids(&self, field: &str) -> Result<Vec<u32>> {
+        match self.map.get(field) {
+            None | Some(Value::Null) => Ok(vec![]),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .map(|x| x as u32)
+                        .ok_or_else(|| self.err(field, format!("expected token ids, got {v}")))
+                })
+                .collect(),
+            Some(v) => v
+                .as_u64()
+                .map(|x| vec![x as u32])
+                .ok_or_else(|| self.err(field, format!("expected a token id, got {v}"))),
+        }
+    }
+}
+
+/// Reads and interprets `config.json`.
+pub fn read_config(path: &Path) -> Result<ModelArch> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    parse_config(path, &value)
+}
+
+/// Interprets a parsed config.json; `path` is only used in error messages.
+pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
+    let map = value
+        .as_object()
+        .ok_or_else(|| Error::format(path, "config.json is not a JSON object"))?;
+    let f = Fields { path, map };
+    let model_type = map
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| f.err("model_type", "missing"))?;
+    let family = Family::from_model_type(model_type).ok_or_else(|| {
+        f.err(
+            "model_type",
+            format!(
+                "unsupported model type `{model_type}`; supported: {}",
+                SUPPORTED_MODEL_TYPES.join(", ")
+            ),
+        )
+    })?;
+    let hidden_size = f.usize("hidden_size")?;
+    let num_layers = f.usize("num_hidden_layers")?;
+    let num_heads = f.usize("num_attention_heads")?;
+    if num_heads == 0 || hidden_size == 0 {
+        return Err(f.err("num_attention_heads", "must be positive"));
+    }
+    let num_kv_heads = f.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(f.err(
+            "num_key_value_heads",
+            format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
+        ));
+    }
+    let head_dim = f.usize_opt("head_dim")?.unwrap_or(hidden_size / num_heads);
+    let intermediate_size = f.usize("intermediate_size")?;
+    let vocab_size = f.usize("vocab_size")?;
+    let hidden_act = map
+        .get("hidden_act")
+        .and_then(Value::as_str)
+        .unwrap_or("silu")
+        .to_string();
+    if hidden_act != "silu" {
+        return Err(f.err(
+            "hidden_act",
+            format!("`{hidden_act}` is not supported (only silu)"),
+        ));
+    }
+    if f.bool_opt("mlp_bias")?.unwrap_or(false) {
+        return Err(f.err("mlp_bias", "MLP biases are not supported"));
+    }
+    let qkv_bias = match family {
+        Family::Qwen2 => true,
+        _ => {
+            if f.bool_opt("attention_bias")?.unwrap_or(false) {
+                return Err(f.err(
+                    "attention_bias",
+                    "attention biases on a llama/mistral model are not supported",
+                ));
+            }
+            false
+        }
+    };
+
+    // Rope: transformers >= 5 nests it in `rope_parameters`; older configs keep it top level.
+    let rope_params = map.get("rope_parameters").and_then(Value::as_object);
+    let default_theta = match family {
+        Family::Mixtral => 1e6,
+        _ => 10000.0,
+    };
+    let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| f.err("rope_parameters.rope_theta", "expected a number"))?,
+        None => f.f64_opt("rope_theta")?.unwrap_or(default_theta),
+    };
+    let rope_scaling = match map.get("rope_scaling") {
+        Some(Value::Null) | None => rope_params.and_then(|p| {
+            let kind = p
+                .get("rope_type")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            (kind != "default").then(|| {
+                let mut s = p.clone();
+                s.remove("rope_theta");
+                Value::Object(s)
+            })
+        }),
+        Some(v) => Some(v.clone()),
+    };
+
+    let sliding_window = match family {
+        Family::Qwen2 if !f.bool_opt("use_sliding_window")?.unwrap_or(false) => None,
+        _ => f.usize_opt("sliding_window")?,
+    };
+    let mlp = match family {
+        Family::Mixtral => Mlp::Moe {
+            num_experts: f.usize("num_local_experts")?,
+            top_k: f.usize("num_experts_per_tok")?,
+            intermediate_size,
+            routing: MoeRouting::Mixtral,
+        },
+        _ => Mlp::Dense { intermediate_size },
+    };
+    let attention = Attention {
+        kind: AttentionKind::Softmax,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        qkv_bias,
+    };
+    let mut layers = vec![Layer { attention, mlp }; num_layers];
+
+    let mut surgeon = SurgeonMeta::default();
+    if let Some(s) = map.get("surgeon") {
+        surgeon = serde_json::from_value(s.clone())
+            .map_err(|e| f.err("surgeon", format!("unreadable: {e}")))?;
+        // Layers that differ from one another are spelled out in full.
+        if let Some(per_layer) = s.get("layers") {
+            let explicit: Vec<Layer> = serde_json::from_value(per_layer.clone())
+                .map_err(|e| f.err("surgeon.layers", format!("unreadable: {e}")))?;
+            if explicit.len() != num_layers {
+                return Err(f.err(
+                    "surgeon.layers",
+                    format!(
+                        "lists {} layers but num_hidden_layers = {num_layers}",
+                        explicit.len()
+                    ),
+                ));
+            }
+            layers = explicit;
+        }
+    }
+
+    let torch_dtype = map
+        .get("torch_dtype")
+        .or_else(|| map.get("dtype"))
+        .and_then(Value::as_str)
+        .and_then(DType::from_torch_name);
+    let extra = map
+        .iter()
+        .filter(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+
+    Ok(ModelArch {
+        family,
+        hidden_size,
+        vocab_size,
+        layers,
+        rms_norm_eps: f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+        rope_theta,
+        rope_scaling,
+        max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+        tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+        sliding_window,
+        bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: f.token_ids("eos_token_id")?,
+        pad_token_id: f.token_ids("pad_token_id")?.first().copied(),
+        hidden_act,
+        torch_dtype,
+        surgeon,
+        extra,
+    })
+}
+
+/// Renders config.json for `arch`, stored in `dtype`.
+pub fn config_json(arch: &ModelArch, dtype: DType) -> Result<Value> {
+    let first = arch
+        .layers
+        .first()
+        .ok_or_else(|| Error::invalid("a model needs at least one layer"))?;
+    let a = &first.attention;
+    let mut family = arch.family;
+    let mut m = Map::new();
+    let uniform_mlp = arch.uniform_mlp().cloned();
+    // A uniformly MoE model is exported as Mixtral, whatever family it came from.
+    if let Some(Mlp::Moe { .. }) = uniform_mlp {
+        family = Family::Mixtral;
+    }
+    m.insert("architectures".into(), json!([family.architecture()]));
+    m.insert("model_type".into(), json!(family.model_type()));
+    m.insert("hidden_size".into(), json!(arch.hidden_size));
+    m.insert("num_hidden_layers".into(), json!(arch.num_layers()));
+    m.insert("num_attention_heads".into(), json!(a.num_heads));
+    m.insert("num_key_value_heads".into(), json!(a.num_kv_heads));
+    m.insert("head_dim".into(), json!(a.head_dim));
+    let (intermediate, experts) = match &first.mlp {
+        Mlp::Dense { intermediate_size } => (*intermediate_size, None),
+        Mlp::Moe {
+            num_experts,
+            top_k,
+            intermediate_size,
+            ..
+        } => (*intermediate_size, Some((*num_experts, *top_k))),
+    };
+    m.insert("intermediate_size".into(), json!(intermediate));
+    if let Some((e, k)) = experts {
+        m.insert("num_local_experts".into(), json!(e));
+        m.insert("num_experts_per_tok".into(), json!(k));
+    }
+    m.insert("vocab_size".into(), json!(arch.vocab_size));
+    m.insert("hidden_act".into(), json!(arch.hidden_act));
+    m.insert("rms_norm_eps".into(), json!(arch.rms_norm_eps));
+    m.insert("rope_theta".into(), json!(arch.rope_theta));
+    m.insert(
+        "rope_scaling".into(),
+        arch.rope_scaling.clone().unwrap_or(Value::Null),
+    );
+    let mut rope_parameters = match &arch.rope_scaling {
+        Some(Value::Object(s)) => s.clone(),
+        _ => {
+            let mut p = Map::new();
+            p.insert("rope_type".into(), json!("default"));
+            p
+        }
+    };
+    rope_parameters.insert("rope_theta".into(), json!(arch.rope_theta));
+    m.insert("rope_parameters".into(), Value::Object(rope_parameters));
+    m.insert(
+        "max_position_embeddings".into(),
+        json!(arch.max_position_embeddings),
+    );
+    m.insert(
+        "tie_word_embeddings".into(),
+        json!(arch.tie_word_embeddings),
+    );
+    if family == Family::Qwen2 {
+        m.insert(
+            "use_sliding_window".into(),
+            json!(arch.sliding_window.is_some()),
+        );
+    }
+    if matches!(family, Family::Mistral | Family::Mixtral | Family::Qwen2) {
+        m.insert("sliding_window".into(), json!(arch.sliding_window));
+    } else if arch.sliding_window.is_some() {
+        return Err(Error::invalid(
+            "a sliding window needs a mistral, mixtral or qwen2 config",
+        ));
+    }
+    if family == Family::Llama {
+        m.insert("attention_bias".into(), json!(false));
+        m.insert("mlp_bias".into(), json!(false));
+    }
+    if let Some(b) = arch.bos_token_id {
+        m.insert("bos_token_id".into(), json!(b));
+    }
+    match arch.eos_token_ids.as_slice() {
+        [] => {}
+        [one] => {
+            m.insert("eos_token_id".into(), json!(one));
+        }
+        many => {
+            m.insert("eos_token_id".into(), json!(many));
+        }
+    }
+    if let Some(p) = arch.pad_token_id {
+        m.insert("pad_token_id".into(), json!(p));
+    }
+    m.insert("torch_dtype".into(), json!(dtype.torch_name()));
+    for (k, v) in &arch.extra {
+        m.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    let mut surgeon = serde_json::to_value(&arch.surgeon).expect("SurgeonMeta serialises");
+    let uniform = arch.uniform_attention().is_some() && uniform_mlp.is_some();
+    let standard_attention =
+        matches!(a.kind, AttentionKind::Softmax) && (a.qkv_bias == (family == Family::Qwen2));
+    if !uniform || !standard_attention {
+        surgeon["layers"] = serde_json::to_value(&arch.layers).expect("layers serialise");
+    }
+    if let Some(Mlp::Moe { routing, .. }) = &uniform_mlp {
+        if routing != &MoeRouting::Mixtral {
+            surgeon["layers"] = serde_json::to_value(&arch.layers).expect("layers serialise");
+        }
+    }
+    if surgeon.as_object().is_some_and(|o| !o.is_empty()) {
+        m.insert("surgeon".into(), surgeon);
+    }
+    Ok(Value::Object(m))
+}
+
+/// True when transformers can load the exported config without custom code
+/// (uniform layers, standard attention and routing).
+pub fn is_standard(arch: &ModelArch) -> bool {
+    config_json(arch, DType::F32)
+        .map(|v| v.get("surgeon").and_then(|s| s.get("layers")).is_none())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smol_like() -> Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 128, "vocab_size": 100, "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0, "max_position_embeddings": 512, "tie_word_embeddings": true,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "initializer_range": 0.02
+        })
+    }
+
+    #[test]
+    fn reads_both_rope_dialects() {
+        let old = parse_config(Path::new("c.json"), &smol_like()).unwrap();
+        let mut new = smol_like();
+        let o = new.as_object_mut().unwrap();
+        o.remove("rope_theta");
+        o.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "default", "rope_theta": 100000.0}),
+        );
+        let new = parse_config(Path::new("c.json"), &new).unwrap();
+        assert_eq!(old.rope_theta, 100000.0);
+        assert_eq!(new.rope_theta, 100000.0);
+        assert_eq!(new.rope_scaling, None);
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let arch = parse_config(Path::new("c.json"), &smol_like()).unwrap();
+        let out = config_json(&arch, DType::BF16).unwrap();
+        let again = parse_config(Path::new("c.json"), &out).unwrap();
+        assert_eq!(arch, again);
+        assert_eq!(out["initializer_range"], json!(0.02));
+        assert!(is_standard(&arch));
+    }
+
+    #[test]
+    fn unknown_model_type_lists_supported() {
+        let mut v = smol_like();
+        v["model_type"] = json!("gpt2");
+        let e = parse_config(Path::new("m/config.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral"
+        );
+    }
+
+    #[test]
+    fn heterogeneous_layers_survive_export() {
+        let mut arch = parse_config(Path::new("c.json"), &smol_like()).unwrap();
+        arch.layers[1].mlp = Mlp::Dense {
+            intermediate_size: 96,
+        };
+        assert!(!is_standard(&arch));
+        let out = config_json(&arch, DType::F32).unwrap();
+        let again = parse_config(Path::new("c.json"), &out).unwrap();
+        assert_eq!(again.layers, arch.layers);
+    }
+}

@@ -1,0 +1,205 @@
+//! Opening a model: a Hugging Face directory, a GGUF file or a Hub id, into a [`Plan`].
+use crate::config::read_config;
+use crate::plan::{AuxFile, Plan, Source, TensorEntry, AUX_FILE_NAMES};
+use crate::safetensors_file::{parse_header, SourceFile};
+use crate::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Opens `spec`: a model directory, a `.gguf` file, or a Hub id `org/name[@revision]`.
+pub fn open_model(spec: &str) -> Result<Plan> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return open_hf_dir(path);
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return open_gguf(path);
+    }
+    if path.exists() {
+        return Err(Error::format(path, "not a model directory or a .gguf file"));
+    }
+    if crate::hub::looks_like_hub_id(spec) {
+        let dir = crate::hub::resolve(spec)?;
+        let mut plan = open_hf_dir(&dir)?;
+        plan.origin = format!("hf://{spec}");
+        return Ok(plan);
+    }
+    Err(Error::format(
+        path,
+        "no such file or directory (and not a Hub id of the form org/name[@revision])",
+    ))
+}
+
+fn open_gguf(path: &Path) -> Result<Plan> {
+    crate::gguf_import::plan_from_gguf(path)
+}
+
+/// Opens a Hugging Face model directory (config.json + safetensors, sharded or not).
+pub fn open_hf_dir(dir: &Path) -> Result<Plan> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::format(dir, "missing config.json"));
+    }
+    let arch = read_config(&config_path)?;
+
+    // Which files hold which tensors.
+    let index_path = dir.join("model.safetensors.index.json");
+    let mut expected_in: BTreeMap<String, String> = BTreeMap::new(); // tensor -> file
+    let mut shard_names: Vec<String> = vec![];
+    if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&index_path, format!("not valid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::config(&index_path, "weight_map", "missing or not an object"))?;
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                Error::config(
+                    &index_path,
+                    format!("weight_map.{tensor}"),
+                    "not a file name",
+                )
+            })?;
+            if file.contains('/') || file.contains("..") {
+                return Err(Error::config(
+                    &index_path,
+                    format!("weight_map.{tensor}"),
+                    format!("`{file}` is not a file in this directory"),
+                ));
+            }
+            expected_in.insert(tensor.clone(), file.to_string());
+            if !shard_names.contains(&file.to_string()) {
+                shard_names.push(file.to_string());
+            }
+        }
+        shard_names.sort();
+    } else if dir.join("model.safetensors").is_file() {
+        shard_names.push("model.safetensors".into());
+    } else {
+        let mut found: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            return Err(Error::format(
+                dir,
+                "no safetensors weights (model.safetensors or an index)",
+            ));
+        }
+        shard_names = found;
+    }
+
+    let mut tensors = BTreeMap::new();
+    for shard in &shard_names {
+        let path = dir.join(shard);
+        let file = Arc::new(SourceFile::open(&path)?);
+        let header = parse_header(&path, file.bytes())?;
+        for t in header.tensors {
+            if let Some(want) = expected_in.get(&t.name) {
+                if want != shard {
+                    return Err(Error::tensor(
+                        &path,
+                        &t.name,
+                        format!("the index places this tensor in {want}"),
+                    ));
+                }
+            }
+            if tensors.contains_key(&t.name) {
+                return Err(Error::tensor(
+                    &path,
+                    &t.name,
+                    "appears in more than one shard",
+                ));
+            }
+            let source = Source::Stored {
+                file: file.clone(),
+                tensor: t.name.clone(),
+                offset: t.offset,
+                dtype: t.dtype,
+                shape: t.shape,
+            };
+            tensors.insert(t.name, TensorEntry::new(source));
+        }
+    }
+    for (tensor, file) in &expected_in {
+        if !tensors.contains_key(tensor) {
+            return Err(Error::tensor(
+                dir.join(file),
+                tensor,
+                "named in model.safetensors.index.json but missing from its shard",
+            ));
+        }
+    }
+    // Tied checkpoints sometimes store lm_head anyway; it is the embedding, so drop the copy.
+    if arch.tie_word_embeddings {
+        tensors.remove("lm_head.weight");
+    }
+
+    let mut files = BTreeMap::new();
+    for name in AUX_FILE_NAMES {
+        let p = dir.join(name);
+        if p.is_file() {
+            files.insert(name.to_string(), AuxFile::Path(p));
+        }
+    }
+    let plan = Plan {
+        arch,
+        tensors,
+        files,
+        origin: dir.display().to_string(),
+    };
+    plan.validate().map_err(|e| match e {
+        Error::Mismatch { problems, .. } => Error::Mismatch {
+            path: dir.to_path_buf(),
+            problems,
+        },
+        other => other,
+    })?;
+    Ok(plan)
+}
+
+/// Directories holding the files a plan reads (used to refuse writing an output inside an input).
+pub fn input_dirs(plan: &Plan) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = vec![];
+    let mut add = |p: &Path| {
+        if let Some(parent) = p.parent() {
+            let d = parent
+                .canonicalize()
+                .unwrap_or_else(|_| parent.to_path_buf());
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    };
+    fn walk(s: &Source, add: &mut dyn FnMut(&Path)) {
+        match s {
+            Source::Stored { file, .. } | Source::Encoded { file, .. } => add(&file.path),
+            Source::Op(op) => match op.as_ref() {
+                crate::plan::Op::Rows { input, .. }
+                | crate::plan::Op::Cols { input, .. }
+                | crate::plan::Op::Scale { input, .. }
+                | crate::plan::Op::MeanRows { input, .. } => walk(input, add),
+                crate::plan::Op::Concat { inputs, .. } => inputs.iter().for_each(|i| walk(i, add)),
+            },
+            _ => {}
+        }
+    }
+    for t in plan.tensors.values() {
+        walk(&t.source, &mut add);
+    }
+    for f in plan.files.values() {
+        if let AuxFile::Path(p) = f {
+            add(p);
+        }
+    }
+    dirs
+}

@@ -1,0 +1,461 @@
+//! Materialises a plan as a Hugging Face model directory, streaming tensor by tensor.
+//!
+//! Memory is bounded by a fixed window of materialised tensors, whatever the model size. Bytes that
+//! pass unchanged are copied file-to-file (`std::io::copy` uses copy_file_range on Linux). The output
+//! is written to a temporary sibling directory and renamed into place at the end, so a failure leaves
+//! nothing at the output path.
+use crate::config::config_json;
+use crate::load::input_dirs;
+use crate::plan::{group_digits, HostTensor, Plan, TensorEntry};
+use crate::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    /// Largest shard in bytes (tensor data); 5 GB by default as in transformers.
+    pub shard_size: u64,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+    /// What was done, for the model card (e.g. `surgeon upscale --layers 48`).
+    pub description: String,
+    /// Bytes of materialised tensors held at once (bounds peak memory).
+    pub window_bytes: usize,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            shard_size: 5_000_000_000,
+            force: false,
+            progress: false,
+            description: String::new(),
+            window_bytes: 256 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WriteReport {
+    pub dir: PathBuf,
+    pub shards: Vec<String>,
+    pub tensors: usize,
+    pub parameters: u64,
+    pub bytes: u64,
+    /// Bytes copied file-to-file without decoding.
+    pub bytes_copied: u64,
+}
+
+/// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1000000`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| Error::invalid(format!("invalid size `{s}` (e.g. 5GB, 500MB)")))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1048576.0,
+        "gib" => 1073741824.0,
+        _ => return Err(Error::invalid(format!("invalid size unit in `{s}`"))),
+    };
+    let v = (n * mult) as u64;
+    if v == 0 {
+        return Err(Error::invalid(format!("size `{s}` must be positive")));
+    }
+    Ok(v)
+}
+
+/// Refuses outputs that would clobber something: an existing path without `force`, or a path
+/// inside (or equal to) an input directory.
+pub fn check_output(plan: &Plan, out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        return Err(Error::Output {
+            path: out.to_path_buf(),
+            message: "already exists (use --force to replace it)".into(),
+        });
+    }
+    let abs_out = absolute(out);
+    for dir in input_dirs(plan) {
+        if abs_out.starts_with(&dir) || dir.starts_with(&abs_out) {
+            return Err(Error::Output {
+                path: out.to_path_buf(),
+                message: format!("overlaps the input directory {}", dir.display()),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    // The output does not exist yet: canonicalise its parent.
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => parent
+            .canonicalize()
+            .unwrap_or_else(|_| parent.to_path_buf())
+            .join(name),
+        _ => abs,
+    }
+}
+
+/// Removes the temporary directory unless the write succeeded.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Writes `plan` as a Hugging Face model directory at `out`.
+pub fn write_model(plan: &Plan, out: &Path, opts: &WriteOptions) -> Result<WriteReport> {
+    plan.validate()?;
+    check_output(plan, out, opts.force)?;
+    let parent = absolute(out)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::Output {
+            path: out.to_path_buf(),
+            message: "has no directory name".into(),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = TempDir {
+        path: parent.join(format!(".{name}.surgeon-tmp-{}", std::process::id())),
+        keep: false,
+    };
+    if tmp.path.exists() {
+        std::fs::remove_dir_all(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
+    }
+    std::fs::create_dir(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
+
+    let report = write_into(plan, &tmp.path, opts)?;
+
+    // Swap into place.
+    let mut tmp = tmp;
+    if out.exists() {
+        let old = parent.join(format!(".{name}.surgeon-old-{}", std::process::id()));
+        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+        std::fs::rename(&tmp.path, out).map_err(|e| Error::io(out, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp.path, out).map_err(|e| Error::io(out, e))?;
+    }
+    tmp.keep = true;
+    Ok(WriteReport {
+        dir: out.to_path_buf(),
+        ..report
+    })
+}
+
+/// Tensor layout of one shard.
+struct Shard<'a> {
+    file_name: String,
+    tensors: Vec<(&'a String, &'a TensorEntry, usize)>, // name, entry, byte size
+}
+
+fn plan_shards<'a>(plan: &'a Plan, shard_size: u64) -> Vec<Shard<'a>> {
+    let mut shards: Vec<Vec<(&String, &TensorEntry, usize)>> = vec![vec![]];
+    let mut used = 0u64;
+    for name in plan.ordered_names() {
+        let t = &plan.tensors[name];
+        let bytes = t.numel() * t.dtype.size();
+        if used > 0 && used + bytes as u64 > shard_size {
+            shards.push(vec![]);
+            used = 0;
+        }
+        shards.last_mut().unwrap().push((name, t, bytes));
+        used += bytes as u64;
+    }
+    let n = shards.len();
+    shards
+        .into_iter()
+        .enumerate()
+        .map(|(i, tensors)| Shard {
+            file_name: if n == 1 {
+                "model.safetensors".into()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+            },
+            tensors,
+        })
+        .collect()
+}
+
+fn provenance(plan: &Plan, opts: &WriteOptions) -> String {
+    json!({
+        "origin": plan.origin,
+        "command": opts.description,
+        "history": plan.arch.surgeon.history,
+        "tool": format!("surgeon {}", env!("CARGO_PKG_VERSION")),
+    })
+    .to_string()
+}
+
+fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteReport> {
+    let shards = plan_shards(plan, opts.shard_size);
+    let total_bytes: u64 = plan.byte_size();
+    let bar = if opts.progress {
+        let b = ProgressBar::new(total_bytes);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} writing [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+            )
+            .unwrap()
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let prov = provenance(plan, opts);
+    let mut sources: HashMap<PathBuf, File> = HashMap::new();
+    let mut weight_map = Map::new();
+    let mut copied = 0u64;
+    for shard in &shards {
+        let path = dir.join(&shard.file_name);
+        // Header first: shapes and dtypes are known without touching data.
+        let mut header = Map::new();
+        header.insert(
+            "__metadata__".into(),
+            json!({"format": "pt", "surgeon": prov}),
+        );
+        let mut offset = 0usize;
+        for (name, t, bytes) in &shard.tensors {
+            header.insert(
+                (*name).clone(),
+                json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape(), "data_offsets": [offset, offset + bytes]}),
+            );
+            offset += bytes;
+            weight_map.insert((*name).clone(), json!(shard.file_name));
+        }
+        let mut header_bytes = serde_json::to_vec(&Value::Object(header)).unwrap();
+        while header_bytes.len() % 8 != 0 {
+            header_bytes.push(b' ');
+        }
+        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut w = BufWriter::with_capacity(8 << 20, file);
+        let io = |e| Error::io(&path, e);
+        w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&header_bytes).map_err(io)?;
+
+        // Tensors in windows: materialise a window in parallel, then write it in order.
+        let mut i = 0;
+        while i < shard.tensors.len() {
+            let (name, t, bytes) = shard.tensors[i];
+            if let Some((src, off, len, dtype)) = t.source.stored_span() {
+                if dtype == t.dtype {
+                    let f = match sources.get_mut(&src.path) {
+                        Some(f) => f,
+                        None => {
+                            let f = File::open(&src.path).map_err(|e| Error::io(&src.path, e))?;
+                            sources.entry(src.path.clone()).or_insert(f)
+                        }
+                    };
+                    f.seek(SeekFrom::Start(off as u64))
+                        .map_err(|e| Error::io(&src.path, e))?;
+                    let n = std::io::copy(&mut f.take(len as u64), &mut w).map_err(io)?;
+                    if n != len as u64 {
+                        return Err(Error::tensor(&src.path, name, "source file is truncated"));
+                    }
+                    copied += n;
+                    bar.inc(n);
+                    i += 1;
+                    continue;
+                }
+            }
+            let mut j = i;
+            let mut window = 0usize;
+            while j < shard.tensors.len()
+                && (j == i || window + shard.tensors[j].2 <= opts.window_bytes)
+                && !is_passthrough(shard.tensors[j].1)
+            {
+                window += shard.tensors[j].2;
+                j += 1;
+            }
+            let done: Vec<Result<HostTensor>> = shard.tensors[i..j]
+                .par_iter()
+                .map(|(name, t, _)| {
+                    let h = t.materialize().map_err(|e| match e {
+                        Error::Invalid(m) => Error::tensor(&plan.origin, *name, m),
+                        e => e,
+                    })?;
+                    if h.shape != t.shape() {
+                        return Err(Error::tensor(
+                            &plan.origin,
+                            *name,
+                            format!(
+                                "computed shape {:?} differs from planned {:?}",
+                                h.shape,
+                                t.shape()
+                            ),
+                        ));
+                    }
+                    Ok(h)
+                })
+                .collect();
+            for h in done {
+                let h = h?;
+                w.write_all(&h.data).map_err(io)?;
+                bar.inc(h.data.len() as u64);
+            }
+            let _ = (name, bytes);
+            i = j;
+        }
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(&path, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&path, e))?;
+    }
+    bar.finish_and_clear();
+
+    if shards.len() > 1 {
+        let index = json!({
+            "metadata": {"total_size": total_bytes},
+            "weight_map": Value::Object(weight_map),
+        });
+        write_json(&dir.join("model.safetensors.index.json"), &index)?;
+    }
+    let dtype = plan.dominant_dtype();
+    write_json(&dir.join("config.json"), &config_json(&plan.arch, dtype)?)?;
+    for (name, f) in &plan.files {
+        let target = dir.join(name);
+        match f {
+            crate::plan::AuxFile::Path(p) => {
+                std::fs::copy(p, &target).map_err(|e| Error::io(p, e))?;
+            }
+            crate::plan::AuxFile::Bytes(b) => {
+                std::fs::write(&target, b.as_slice()).map_err(|e| Error::io(&target, e))?;
+            }
+        }
+    }
+    if !plan.files.contains_key("generation_config.json") {
+        let mut g = Map::new();
+        if let Some(b) = plan.arch.bos_token_id {
+            g.insert("bos_token_id".into(), json!(b));
+        }
+        match plan.arch.eos_token_ids.as_slice() {
+            [] => {}
+            [one] => {
+                g.insert("eos_token_id".into(), json!(one));
+            }
+            many => {
+                g.insert("eos_token_id".into(), json!(many));
+            }
+        }
+        if let Some(p) = plan.arch.pad_token_id {
+            g.insert("pad_token_id".into(), json!(p));
+        }
+        write_json(&dir.join("generation_config.json"), &Value::Object(g))?;
+    }
+    let card = model_card(plan, opts);
+    let card_path = dir.join("README.md");
+    std::fs::write(&card_path, card).map_err(|e| Error::io(&card_path, e))?;
+
+    Ok(WriteReport {
+        dir: dir.to_path_buf(),
+        shards: shards.iter().map(|s| s.file_name.clone()).collect(),
+        tensors: plan.tensors.len(),
+        parameters: plan.parameter_count(),
+        bytes: total_bytes,
+        bytes_copied: copied,
+    })
+}
+
+fn is_passthrough(t: &TensorEntry) -> bool {
+    t.source
+        .stored_span()
+        .is_some_and(|(_, _, _, d)| d == t.dtype)
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(v).unwrap();
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+fn model_card(plan: &Plan, opts: &WriteOptions) -> String {
+    let a = &plan.arch;
+    let mut s = String::new();
+    s.push_str("---\nlibrary_name: transformers\ntags:\n- surgeon\n---\n\n");
+    s.push_str(&format!(
+        "# {} model made by surgeon\n\n",
+        a.family.model_type()
+    ));
+    s.push_str(&format!("Source: `{}`\n\n", plan.origin));
+    if !opts.description.is_empty() {
+        s.push_str(&format!("Command: `{}`\n\n", opts.description));
+    }
+    if !a.surgeon.history.is_empty() {
+        s.push_str("## What was done\n\n");
+        for h in &a.surgeon.history {
+            s.push_str(&format!("- {h}\n"));
+        }
+        s.push('\n');
+    }
+    if !a.surgeon.notes.is_empty() {
+        s.push_str("## Notes\n\n");
+        for n in &a.surgeon.notes {
+            s.push_str(&format!("- {n}\n"));
+        }
+        s.push('\n');
+    }
+    s.push_str(&format!(
+        "## Architecture\n\n{} layers, hidden size {}, vocabulary {}, {} parameters{}.\n",
+        a.num_layers(),
+        a.hidden_size,
+        a.vocab_size,
+        group_digits(plan.parameter_count()),
+        if a.tie_word_embeddings {
+            ", tied embeddings"
+        } else {
+            ""
+        }
+    ));
+    if !crate::config::is_standard(a) {
+        s.push_str("\nLayers differ from one another (see `surgeon` in config.json): transformers cannot load this model without custom code; surgeon's runtime can.\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("0").is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! One module per subcommand: argument definitions and a call into the library.
+pub mod common;
+pub mod convert;
+pub mod inspect;
