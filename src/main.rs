@@ -24,6 +24,12 @@ enum Command {
     Convert(commands::convert::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
     Synth(commands::synth::Args),
+    /// Depth up-scaling (SOLAR): stack layer ranges of the model, e.g. 32 -> 48 layers.
+    Upscale(commands::upscale::Args),
+    /// Block expansion (LLaMA Pro): insert identity copies of blocks for new-block training.
+    Expand(commands::expand::Args),
+    /// Remove decoder layers.
+    DropLayers(commands::drop_layers::Args),
 }
 
 fn main() {
@@ -32,6 +38,9 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Upscale(a) => commands::upscale::run(a),
+        Command::Expand(a) => commands::expand::run(a),
+        Command::DropLayers(a) => commands::drop_layers::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
