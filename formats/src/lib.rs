@@ -1,1 +1,2 @@
 //! surgeon-formats
+pub mod gguf;
