@@ -9,8 +9,9 @@
 //!     let hf = gguf::names::hf_tensor_name(&t.name)?;
 //!     let mut data = f.dequantize_tensor(t)?; // f32, row-major over `t.hf_shape()`
 //!     if let Some(n_head) = hf.rope_heads(&hyper) {
-//!         let shape = t.hf_shape();
-//!         gguf::names::unpermute_rope_rows(&mut data, shape[0], shape[1], n_head)?;
+//!         let shape = t.hf_shape(); // [rows, cols] for weights, [rows] for biases
+//!         let cols = shape.get(1).copied().unwrap_or(1);
+//!         gguf::names::unpermute_rope_rows(&mut data, shape[0], cols, n_head)?;
 //!     }
 //! }
 //! let tok = gguf::tokenizer::build_hf_tokenizer(&f)?;

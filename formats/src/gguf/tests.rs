@@ -499,6 +499,15 @@ fn errors_name_the_file() {
         matches!(e, GgufError::Io { .. }) && e.to_string().contains("absent.gguf"),
         "{e}"
     );
+    let empty = dir.path().join("empty.gguf");
+    std::fs::write(&empty, b"").unwrap();
+    let e = GgufFile::open(&empty).unwrap_err();
+    assert!(
+        matches!(e, GgufError::Truncated { .. })
+            && e.to_string()
+                .contains("empty.gguf: truncated while reading magic"),
+        "{e}"
+    );
     let good = dir.path().join("good.gguf");
     std::fs::write(&good, sample().build()).unwrap();
     let f = GgufFile::open(&good).unwrap();
