@@ -11,7 +11,11 @@ fn surgeon(args: &[&str]) -> Output {
 
 fn synth(dir: &Path) {
     let out = surgeon(&["synth", "--out", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn stderr(o: &Output) -> String {
@@ -76,7 +80,12 @@ fn errors_are_one_line_nonzero_and_leave_nothing() {
 
     // Output inside the input.
     let inside = m.join("sub");
-    let out = surgeon(&["convert", m.to_str().unwrap(), "--out", inside.to_str().unwrap()]);
+    let out = surgeon(&[
+        "convert",
+        m.to_str().unwrap(),
+        "--out",
+        inside.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("overlaps the input directory"));
     assert!(!inside.exists());
@@ -84,7 +93,11 @@ fn errors_are_one_line_nonzero_and_leave_nothing() {
     // Missing config.json.
     let broken = tmp.path().join("broken");
     std::fs::create_dir(&broken).unwrap();
-    std::fs::copy(m.join("model.safetensors"), broken.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        m.join("model.safetensors"),
+        broken.join("model.safetensors"),
+    )
+    .unwrap();
     let target = tmp.path().join("never");
     let out = surgeon(&[
         "convert",
@@ -97,7 +110,9 @@ fn errors_are_one_line_nonzero_and_leave_nothing() {
     assert!(e.contains("missing config.json"), "{e}");
     assert!(!target.exists());
     // No temporary siblings left behind.
-    assert!(std::fs::read_dir(tmp.path())
+    assert!(std::fs::read_dir(tmp.path()).unwrap().all(|e| !e
         .unwrap()
-        .all(|e| !e.unwrap().file_name().to_string_lossy().contains("surgeon-tmp")));
+        .file_name()
+        .to_string_lossy()
+        .contains("surgeon-tmp")));
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand: argument definitions and a call into the library.
 pub mod common;
 pub mod convert;
+pub mod import_gguf;
 pub mod inspect;
 pub mod synth;
