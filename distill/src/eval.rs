@@ -67,7 +67,11 @@ pub fn nll_sum<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> 
 }
 
 /// Perplexity of `model` on token ids `ids` (see the module docs for the windows).
-pub fn perplexity<B: Backend>(model: &Llama<B>, ids: &[u32], opts: &EvalOptions) -> Result<EvalReport> {
+pub fn perplexity<B: Backend>(
+    model: &Llama<B>,
+    ids: &[u32],
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
     if opts.window == 0 {
         return Err(Error::Invalid("window must be at least 1".into()));
     }
@@ -79,14 +83,18 @@ pub fn perplexity<B: Backend>(model: &Llama<B>, ids: &[u32], opts: &EvalOptions)
     }
     let wins = windows(ids, opts.window, opts.max_tokens);
     if wins.is_empty() {
-        return Err(Error::Invalid("not enough tokens to score (need at least 2)".into()));
+        return Err(Error::Invalid(
+            "not enough tokens to score (need at least 2)".into(),
+        ));
     }
     let device = model.device();
     let bar = opts.progress.then(|| {
         let b = indicatif::ProgressBar::new(wins.len() as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} windows {elapsed}<{eta} {msg}")
-                .unwrap(),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} windows {elapsed}<{eta} {msg}",
+            )
+            .unwrap(),
         );
         b
     });
@@ -159,7 +167,11 @@ pub fn read_text(path: &Path) -> Result<String> {
         let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| Error::Invalid(format!("{}:{}: {e}", path.display(), n + 1)))?;
         let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
-            Error::Invalid(format!("{}:{}: no string field `text`", path.display(), n + 1))
+            Error::Invalid(format!(
+                "{}:{}: no string field `text`",
+                path.display(),
+                n + 1
+            ))
         })?;
         texts.push(t.to_string());
     }

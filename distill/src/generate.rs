@@ -107,7 +107,10 @@ pub fn generate<B: Backend>(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> GenerateReport {
-    assert!(!prompt.is_empty(), "generate needs a prompt of at least one token");
+    assert!(
+        !prompt.is_empty(),
+        "generate needs a prompt of at least one token"
+    );
     let device = model.device();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
     let mut cache = model.new_cache();
@@ -170,8 +173,14 @@ impl<'a> TextStream<'a> {
     /// Adds a token; returns the text that became final.
     pub fn push(&mut self, id: u32) -> String {
         self.ids.push(id);
-        let text = self.tok.decode(&self.ids, self.skip_special).unwrap_or_default();
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
+        let text = self
+            .tok
+            .decode(&self.ids, self.skip_special)
+            .unwrap_or_default();
+        if text.ends_with('\u{FFFD}')
+            || text.len() < self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
             return String::new();
         }
         let piece = text[self.emitted..].to_string();
@@ -181,6 +190,8 @@ impl<'a> TextStream<'a> {
 
     /// All text decoded so far.
     pub fn text(&self) -> String {
-        self.tok.decode(&self.ids, self.skip_special).unwrap_or_default()
+        self.tok
+            .decode(&self.ids, self.skip_special)
+            .unwrap_or_default()
     }
 }

@@ -7,7 +7,7 @@
 //! [`Llama::freeze_where`] rewrite them by name, and [`Llama::to_plan`] exports the weights back into a
 //! [`Plan`].
 use crate::error::{Error, Result};
-use burn::module::{Ignored, Module, Param, ParamId};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
@@ -15,7 +15,9 @@ use burn::tensor::{activation, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use surgeon_formats::arch::layer_tensors;
-use surgeon_formats::{AttentionKind, HostTensor, ModelArch, MoeRouting, Plan, Source, TensorEntry};
+use surgeon_formats::{
+    AttentionKind, HostTensor, ModelArch, MoeRouting, Plan, Source, TensorEntry,
+};
 
 /// A linear map `y = x W^T + b` with `W` stored `[out, in]` (HF layout).
 #[derive(Module, Debug)]
@@ -107,7 +109,11 @@ impl Rope {
                 let high_wavelen = old / high;
                 for f in rope.inv_freq.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
                     let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                     *f = if medium {
                         let smooth = (old / wavelen - low) / (high - low);
@@ -141,7 +147,10 @@ impl Rope {
             let p = (start + t) as f32;
             for (i, f) in self.inv_freq.iter().enumerate() {
                 let a = p * f;
-                let (s, c) = (a.sin() * self.attention_scaling, a.cos() * self.attention_scaling);
+                let (s, c) = (
+                    a.sin() * self.attention_scaling,
+                    a.cos() * self.attention_scaling,
+                );
                 cos[t * d + i] = c;
                 cos[t * d + half + i] = c;
                 sin[t * d + i] = s;
@@ -156,7 +165,11 @@ impl Rope {
 }
 
 /// `x * cos + rotate_half(x) * sin` for `x` of shape `[B, heads, T, d]`.
-pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn apply_rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
     let [b, h, t, d] = x.dims();
     let half = d / 2;
     let x1 = x.clone().narrow(3, 0, half);
@@ -192,8 +205,16 @@ impl<B: Backend> SelfAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, g, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
-        let k = self.k_proj.forward(x.clone()).reshape([b, t, g, d]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, h, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, g, d])
+            .swap_dims(1, 2);
         let v = self.v_proj.forward(x).reshape([b, t, g, d]).swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
         let mut k = apply_rope(k, cos, sin);
@@ -208,8 +229,14 @@ impl<B: Backend> SelfAttention<B> {
         let tk = k.dims()[2];
         let (k, v) = if g != h {
             let r = h / g;
-            let k = k.unsqueeze_dim::<5>(2).expand([b, g, r, tk, d]).reshape([b, h, tk, d]);
-            let v = v.unsqueeze_dim::<5>(2).expand([b, g, r, tk, d]).reshape([b, h, tk, d]);
+            let k = k
+                .unsqueeze_dim::<5>(2)
+                .expand([b, g, r, tk, d])
+                .reshape([b, h, tk, d]);
+            let v = v
+                .unsqueeze_dim::<5>(2)
+                .expand([b, g, r, tk, d])
+                .reshape([b, h, tk, d]);
             (k, v)
         } else {
             (k, v)
@@ -275,8 +302,13 @@ impl<B: Backend> MoeMlp<B> {
         let probs = activation::softmax(self.gate.forward(x2.clone()), 1);
         let (top, idx) = probs.topk_with_indices(self.top_k, 1);
         let top = top.clone() / top.sum_dim(1);
-        let top = if self.scale != 1.0 { top * self.scale } else { top };
-        let weights = Tensor::<B, 2>::zeros([n, e], &x2.device()).scatter(1, idx, top, IndexingUpdateOp::Add);
+        let top = if self.scale != 1.0 {
+            top * self.scale
+        } else {
+            top
+        };
+        let weights =
+            Tensor::<B, 2>::zeros([n, e], &x2.device()).scatter(1, idx, top, IndexingUpdateOp::Add);
         let mut y: Option<Tensor<B, 2>> = None;
         for (i, expert) in self.experts.iter().enumerate() {
             let out = expert.forward(x2.clone()) * weights.clone().narrow(1, i, 1);
@@ -322,7 +354,10 @@ impl<B: Backend> DecoderLayer<B> {
         sin: &Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, cache);
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -365,7 +400,8 @@ pub struct Llama<B: Backend> {
     /// `lm_head.weight` `[V, h]`; `None` when tied to the embeddings.
     pub lm_head: Option<Param<Tensor<B, 2>>>,
     /// Per-layer rotary tables' frequencies (layers may differ in head_dim).
-    pub rope: Ignored<Vec<Rope>>,
+    #[module(skip)]
+    pub rope: Vec<Rope>,
 }
 
 /// A parameter seen by [`Llama::visit_named`].
@@ -463,7 +499,9 @@ fn load_group(plan: &Plan, expected: &[(String, Vec<usize>)]) -> Result<HostMap>
     let mut problems = vec![];
     for (name, shape) in expected {
         match plan.tensors.get(name) {
-            None => problems.push(format!("tensor `{name}` is missing (expected shape {shape:?})")),
+            None => problems.push(format!(
+                "tensor `{name}` is missing (expected shape {shape:?})"
+            )),
             Some(t) if &t.shape() != shape => problems.push(format!(
                 "tensor `{name}` has shape {:?} but the architecture implies {shape:?}",
                 t.shape()
@@ -479,7 +517,10 @@ fn load_group(plan: &Plan, expected: &[(String, Vec<usize>)]) -> Result<HostMap>
         .map(|(name, shape)| {
             let (s, v) = plan.load_f32(name)?;
             if &s != shape || v.len() != shape.iter().product::<usize>() {
-                return Err(mismatch(plan, format!("tensor `{name}` decoded to shape {s:?}, expected {shape:?}")));
+                return Err(mismatch(
+                    plan,
+                    format!("tensor `{name}` decoded to shape {s:?}, expected {shape:?}"),
+                ));
             }
             Ok((name.clone(), (s, v)))
         })
@@ -495,14 +536,24 @@ fn take<B: Backend, const D: usize>(
     Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
 }
 
-fn take_linear<B: Backend>(map: &mut HostMap, prefix: &str, bias: bool, device: &B::Device) -> Linear<B> {
+fn take_linear<B: Backend>(
+    map: &mut HostMap,
+    prefix: &str,
+    bias: bool,
+    device: &B::Device,
+) -> Linear<B> {
     Linear {
         weight: take(map, &format!("{prefix}.weight"), device),
         bias: bias.then(|| take(map, &format!("{prefix}.bias"), device)),
     }
 }
 
-fn take_norm<B: Backend>(map: &mut HostMap, name: &str, eps: f64, device: &B::Device) -> RmsNorm<B> {
+fn take_norm<B: Backend>(
+    map: &mut HostMap,
+    name: &str,
+    eps: f64,
+    device: &B::Device,
+) -> RmsNorm<B> {
     RmsNorm {
         weight: take(map, name, device),
         eps,
@@ -519,7 +570,10 @@ impl<B: Backend> Llama<B> {
         let h = arch.hidden_size;
         let eps = arch.rms_norm_eps;
         let mut top_expected = vec![
-            ("model.embed_tokens.weight".to_string(), vec![arch.vocab_size, h]),
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![arch.vocab_size, h],
+            ),
             ("model.norm.weight".to_string(), vec![h]),
         ];
         if !arch.tie_word_embeddings {
@@ -564,9 +618,24 @@ impl<B: Backend> Llama<B> {
                         gate: take_linear(&mut m, &format!("{q}.gate"), false, device),
                         experts: (0..*num_experts)
                             .map(|e| SwiGlu {
-                                gate_proj: take_linear(&mut m, &format!("{q}.experts.{e}.w1"), false, device),
-                                up_proj: take_linear(&mut m, &format!("{q}.experts.{e}.w3"), false, device),
-                                down_proj: take_linear(&mut m, &format!("{q}.experts.{e}.w2"), false, device),
+                                gate_proj: take_linear(
+                                    &mut m,
+                                    &format!("{q}.experts.{e}.w1"),
+                                    false,
+                                    device,
+                                ),
+                                up_proj: take_linear(
+                                    &mut m,
+                                    &format!("{q}.experts.{e}.w3"),
+                                    false,
+                                    device,
+                                ),
+                                down_proj: take_linear(
+                                    &mut m,
+                                    &format!("{q}.experts.{e}.w2"),
+                                    false,
+                                    device,
+                                ),
                             })
                             .collect(),
                         top_k: *top_k,
@@ -578,7 +647,12 @@ impl<B: Backend> Llama<B> {
                 }
             };
             layers.push(DecoderLayer {
-                input_layernorm: take_norm(&mut m, &format!("{p}.input_layernorm.weight"), eps, device),
+                input_layernorm: take_norm(
+                    &mut m,
+                    &format!("{p}.input_layernorm.weight"),
+                    eps,
+                    device,
+                ),
                 self_attn,
                 post_attention_layernorm: take_norm(
                     &mut m,
@@ -588,14 +662,18 @@ impl<B: Backend> Llama<B> {
                 ),
                 mlp,
             });
-            ropes.push(Rope::new(a.head_dim, arch.rope_theta, arch.rope_scaling.as_ref())?);
+            ropes.push(Rope::new(
+                a.head_dim,
+                arch.rope_theta,
+                arch.rope_scaling.as_ref(),
+            )?);
         }
         Ok(Llama {
             embed_tokens,
             layers,
             norm,
             lm_head,
-            rope: Ignored(ropes),
+            rope: ropes,
         })
     }
 
@@ -619,12 +697,20 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Logits of `tokens` that continue the positions held in `cache` (which is extended).
-    pub fn forward_cached(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
         self.logits(self.hidden(tokens, Some(cache)))
     }
 
     /// Final hidden states (after `model.norm`) `[B, T, h]`.
-    pub fn hidden(&self, tokens: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    pub fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let x = self.embed(tokens);
         let x = self.layers_forward(x, 0..self.layers.len(), cache);
         self.norm.forward(x)
@@ -649,7 +735,7 @@ impl<B: Backend> Llama<B> {
         let mut tables: Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)> = vec![];
         for i in range.clone() {
             let layer = &self.layers[i];
-            let rope = &self.rope.0[i];
+            let rope = &self.rope[i];
             let d = layer.self_attn.head_dim;
             if !tables.iter().any(|(dd, ..)| *dd == d) {
                 let (c, s) = rope.tables::<B>(start, t, &device);
@@ -675,7 +761,10 @@ impl<B: Backend> Llama<B> {
             None => self.embed_tokens.val(),
         };
         let v = w.dims()[0];
-        hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
+        hidden
+            .reshape([b * t, h])
+            .matmul(w.transpose())
+            .reshape([b, t, v])
     }
 
     /// Calls `f` with every parameter and its HF tensor name, in model order.
@@ -686,10 +775,16 @@ impl<B: Backend> Llama<B> {
                 f(&format!("{p}.bias"), ParamRef::Vector(b));
             }
         }
-        f("model.embed_tokens.weight", ParamRef::Matrix(&self.embed_tokens));
+        f(
+            "model.embed_tokens.weight",
+            ParamRef::Matrix(&self.embed_tokens),
+        );
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            f(&format!("{p}.input_layernorm.weight"), ParamRef::Vector(&l.input_layernorm.weight));
+            f(
+                &format!("{p}.input_layernorm.weight"),
+                ParamRef::Vector(&l.input_layernorm.weight),
+            );
             lin(f, &format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj);
             lin(f, &format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj);
             lin(f, &format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj);
@@ -736,7 +831,11 @@ impl<B: Backend> Llama<B> {
                 bias: l.bias.map(|b| m.map_vector(&format!("{p}.bias"), b)),
             }
         }
-        fn norm<B: Backend>(m: &mut dyn NamedParamMapper<B>, name: &str, n: RmsNorm<B>) -> RmsNorm<B> {
+        fn norm<B: Backend>(
+            m: &mut dyn NamedParamMapper<B>,
+            name: &str,
+            n: RmsNorm<B>,
+        ) -> RmsNorm<B> {
             RmsNorm {
                 weight: m.map_vector(name, n.weight),
                 eps: n.eps,
@@ -756,7 +855,11 @@ impl<B: Backend> Llama<B> {
             .map(|(i, l)| {
                 let p = format!("model.layers.{i}");
                 let a = l.self_attn;
-                let input_layernorm = norm(mapper, &format!("{p}.input_layernorm.weight"), l.input_layernorm);
+                let input_layernorm = norm(
+                    mapper,
+                    &format!("{p}.input_layernorm.weight"),
+                    l.input_layernorm,
+                );
                 let self_attn = SelfAttention {
                     q_proj: lin(mapper, &format!("{p}.self_attn.q_proj"), a.q_proj),
                     k_proj: lin(mapper, &format!("{p}.self_attn.k_proj"), a.k_proj),
@@ -784,9 +887,12 @@ impl<B: Backend> Llama<B> {
                                 .into_iter()
                                 .enumerate()
                                 .map(|(e, x)| {
-                                    let gate_proj = lin(mapper, &format!("{q}.experts.{e}.w1"), x.gate_proj);
-                                    let down_proj = lin(mapper, &format!("{q}.experts.{e}.w2"), x.down_proj);
-                                    let up_proj = lin(mapper, &format!("{q}.experts.{e}.w3"), x.up_proj);
+                                    let gate_proj =
+                                        lin(mapper, &format!("{q}.experts.{e}.w1"), x.gate_proj);
+                                    let down_proj =
+                                        lin(mapper, &format!("{q}.experts.{e}.w2"), x.down_proj);
+                                    let up_proj =
+                                        lin(mapper, &format!("{q}.experts.{e}.w3"), x.up_proj);
                                     SwiGlu {
                                         gate_proj,
                                         up_proj,
@@ -851,8 +957,12 @@ impl<B: Backend> Llama<B> {
             }
             let values = p.to_f32();
             let source = Source::inline("trained", HostTensor::from_f32(shape, &values));
-            let dtype = base.tensors.get(name).map_or(surgeon_formats::DType::F32, |e| e.dtype);
-            plan.tensors.insert(name.to_string(), TensorEntry { source, dtype });
+            let dtype = base
+                .tensors
+                .get(name)
+                .map_or(surgeon_formats::DType::F32, |e| e.dtype);
+            plan.tensors
+                .insert(name.to_string(), TensorEntry { source, dtype });
         });
         if !problems.is_empty() {
             return Err(mismatch(base, problems.join("; ")));

@@ -133,18 +133,27 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| -> String {
             // Templates use it for "today's date"; a fixed date keeps outputs reproducible.
-            fmt.replace("%d", "26").replace("%B", "November").replace("%b", "Nov").replace("%Y", "2026").replace("%m", "11")
+            fmt.replace("%d", "26")
+                .replace("%B", "November")
+                .replace("%b", "Nov")
+                .replace("%Y", "2026")
+                .replace("%m", "11")
         });
         env.add_filter("tojson", tojson);
         env.set_unknown_method_callback(python_methods);
         env.add_template("chat", &self.source)
             .map_err(|e| Error::Template(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -175,11 +184,16 @@ fn python_methods(
     method: &str,
     args: &[Value],
 ) -> Result<Value, minijinja::Error> {
-    let unknown = || minijinja::Error::new(ErrorKind::UnknownMethod, format!("no method `{method}`"));
+    let unknown =
+        || minijinja::Error::new(ErrorKind::UnknownMethod, format!("no method `{method}`"));
     let arg_str = |i: usize| args.get(i).and_then(|a| a.as_str()).map(str::to_string);
     if let Some(s) = value.as_str() {
         let chars = arg_str(0);
-        let set = |c: char| chars.as_deref().map_or(c.is_whitespace(), |cs| cs.contains(c));
+        let set = |c: char| {
+            chars
+                .as_deref()
+                .map_or(c.is_whitespace(), |cs| cs.contains(c))
+        };
         return Ok(match method {
             "strip" => Value::from(s.trim_matches(set)),
             "lstrip" => Value::from(s.trim_start_matches(set)),
@@ -193,7 +207,9 @@ fn python_methods(
                 _ => return Err(unknown()),
             },
             "split" => match arg_str(0) {
-                Some(sep) => Value::from(s.split(sep.as_str()).map(Value::from).collect::<Vec<_>>()),
+                Some(sep) => {
+                    Value::from(s.split(sep.as_str()).map(Value::from).collect::<Vec<_>>())
+                }
                 None => Value::from(s.split_whitespace().map(Value::from).collect::<Vec<_>>()),
             },
             _ => return Err(unknown()),

@@ -36,9 +36,13 @@ fn open_smollm2() -> Option<Plan> {
             }
             Some(surgeon_formats::open_model(&dir).expect("open $SURGEON_SMOLLM2_HF"))
         }
-        (None, Some(e)) => panic!("cannot open {gguf}: {e} (set SURGEON_SMOLLM2_HF to an HF directory)"),
+        (None, Some(e)) => {
+            panic!("cannot open {gguf}: {e} (set SURGEON_SMOLLM2_HF to an HF directory)")
+        }
         (None, None) => {
-            eprintln!("skipping: {gguf} not found (set SURGEON_SMOLLM2_GGUF or SURGEON_SMOLLM2_HF)");
+            eprintln!(
+                "skipping: {gguf} not found (set SURGEON_SMOLLM2_GGUF or SURGEON_SMOLLM2_HF)"
+            );
             None
         }
     }
@@ -77,11 +81,20 @@ fn read_f32(file: &str) -> Vec<f32> {
 }
 
 fn ids_of(g: &serde_json::Value) -> Vec<u32> {
-    g["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    g["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn usizes(v: &serde_json::Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
 }
 
 fn check_logits(name: &str) {
@@ -93,8 +106,17 @@ fn check_logits(name: &str) {
     let input: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [1, t]), &Default::default());
     let start = std::time::Instant::now();
-    let logits: Vec<f32> = f.model.forward(input).into_data().convert::<f32>().into_vec().unwrap();
-    eprintln!("{name}: {t} tokens in {:.2} s", start.elapsed().as_secs_f64());
+    let logits: Vec<f32> = f
+        .model
+        .forward(input)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap();
+    eprintln!(
+        "{name}: {t} tokens in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
     assert_eq!(logits.len(), t * v);
     let mut worst = 0f32;
     let full = read_f32(g["full_file"].as_str().unwrap());
@@ -111,7 +133,10 @@ fn check_logits(name: &str) {
         }
     }
     eprintln!("{name}: max |logit - transformers| = {worst:e}");
-    assert!(worst <= 1e-3, "{name}: logits differ from transformers by {worst}");
+    assert!(
+        worst <= 1e-3,
+        "{name}: logits differ from transformers by {worst}"
+    );
 }
 
 #[test]
@@ -134,7 +159,10 @@ fn tokenizer_and_chat_template_match_transformers() {
     let Some(f) = fixture() else { return };
     let tok = text::load_tokenizer(&f.plan).unwrap();
     let short = golden("short");
-    assert_eq!(text::encode(&tok, short["text"].as_str().unwrap()).unwrap(), ids_of(&short));
+    assert_eq!(
+        text::encode(&tok, short["text"].as_str().unwrap()).unwrap(),
+        ids_of(&short)
+    );
     let chat = golden("chat");
     let rendered = ChatTemplate::from_plan(&f.plan)
         .unwrap()
@@ -149,7 +177,10 @@ fn greedy_chat_answers_paris() {
     let Some(f) = fixture() else { return };
     let chat = golden("chat");
     let tok = text::load_tokenizer(&f.plan).unwrap();
-    let want: Vec<u32> = usizes(&chat["greedy_new_ids"]).into_iter().map(|x| x as u32).collect();
+    let want: Vec<u32> = usizes(&chat["greedy_new_ids"])
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
     let opts = GenerateOptions {
         max_new_tokens: want.len(),
         stop_tokens: text::stop_tokens(&f.plan, &tok),
@@ -159,5 +190,9 @@ fn greedy_chat_answers_paris() {
     let text = tok.decode(&r.tokens, true).unwrap();
     eprintln!("answer: {text:?} ({:.1} tokens/s)", r.tokens_per_s);
     assert!(text.contains("Paris"), "{text}");
-    assert_eq!(r.tokens, want[..r.tokens.len()], "greedy tokens differ from transformers");
+    assert_eq!(
+        r.tokens,
+        want[..r.tokens.len()],
+        "greedy tokens differ from transformers"
+    );
 }

@@ -10,7 +10,10 @@ type B = burn::backend::Flex;
 
 fn ids(v: &[u32]) -> Tensor<B, 2, Int> {
     let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
-    Tensor::from_data(TensorData::new(v.clone(), [1, v.len()]), &Default::default())
+    Tensor::from_data(
+        TensorData::new(v.clone(), [1, v.len()]),
+        &Default::default(),
+    )
 }
 
 fn to_vec(t: Tensor<B, 3>) -> Vec<f32> {
@@ -19,7 +22,10 @@ fn to_vec(t: Tensor<B, 3>) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
@@ -42,7 +48,9 @@ fn kv_cache_matches_full(plan: &Plan) {
     let mut cache = model.new_cache();
     let mut inc = to_vec(model.forward_cached(ids(&toks[..5]), &mut cache));
     for i in 5..toks.len() {
-        inc.extend(to_vec(model.forward_cached(ids(&toks[i..i + 1]), &mut cache)));
+        inc.extend(to_vec(
+            model.forward_cached(ids(&toks[i..i + 1]), &mut cache),
+        ));
     }
     assert_eq!(cache.len(), toks.len());
     let d = max_diff(&full, &inc);
@@ -76,7 +84,10 @@ fn sliding_window_limits_what_a_layer_sees() {
     let no_window = to_vec(load(&plan).forward(ids(&toks)));
     plan.arch.sliding_window = Some(64);
     let wide = to_vec(load(&plan).forward(ids(&toks)));
-    assert_eq!(no_window, wide, "a window longer than the sequence changes nothing");
+    assert_eq!(
+        no_window, wide,
+        "a window longer than the sequence changes nothing"
+    );
     plan.arch.sliding_window = Some(4);
     let model = load(&plan);
     let a = to_vec(model.forward(ids(&toks)));
@@ -138,12 +149,21 @@ fn moe_of_copies(dense: &Plan, e: usize, top_k: usize, routing: MoeRouting) -> P
     for (hf, w) in [("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")] {
         let entry = moe.tensors.remove(&format!("{p}.mlp.{hf}.weight")).unwrap();
         for x in 0..e {
-            moe.tensors
-                .insert(format!("{p}.block_sparse_moe.experts.{x}.{w}.weight"), entry.clone());
+            moe.tensors.insert(
+                format!("{p}.block_sparse_moe.experts.{x}.{w}.weight"),
+                entry.clone(),
+            );
         }
     }
-    let router: Vec<f32> = (0..e * hsz).map(|k| ((k * 37 % 101) as f32 - 50.0) / 25.0).collect();
-    set(&mut moe, &format!("{p}.block_sparse_moe.gate.weight"), vec![e, hsz], &router);
+    let router: Vec<f32> = (0..e * hsz)
+        .map(|k| ((k * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    set(
+        &mut moe,
+        &format!("{p}.block_sparse_moe.gate.weight"),
+        vec![e, hsz],
+        &router,
+    );
     moe
 }
 
@@ -156,7 +176,10 @@ fn moe_with_identical_experts_equals_dense() {
     let m = load(&moe);
     let y = to_vec(m.forward(ids(&toks)));
     let diff = max_diff(&x, &y);
-    assert!(diff < 1e-5, "MoE of identical experts differs from dense by {diff}");
+    assert!(
+        diff < 1e-5,
+        "MoE of identical experts differs from dense by {diff}"
+    );
     kv_cache_matches_full(&moe);
     // Scaled routing multiplies the expert sum: scale 1 equals Mixtral routing.
     let scaled = moe_of_copies(&dense, 4, 2, MoeRouting::Scaled { scale: 1.0 });
@@ -170,12 +193,20 @@ fn moe_with_identical_experts_equals_dense() {
 #[test]
 fn mismatched_plans_give_errors() {
     let mut plan = SyntheticSpec::tiny().plan();
-    set(&mut plan, "model.layers.1.self_attn.k_proj.weight", vec![3, 64], &[0.0; 192]);
+    set(
+        &mut plan,
+        "model.layers.1.self_attn.k_proj.weight",
+        vec![3, 64],
+        &[0.0; 192],
+    );
     plan.tensors.remove("model.layers.0.mlp.up_proj.weight");
     let err = Llama::<B>::from_plan(&plan, &Default::default()).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Mismatch { .. }), "{msg}");
-    assert!(msg.contains("model.layers.0.mlp.up_proj.weight") || msg.contains("k_proj"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.mlp.up_proj.weight") || msg.contains("k_proj"),
+        "{msg}"
+    );
 
     let mut plan = SyntheticSpec::tiny().plan();
     plan.arch.rope_scaling = Some(serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
@@ -188,13 +219,22 @@ fn names_and_export_round_trip() {
     let plan = SyntheticSpec::tiny().plan();
     let model = load(&plan);
     let mut names: Vec<String> = model.param_names().into_iter().map(|(_, n)| n).collect();
-    let mut expected: Vec<String> = plan.arch.expected_tensors().into_iter().map(|(n, _)| n).collect();
+    let mut expected: Vec<String> = plan
+        .arch
+        .expected_tensors()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     names.sort();
     expected.sort();
     assert_eq!(names, expected);
     let exported = model.to_plan(&plan).unwrap();
     for name in &expected {
-        assert_eq!(plan.load_f32(name).unwrap(), exported.load_f32(name).unwrap(), "{name}");
+        assert_eq!(
+            plan.load_f32(name).unwrap(),
+            exported.load_f32(name).unwrap(),
+            "{name}"
+        );
     }
     let toks = tokens(6, plan.arch.vocab_size);
     let a = to_vec(model.forward(ids(&toks)));

@@ -1,9 +1,9 @@
 //! `surgeon eval`: perplexity of a model on a text file.
 use anyhow::{Context, Result};
-use surgeon_distill::burn::tensor::backend::Backend;
 use std::path::PathBuf;
 use std::time::Instant;
 use surgeon_distill::backend::{BackendJob, BackendKind};
+use surgeon_distill::burn::tensor::backend::Backend;
 use surgeon_distill::eval::{perplexity, read_text, EvalOptions, EvalReport};
 use surgeon_distill::{text, Llama};
 use surgeon_formats::Plan;
@@ -79,7 +79,10 @@ pub fn run(a: Args) -> Result<()> {
         println!("windows        {} x {} tokens", r.windows, a.window);
         println!("mean NLL       {:.4} nats", r.nll);
         println!("perplexity     {:.4}", r.ppl);
-        println!("tokens/s       {:.1} ({} backend, {:.1} s)", r.tokens_per_s, a.backend, r.seconds);
+        println!(
+            "tokens/s       {:.1} ({} backend, {:.1} s)",
+            r.tokens_per_s, a.backend, r.seconds
+        );
         eprintln!("total time     {:.1} s", t0.elapsed().as_secs_f64());
     }
     Ok(())

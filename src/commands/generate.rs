@@ -69,7 +69,10 @@ pub fn run(a: Args) -> Result<()> {
     let mut prompt = text::encode(&tok, &prompt_text)?;
     if prompt.is_empty() {
         prompt = plan.arch.bos_token_id.into_iter().collect();
-        anyhow::ensure!(!prompt.is_empty(), "the prompt is empty and the model has no BOS token");
+        anyhow::ensure!(
+            !prompt.is_empty(),
+            "the prompt is empty and the model has no BOS token"
+        );
     }
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
