@@ -26,6 +26,10 @@ enum Command {
     ImportGguf(commands::import_gguf::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
     Synth(commands::synth::Args),
+    /// Perplexity of a model on a text file (windowed next-token prediction).
+    Eval(commands::eval::Args),
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(commands::generate::Args),
 }
 
 fn main() {
@@ -35,6 +39,8 @@ fn main() {
         Command::Convert(a) => commands::convert::run(a),
         Command::ImportGguf(a) => commands::import_gguf::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

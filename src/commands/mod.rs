@@ -2,5 +2,7 @@
 pub mod common;
 pub mod convert;
 pub mod import_gguf;
+pub mod eval;
+pub mod generate;
 pub mod inspect;
 pub mod synth;
