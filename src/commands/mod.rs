@@ -2,10 +2,10 @@
 pub mod common;
 pub mod convert;
 pub mod drop_layers;
-pub mod expand;
-pub mod import_gguf;
 pub mod eval;
+pub mod expand;
 pub mod generate;
+pub mod import_gguf;
 pub mod inspect;
 pub mod synth;
 pub mod upscale;
