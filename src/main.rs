@@ -22,6 +22,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Rewrite a model as Hugging Face safetensors (change dtype, re-shard).
     Convert(commands::convert::Args),
+    /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
+    Heal(commands::heal::Args),
 }
 
 fn main() {
@@ -29,6 +31,7 @@ fn main() {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Heal(a) => commands::heal::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

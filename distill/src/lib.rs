@@ -1,1 +1,2 @@
 //! surgeon-distill
+pub mod heal;
