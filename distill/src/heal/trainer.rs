@@ -683,7 +683,9 @@ pub fn heal_on<B: AutodiffBackend>(
         };
         let stop_now = cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
             || cfg.stop_after.is_some_and(|n| state.step >= n);
-        if state.step == total_steps || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+        if state.step == total_steps
+            || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every))
+        {
             row.eval_ppl = Some(eval_ppl(&model.valid(), &eval_seqs, cfg.batch, device));
         }
         metrics.push(row);
@@ -691,7 +693,7 @@ pub fn heal_on<B: AutodiffBackend>(
         pb.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
         pb.set_position(state.step);
         if state.step < total_steps
-            && (stop_now || (cfg.save_every > 0 && state.step % cfg.save_every == 0))
+            && (stop_now || (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every)))
         {
             last_ckpt = Some(run.save_checkpoint(&model, &optim, &state, &metrics)?);
         }
