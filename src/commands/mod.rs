@@ -1,5 +1,7 @@
 //! One module per subcommand: argument definitions and a call into the library.
 pub mod common;
 pub mod convert;
+pub mod eval;
+pub mod generate;
 pub mod heal;
 pub mod inspect;
