@@ -211,6 +211,7 @@ pub struct HealReport {
     pub last_checkpoint: Option<PathBuf>,
     /// The healed model directory (None when interrupted).
     pub model_dir: Option<PathBuf>,
+    /// Training tokens per second in this run (eval time excluded).
     pub tokens_per_second: f64,
     pub metrics: Vec<MetricRow>,
 }

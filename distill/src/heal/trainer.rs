@@ -596,8 +596,17 @@ pub fn heal_on<B: AutodiffBackend>(
     } else {
         indicatif::ProgressBar::hidden()
     };
+    // Without a terminal the bar is hidden: log one line per step instead.
+    let plain_log = cfg.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if plain_log {
+        if let Some(p) = metrics.last().and_then(|r| r.eval_ppl) {
+            eprintln!("step {}/{total_steps} eval ppl {p:.3}", state.step);
+        }
+    }
     let start = Instant::now();
     let mut run_tokens = 0u64;
+    // Time spent in eval, excluded from tokens/s.
+    let mut eval_secs = 0.0f64;
     let mut sampler = Sampler::new(train.len(), cfg.seed);
     let l = cfg.seq_len;
     let mut last_ckpt = None;
@@ -686,11 +695,24 @@ pub fn heal_on<B: AutodiffBackend>(
         if state.step == total_steps
             || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every))
         {
+            let t = Instant::now();
             row.eval_ppl = Some(eval_ppl(&model.valid(), &eval_seqs, cfg.batch, device));
+            eval_secs += t.elapsed().as_secs_f64();
         }
+        let row_ppl = row.eval_ppl;
         metrics.push(row);
-        let tps = run_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
-        pb.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        let tps = run_tokens as f64 / (start.elapsed().as_secs_f64() - eval_secs).max(1e-9);
+        let msg = format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s");
+        if plain_log {
+            let ppl = row_ppl
+                .map(|p| format!(" eval ppl {p:.3}"))
+                .unwrap_or_default();
+            eprintln!(
+                "step {}/{total_steps} {msg} grad_norm {norm:.3}{ppl}",
+                state.step
+            );
+        }
+        pb.set_message(msg);
         pb.set_position(state.step);
         if state.step < total_steps
             && (stop_now || (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every)))
@@ -703,7 +725,7 @@ pub fn heal_on<B: AutodiffBackend>(
         }
     }
     pb.finish_and_clear();
-    let elapsed = start.elapsed().as_secs_f64();
+    let elapsed = start.elapsed().as_secs_f64() - eval_secs;
     let ppl_after = metrics.last().and_then(|r| r.eval_ppl);
     let report = |model_dir| HealReport {
         steps: state.step,
