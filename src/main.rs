@@ -36,6 +36,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(commands::generate::Args),
+    /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
+    Heal(commands::heal::Args),
 }
 
 fn main() {
@@ -50,6 +52,7 @@ fn main() {
         Command::DropLayers(a) => commands::drop_layers::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Heal(a) => commands::heal::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod expand;
 pub mod generate;
 pub mod import_gguf;
+pub mod heal;
 pub mod inspect;
 pub mod synth;
 pub mod upscale;
