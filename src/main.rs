@@ -22,6 +22,10 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Rewrite a model as Hugging Face safetensors (change dtype, re-shard).
     Convert(commands::convert::Args),
+    /// Perplexity of a model on a text file (windowed next-token prediction).
+    Eval(commands::eval::Args),
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(commands::generate::Args),
 }
 
 fn main() {
@@ -29,6 +33,8 @@ fn main() {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,4 +1,6 @@
 //! One module per subcommand: argument definitions and a call into the library.
 pub mod common;
 pub mod convert;
+pub mod eval;
+pub mod generate;
 pub mod inspect;
