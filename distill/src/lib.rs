@@ -10,6 +10,8 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod moe_aux;
+pub mod moe_stats;
 pub mod text;
 
 pub use backend::BackendKind;
