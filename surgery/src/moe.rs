@@ -160,9 +160,11 @@ pub fn check_request(arch: &ModelArch, opts: &MoeOptions) -> Result<()> {
     }
     for (l, layer) in arch.layers.iter().enumerate() {
         match layer.mlp {
-            Mlp::Moe { num_experts, .. } => return Err(Error::invalid(format!(
+            Mlp::Moe { num_experts, .. } => {
+                return Err(Error::invalid(format!(
                 "the model is already a mixture of experts (layer {l} has {num_experts} experts)"
-            ))),
+            )))
+            }
             Mlp::Dense { intermediate_size } => {
                 if opts.method.is_split() && intermediate_size % e != 0 {
                     return Err(Error::invalid(format!(
@@ -713,6 +715,92 @@ pub fn balanced_kmeans(
     assign
 }
 
+/// Firing patterns for [`partition_coactivation`] from SwiGLU activations `acts` (`[t, i]` row-major):
+/// neuron j fires on token s when `|a[s, j]|` is among the largest `fraction` of that token's
+/// magnitudes. Returns `[i, t]` row-major with 1.0 where the neuron fires, 0.0 elsewhere.
+pub fn coactivation_features(acts: &[f32], t: usize, i: usize, fraction: f64) -> Vec<f32> {
+    assert_eq!(acts.len(), t * i, "activations must be [t, i]");
+    let keep = ((i as f64 * fraction).round() as usize).clamp(1, i);
+    let fires: Vec<Vec<bool>> = acts
+        .par_chunks(i.max(1))
+        .map(|row| {
+            let mut mags: Vec<f32> = row.iter().map(|v| v.abs()).collect();
+            let (_, kth, _) = mags.select_nth_unstable_by(i - keep, |a, b| a.total_cmp(b));
+            let thr = *kth;
+            row.iter().map(|v| v.abs() >= thr && thr > 0.0).collect()
+        })
+        .collect();
+    let mut out = vec![0f32; i * t];
+    for (s, f) in fires.iter().enumerate() {
+        for (j, &b) in f.iter().enumerate() {
+            if b {
+                out[j * t + s] = 1.0;
+            }
+        }
+    }
+    out
+}
+
+/// Importance scores for [`partition_importance`] (`[E, i]`), LLaMA-MoE's importance split without
+/// shared neurons: calibration tokens are grouped by balanced k-means of their MLP inputs
+/// (`mlp_input` `[t, h]`; the first `t - t % E` tokens) into `E` groups; the score of neuron j for
+/// group e is the mean over the group's tokens of `|a[s, j]|` (`acts` `[t, i]`) times the norm of
+/// `down_proj`'s column j (`down_col_norms`), i.e. the mean size of the neuron's contribution.
+/// Also returns the groups' normalised mean inputs `[E, h]` (usable as router rows).
+#[allow(clippy::too_many_arguments)]
+pub fn importance_scores(
+    mlp_input: &[f32],
+    acts: &[f32],
+    down_col_norms: &[f32],
+    t: usize,
+    h: usize,
+    i: usize,
+    e: usize,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(mlp_input.len(), t * h, "mlp inputs must be [t, h]");
+    assert_eq!(acts.len(), t * i, "activations must be [t, i]");
+    assert_eq!(down_col_norms.len(), i);
+    let used = t - t % e;
+    assert!(used >= e, "need at least {e} calibration tokens");
+    let groups = balanced_kmeans(&mlp_input[..used * h], used, h, e, seed, 25);
+    let mut scores = vec![0f32; e * i];
+    let mut centroids = vec![0f32; e * h];
+    for (g, members) in groups.iter().enumerate() {
+        let mut acc = vec![0f64; i];
+        let mut c = vec![0f64; h];
+        for &s in members {
+            for (a, v) in acc.iter_mut().zip(&acts[s * i..(s + 1) * i]) {
+                *a += v.abs() as f64;
+            }
+            let x = &mlp_input[s * h..(s + 1) * h];
+            let n = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            if n > 0.0 {
+                c.iter_mut().zip(x).for_each(|(a, v)| *a += *v as f64 / n);
+            }
+        }
+        for j in 0..i {
+            scores[g * i + j] = (acc[j] / members.len() as f64) as f32 * down_col_norms[j];
+        }
+        let n = c.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-30);
+        for (k, v) in c.iter().enumerate() {
+            centroids[g * h + k] = (v / n) as f32;
+        }
+    }
+    (scores, centroids)
+}
+
+/// L2 norms of the columns of `down_proj` (`[h, i]` row-major).
+pub fn column_norms(down: &[f32], h: usize, i: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; i];
+    for r in 0..h {
+        for (a, v) in acc.iter_mut().zip(&down[r * i..(r + 1) * i]) {
+            *a += (*v as f64) * (*v as f64);
+        }
+    }
+    acc.into_iter().map(|a| a.sqrt() as f32).collect()
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -747,6 +835,39 @@ mod tests {
         for p in &parts {
             assert!(p.iter().all(|&j| label(j) == label(p[0])), "{parts:?}");
         }
+    }
+
+    #[test]
+    fn coactivation_features_mark_the_largest_magnitudes() {
+        // 2 tokens, 4 neurons; keep the top half per token.
+        let acts = [0.1, -3.0, 2.0, 0.0, 5.0, 0.2, -0.1, -4.0];
+        let f = coactivation_features(&acts, 2, 4, 0.5);
+        // [i, t]: neuron 0 fires on token 1, neuron 1 on token 0, neuron 2 on token 0, neuron 3 on 1.
+        assert_eq!(f, vec![0., 1., 1., 0., 1., 0., 0., 1.]);
+    }
+
+    #[test]
+    fn importance_follows_token_groups() {
+        // Tokens along two directions; neuron j in 0..4 is active only for direction 0 tokens.
+        let (t, h, i, e) = (8, 2, 8, 2);
+        let mut x = vec![0f32; t * h];
+        let mut a = vec![0f32; t * i];
+        for s in 0..t {
+            let g = s % 2;
+            x[s * h + g] = 1.0 + s as f32 * 0.01;
+            for j in 0..4 {
+                a[s * i + j + 4 * g] = 1.0;
+            }
+        }
+        let (scores, cent) = importance_scores(&x, &a, &[1.0; 8], t, h, i, e, 0);
+        let parts = partition_importance(&scores, i, e);
+        check_partition(&parts, i, e).unwrap();
+        let mut sets = parts.clone();
+        sets.sort();
+        assert_eq!(sets, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        // The group whose centroid points along direction 0 owns neurons 0..4.
+        let g0 = if cent[0] > cent[1] { 0 } else { 1 };
+        assert_eq!(parts[g0], vec![0, 1, 2, 3]);
     }
 
     #[test]
