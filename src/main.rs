@@ -26,6 +26,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(commands::generate::Args),
+    /// Make a mixture of experts: upcycle the MLP into E copies, or split its neurons into E experts.
+    Moe(commands::moe::Args),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
         Command::Convert(a) => commands::convert::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Moe(a) => commands::moe::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
