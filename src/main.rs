@@ -28,6 +28,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Make a mixture of experts: upcycle the MLP into E copies, or split its neurons into E experts.
     Moe(commands::moe::Args),
+    /// Write a synthetic checkpoint with random weights (tests, benchmarks).
+    Synth(commands::synth::Args),
 }
 
 fn main() {
@@ -38,6 +40,7 @@ fn main() {
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Moe(a) => commands::moe::run(a),
+        Command::Synth(a) => commands::synth::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
