@@ -30,6 +30,8 @@ enum Command {
     Moe(commands::moe::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
     Synth(commands::synth::Args),
+    /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
+    Heal(commands::heal::Args),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Moe(a) => commands::moe::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Heal(a) => commands::heal::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod heal;
 pub mod model;
 pub mod moe_aux;
 pub mod moe_stats;

@@ -3,6 +3,7 @@ pub mod common;
 pub mod convert;
 pub mod eval;
 pub mod generate;
+pub mod heal;
 pub mod inspect;
 pub mod moe;
 pub mod synth;
