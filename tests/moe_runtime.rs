@@ -98,8 +98,7 @@ fn split_with_all_experts_at_weight_one_has_the_dense_logits() {
         }
         let d = max_diff(&want, &logits(&moe, &x));
         assert!(d < 1e-4, "{method}: max |dlogit| {d}");
-        // Folded: the same with Mixtral routing and w2 scaled by E/K = 1 ... use K=1 here: the
-        // scale then is 4 and folding must give the same logits as the Scaled routing.
+        // With K = 1 the scale is E/K = 4: folding it into w2 (Mixtral routing) gives the same logits.
         let mut o = MoeOptions::new(method, 4, 1);
         o.router = RouterInit::Random { std: 1.0 };
         let scaled = op::build(&dense, &o, None).unwrap();
