@@ -36,6 +36,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(commands::generate::Args),
+    /// Make a mixture of experts: upcycle the MLP into E copies, or split its neurons into E experts.
+    Moe(commands::moe::Args),
     /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
     Heal(commands::heal::Args),
 }
@@ -52,6 +54,7 @@ fn main() {
         Command::DropLayers(a) => commands::drop_layers::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Moe(a) => commands::moe::run(a),
         Command::Heal(a) => commands::heal::run(a),
     };
     if let Err(e) = result {

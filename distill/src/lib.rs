@@ -11,6 +11,8 @@ pub mod eval;
 pub mod generate;
 pub mod heal;
 pub mod model;
+pub mod moe_aux;
+pub mod moe_stats;
 pub mod text;
 
 pub use backend::BackendKind;

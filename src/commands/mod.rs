@@ -8,5 +8,6 @@ pub mod generate;
 pub mod import_gguf;
 pub mod heal;
 pub mod inspect;
+pub mod moe;
 pub mod synth;
 pub mod upscale;

@@ -9,6 +9,7 @@ use surgeon_formats::arch::{split_layer_name, Mlp};
 use surgeon_formats::{Plan, Source, TensorEntry};
 
 pub mod error;
+pub mod moe;
 pub use error::{Error, Result};
 
 /// Parses a comma-separated list of half-open layer ranges, e.g. `0..24,8..32`.
