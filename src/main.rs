@@ -22,6 +22,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Rewrite a model as Hugging Face safetensors (change dtype, re-shard).
     Convert(commands::convert::Args),
+    /// Add tokens (a list, or BPE merges learned on a corpus) and resize the embeddings.
+    ExtendVocab(commands::extend_vocab::Args),
 }
 
 fn main() {
@@ -29,6 +31,7 @@ fn main() {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::ExtendVocab(a) => commands::extend_vocab::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
