@@ -24,6 +24,8 @@ enum Command {
     Convert(commands::convert::Args),
     /// Add tokens (a list, or BPE merges learned on a corpus) and resize the embeddings.
     ExtendVocab(commands::extend_vocab::Args),
+    /// Write a synthetic checkpoint with random weights (tests, benchmarks).
+    Synth(commands::synth::Args),
 }
 
 fn main() {
@@ -32,6 +34,7 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::ExtendVocab(a) => commands::extend_vocab::run(a),
+        Command::Synth(a) => commands::synth::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -3,3 +3,4 @@ pub mod common;
 pub mod convert;
 pub mod extend_vocab;
 pub mod inspect;
+pub mod synth;

@@ -1,0 +1,46 @@
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use surgeon_formats::synthetic::SyntheticSpec;
+use surgeon_formats::writer::parse_size;
+use surgeon_formats::DType;
+
+/// Writes a synthetic Llama checkpoint (deterministic random weights) for tests and benchmarks.
+#[derive(clap::Args)]
+pub struct Args {
+    /// `tiny` (2 layers, hidden 64) or `llama-1b` (TinyLlama's 1.1B shape).
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Number of layers (overrides the preset).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "5GB")]
+    pub shard_size: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut spec = match a.preset.as_str() {
+        "tiny" => SyntheticSpec::tiny(),
+        "llama-1b" => SyntheticSpec::llama_1b(),
+        other => bail!("unknown preset `{other}` (tiny, llama-1b)"),
+    };
+    if let Some(l) = a.layers {
+        spec.num_layers = l;
+    }
+    if let Some(d) = a.dtype {
+        spec.dtype = d;
+    }
+    spec.seed = a.seed;
+    spec.write(&a.out, Some(parse_size(&a.shard_size)?))?;
+    eprintln!(
+        "wrote {} ({} parameters)",
+        a.out.display(),
+        surgeon_formats::plan::group_digits(spec.arch().parameter_count())
+    );
+    Ok(())
+}
