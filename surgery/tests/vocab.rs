@@ -487,3 +487,27 @@ fn written_model_reloads_with_new_vocab() {
     let tj = std::fs::read(out.join("tokenizer.json")).unwrap();
     assert_eq!(tj, tok_json(&new));
 }
+
+#[test]
+fn merges_written_as_strings_stay_strings() {
+    let json = byte_level_json(300);
+    let mut v: Value = serde_json::from_slice(&json).unwrap();
+    let as_strings: Vec<Value> = v["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Value::String(format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap())))
+        .collect();
+    v["model"]["merges"] = Value::Array(as_strings);
+    let old_strings = serde_json::to_vec(&v).unwrap();
+    let a = tokenizer_extend::learn_merges(&json, &domain_corpus(), 10, 2).unwrap();
+    let b = tokenizer_extend::learn_merges(&old_strings, &domain_corpus(), 10, 2).unwrap();
+    let nv: Value = serde_json::from_slice(&b.tokenizer_json).unwrap();
+    assert!(nv["model"]["merges"].as_array().unwrap().iter().all(Value::is_string));
+    assert_eq!(a.tokens, b.tokens);
+    let text = "zorblax quuxifier frobnicate";
+    assert_eq!(
+        tokenizer_extend::encode(&a.tokenizer_json, text).unwrap(),
+        tokenizer_extend::encode(&b.tokenizer_json, text).unwrap()
+    );
+}

@@ -63,3 +63,24 @@ fn smollm_ukrainian_tokens_per_char_falls() {
         }
     }
 }
+
+/// Writes SmolLM2 extended with 1024 Ukrainian merges to $SURGEON_VOCAB_OUT (for
+/// scripts/goldens/vocab_hf_check.py when the CLI is not built); ignored by default.
+#[test]
+#[ignore]
+fn write_extended_smollm() {
+    let (Some(dir), Ok(out)) = (model_dir(), std::env::var("SURGEON_VOCAB_OUT")) else {
+        eprintln!("skipped: needs SmolLM2 and SURGEON_VOCAB_OUT");
+        return;
+    };
+    let plan = surgeon_formats::open_hf_dir(&dir).unwrap();
+    let (new, _) =
+        vocab::extend_with_corpus(&plan, &fixture("uk_train.txt"), 1024, &VocabOptions::default())
+            .unwrap();
+    let opts = surgeon_formats::WriteOptions {
+        force: true,
+        description: "extend-vocab test: +1024 Ukrainian merges".into(),
+        ..Default::default()
+    };
+    surgeon_formats::write_model(&new, Path::new(&out), &opts).unwrap();
+}
