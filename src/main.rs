@@ -24,8 +24,20 @@ enum Command {
     Convert(commands::convert::Args),
     /// Add tokens (a list, or BPE merges learned on a corpus) and resize the embeddings.
     ExtendVocab(commands::extend_vocab::Args),
+    /// Import a llama.cpp GGUF file as a Hugging Face model.
+    ImportGguf(commands::import_gguf::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
     Synth(commands::synth::Args),
+    /// Depth up-scaling (SOLAR): stack layer ranges of the model, e.g. 32 -> 48 layers.
+    Upscale(commands::upscale::Args),
+    /// Block expansion (LLaMA Pro): insert identity copies of blocks for new-block training.
+    Expand(commands::expand::Args),
+    /// Remove decoder layers.
+    DropLayers(commands::drop_layers::Args),
+    /// Perplexity of a model on a text file (windowed next-token prediction).
+    Eval(commands::eval::Args),
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(commands::generate::Args),
 }
 
 fn main() {
@@ -34,7 +46,13 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::ExtendVocab(a) => commands::extend_vocab::run(a),
+        Command::ImportGguf(a) => commands::import_gguf::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Upscale(a) => commands::upscale::run(a),
+        Command::Expand(a) => commands::expand::run(a),
+        Command::DropLayers(a) => commands::drop_layers::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,8 +1,231 @@
-//! GGUF file -> plan (llama family).
-use crate::plan::Plan;
-use crate::{Error, Result};
+//! GGUF file -> plan (Llama family, incl. Mixtral experts).
+//!
+//! Quantised tensors become lazy `decode` sources (dequantised while writing); llama.cpp's RoPE row
+//! permutation of q/k is undone by a row selection, so the plan says exactly what happens.
+use crate::arch::*;
+use crate::gguf::{self, GgmlType, GgufError, GgufFile, GgufTensorInfo};
+use crate::plan::{AuxFile, Codec, Op, Plan, Source, TensorEntry};
+use crate::safetensors_file::SourceFile;
+use crate::{DType, Error, Result};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
+struct GgmlCodec(GgmlType);
+
+impl Codec for GgmlCodec {
+    fn name(&self) -> String {
+        format!("{:?}", self.0).to_lowercase()
+    }
+    fn decode(&self, bytes: &[u8], numel: usize) -> std::result::Result<Vec<f32>, String> {
+        gguf::dequantize(self.0, bytes, numel).map_err(|e| e.to_string())
+    }
+}
+
+fn gguf_err(e: GgufError) -> Error {
+    Error::Invalid(e.to_string())
+}
+
+/// HF row order from llama.cpp's: `indices[hf_row] = gguf_row`.
+pub fn rope_unpermute_indices(n_rows: usize, n_head: usize) -> Vec<usize> {
+    let rows_per_head = n_rows / n_head;
+    let half = rows_per_head / 2;
+    let mut idx = vec![0; n_rows];
+    for h in 0..n_head {
+        for i in 0..2 {
+            for j in 0..half {
+                idx[h * rows_per_head + i * half + j] = h * rows_per_head + j * 2 + i;
+            }
+        }
+    }
+    idx
+}
+
+fn tensor_source(file: &Arc<SourceFile>, t: &GgufTensorInfo) -> Result<Source> {
+    let shape = t.hf_shape();
+    let dtype = match t.ggml_type {
+        GgmlType::F32 => Some(DType::F32),
+        GgmlType::F16 => Some(DType::F16),
+        GgmlType::BF16 => Some(DType::BF16),
+        _ => None,
+    };
+    if let Some(dtype) = dtype {
+        return Ok(Source::Stored {
+            file: file.clone(),
+            tensor: t.name.clone(),
+            offset: t.offset as usize,
+            dtype,
+            shape,
+        });
+    }
+    if !gguf::dequant::is_supported(t.ggml_type) {
+        return Err(Error::tensor(
+            &file.path,
+            &t.name,
+            format!("unsupported quantisation type {:?}", t.ggml_type),
+        ));
+    }
+    Ok(Source::Encoded {
+        file: file.clone(),
+        tensor: t.name.clone(),
+        offset: t.offset as usize,
+        len: t.byte_len as usize,
+        shape,
+        codec: Arc::new(GgmlCodec(t.ggml_type)),
+    })
+}
+
+/// Opens a GGUF file as a plan in HF layout.
 pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
-    Err(Error::format(path, "GGUF import is not available yet"))
+    let g = GgufFile::open(path).map_err(gguf_err)?;
+    let hyper = gguf::LlamaHyper::from_gguf(&g).map_err(gguf_err)?;
+    if hyper.rope_dimension_count != hyper.head_dim() {
+        return Err(Error::config(
+            path,
+            "llama.rope.dimension_count",
+            format!(
+                "{} differs from the head dimension {} (partial rotary embeddings are not supported)",
+                hyper.rope_dimension_count,
+                hyper.head_dim()
+            ),
+        ));
+    }
+    let file = Arc::new(SourceFile::open(path)?);
+    let mut tensors = BTreeMap::new();
+    let mut quant_types: BTreeMap<String, usize> = BTreeMap::new();
+    for t in g.tensors() {
+        let hf = gguf::hf_tensor_name(&t.name)
+            .map_err(|e| Error::tensor(path, &t.name, e.to_string()))?;
+        *quant_types
+            .entry(format!("{:?}", t.ggml_type).to_lowercase())
+            .or_default() += 1;
+        let mut src = tensor_source(&file, t)?;
+        if let Some(n_head) = hf.rope_heads(&hyper) {
+            let rows = t.hf_shape()[0];
+            if n_head == 0 || rows % (2 * n_head) != 0 {
+                return Err(Error::tensor(
+                    path,
+                    &t.name,
+                    format!("{rows} rows cannot be split into {n_head} rotary heads"),
+                ));
+            }
+            src = src.rows(rope_unpermute_indices(rows, n_head), "unpermute rope");
+        }
+        if hf.stacked_experts {
+            let shape = t.hf_shape();
+            let (experts, inner) = (shape[0], shape[1..].to_vec());
+            for e in 0..experts {
+                let one = Source::op(Op::Reshape {
+                    input: src.clone().rows(vec![e], format!("expert {e}")),
+                    shape: inner.clone(),
+                });
+                tensors.insert(hf.expert(e), TensorEntry::new(one));
+            }
+        } else {
+            tensors.insert(hf.name.clone(), TensorEntry::new(src));
+        }
+    }
+
+    let attention = Attention {
+        kind: AttentionKind::Softmax,
+        num_heads: hyper.head_count,
+        num_kv_heads: hyper.head_count_kv,
+        head_dim: hyper.head_dim(),
+        qkv_bias: tensors.contains_key("model.layers.0.self_attn.q_proj.bias"),
+    };
+    let (family, mlp) = match (hyper.expert_count, hyper.expert_used_count) {
+        (Some(e), Some(k)) if e > 1 => (
+            Family::Mixtral,
+            Mlp::Moe {
+                num_experts: e,
+                top_k: k,
+                intermediate_size: hyper.feed_forward_length,
+                routing: MoeRouting::Mixtral,
+            },
+        ),
+        _ => (
+            Family::Llama,
+            Mlp::Dense {
+                intermediate_size: hyper.feed_forward_length,
+            },
+        ),
+    };
+    if attention.qkv_bias {
+        return Err(Error::format(
+            path,
+            "q/k/v biases in a llama GGUF are not supported",
+        ));
+    }
+    let quant = quant_types
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let arch = ModelArch {
+        family,
+        hidden_size: hyper.embedding_length,
+        vocab_size: hyper.vocab_size,
+        layers: vec![Layer { attention, mlp }; hyper.block_count],
+        rms_norm_eps: hyper.rms_norm_eps,
+        rope_theta: hyper.rope_freq_base,
+        rope_scaling: None,
+        max_position_embeddings: hyper.context_length.unwrap_or(2048),
+        tie_word_embeddings: hyper.tie_word_embeddings,
+        sliding_window: None,
+        bos_token_id: hyper.bos_token_id,
+        eos_token_ids: hyper.eos_token_id.into_iter().collect(),
+        pad_token_id: hyper.pad_token_id,
+        hidden_act: "silu".into(),
+        torch_dtype: None,
+        surgeon: SurgeonMeta {
+            history: vec![format!(
+                "imported from GGUF {name} ({quant}), dequantised to f32, RoPE rows un-permuted"
+            )],
+            ..Default::default()
+        },
+        extra: Default::default(),
+    };
+
+    let mut files = BTreeMap::new();
+    if g.get("tokenizer.ggml.model").is_some() {
+        let tok = gguf::build_hf_tokenizer(&g).map_err(gguf_err)?;
+        for (n, text) in [
+            ("tokenizer.json", tok.tokenizer_json),
+            ("tokenizer_config.json", tok.tokenizer_config_json),
+            ("special_tokens_map.json", tok.special_tokens_map_json),
+        ] {
+            files.insert(n.to_string(), AuxFile::Bytes(Arc::new(text.into_bytes())));
+        }
+    }
+    let plan = Plan {
+        arch,
+        tensors,
+        files,
+        origin: path.display().to_string(),
+    };
+    plan.validate()?;
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_indices_match_the_in_place_inverse() {
+        let (rows, cols, heads) = (12, 3, 2);
+        let original: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut permuted = original.clone();
+        gguf::names::permute_rope_rows(&mut permuted, rows, cols, heads).unwrap();
+        let idx = rope_unpermute_indices(rows, heads);
+        let restored: Vec<f32> = idx
+            .iter()
+            .flat_map(|&r| permuted[r * cols..(r + 1) * cols].to_vec())
+            .collect();
+        assert_eq!(restored, original);
+    }
 }

@@ -187,6 +187,7 @@ pub fn input_dirs(plan: &Plan) -> Vec<PathBuf> {
                 crate::plan::Op::Rows { input, .. }
                 | crate::plan::Op::Cols { input, .. }
                 | crate::plan::Op::Scale { input, .. }
+                | crate::plan::Op::Reshape { input, .. }
                 | crate::plan::Op::MeanRows { input, .. } => walk(input, add),
                 crate::plan::Op::Concat { inputs, .. } => inputs.iter().for_each(|i| walk(i, add)),
             },

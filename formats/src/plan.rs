@@ -125,6 +125,8 @@ pub enum Op {
     Concat { inputs: Vec<Source>, dim: usize },
     /// Multiply every element by `factor`.
     Scale { input: Source, factor: f32 },
+    /// Same elements, another shape (element counts must agree).
+    Reshape { input: Source, shape: Vec<usize> },
     /// Output row g is the mean of input rows `groups[g]` (computed in f64).
     MeanRows {
         input: Source,
@@ -182,6 +184,7 @@ impl Source {
                     s
                 }
                 Op::Scale { input, .. } => input.shape(),
+                Op::Reshape { shape, .. } => shape.clone(),
                 Op::MeanRows { input, groups, .. } => {
                     let mut s = input.shape();
                     s[0] = groups.len();
@@ -198,7 +201,9 @@ impl Source {
             Source::Encoded { .. } | Source::Random { .. } => DType::F32,
             Source::Inline { tensor, .. } => tensor.dtype,
             Source::Op(op) => match op.as_ref() {
-                Op::Rows { input, .. } | Op::Cols { input, .. } => input.dtype(),
+                Op::Rows { input, .. } | Op::Cols { input, .. } | Op::Reshape { input, .. } => {
+                    input.dtype()
+                }
                 Op::Concat { inputs, .. } => {
                     let d = inputs[0].dtype();
                     if inputs.iter().all(|i| i.dtype() == d) {
@@ -353,6 +358,17 @@ impl Op {
                     }
                 }
                 Ok(HostTensor { dtype, shape, data })
+            }
+            Op::Reshape { input, shape } => {
+                let mut t = input.eval()?;
+                if t.numel() != shape.iter().product::<usize>() {
+                    return Err(Error::invalid(format!(
+                        "cannot reshape {:?} to {shape:?}",
+                        t.shape
+                    )));
+                }
+                t.shape = shape.clone();
+                Ok(t)
             }
             Op::Scale { input, factor } => {
                 let t = input.eval()?;
@@ -736,6 +752,7 @@ fn render_source(s: &Source) -> String {
                     .join(", ")
             ),
             Op::Scale { input, factor } => format!("scale[{factor}]({})", render_source(input)),
+            Op::Reshape { input, shape } => format!("reshape{shape:?}({})", render_source(input)),
             Op::MeanRows {
                 input,
                 groups,

@@ -1,6 +1,12 @@
 //! One module per subcommand: argument definitions and a call into the library.
 pub mod common;
 pub mod convert;
+pub mod drop_layers;
+pub mod eval;
+pub mod expand;
 pub mod extend_vocab;
+pub mod generate;
+pub mod import_gguf;
 pub mod inspect;
 pub mod synth;
+pub mod upscale;

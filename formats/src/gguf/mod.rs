@@ -1,0 +1,298 @@
+//! Reading GGUF checkpoints (llama.cpp's format): container parsing, dequantisation, llama.cpp → HF tensor
+//! names and RoPE row order, model hyper-parameters and the tokenizer rebuilt from metadata.
+//!
+//! ```no_run
+//! use surgeon_formats::gguf::{self, GgufFile};
+//! let f = GgufFile::open("model.gguf")?;
+//! let hyper = gguf::LlamaHyper::from_gguf(&f)?;
+//! for t in f.tensors() {
+//!     let hf = gguf::names::hf_tensor_name(&t.name)?;
+//!     let mut data = f.dequantize_tensor(t)?; // f32, row-major over `t.hf_shape()`
+//!     if let Some(n_head) = hf.rope_heads(&hyper) {
+//!         let shape = t.hf_shape(); // [rows, cols] for weights, [rows] for biases
+//!         let cols = shape.get(1).copied().unwrap_or(1);
+//!         gguf::names::unpermute_rope_rows(&mut data, shape[0], cols, n_head)?;
+//!     }
+//! }
+//! let tok = gguf::tokenizer::build_hf_tokenizer(&f)?;
+//! # Ok::<(), gguf::GgufError>(())
+//! ```
+
+pub mod dequant;
+pub mod names;
+pub mod reader;
+pub mod tokenizer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+pub use dequant::{dequantize, dequantize_into};
+pub use names::{hf_tensor_name, unpermute_rope_rows, HfTensorName};
+pub use reader::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
+pub use tokenizer::{build_hf_tokenizer, HfTokenizerFiles};
+
+/// Errors of GGUF reading. Each message is one line naming the file (`<memory>` for in-memory buffers), the
+/// tensor or metadata key when there is one, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("{file}: {source}")]
+    Io {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: not a GGUF file (magic bytes {found:02x?}, expected \"GGUF\")")]
+    BadMagic { file: String, found: [u8; 4] },
+    #[error("{file}: unsupported GGUF version {version} (supported: 2 and 3; big-endian files are not supported)")]
+    UnsupportedVersion { file: String, version: u32 },
+    #[error("{file}: truncated while reading {what} at byte {offset}: need {needed} bytes, {available} left")]
+    Truncated {
+        file: String,
+        what: String,
+        offset: u64,
+        needed: u64,
+        available: u64,
+    },
+    #[error("{file}: {what} is {count}, more than the remaining bytes can hold (at most {max})")]
+    AbsurdCount {
+        file: String,
+        what: String,
+        count: u64,
+        max: u64,
+    },
+    #[error("{file}: {what} has length {len}, but only {available} bytes remain")]
+    AbsurdLength {
+        file: String,
+        what: String,
+        len: u64,
+        available: u64,
+    },
+    #[error("{file}: metadata key `{key}` has unknown value type {type_id}")]
+    InvalidValueType {
+        file: String,
+        key: String,
+        type_id: u32,
+    },
+    #[error("{file}: metadata key `{key}`: {reason}")]
+    InvalidValue {
+        file: String,
+        key: String,
+        reason: String,
+    },
+    #[error("{file}: duplicate metadata key `{key}`")]
+    DuplicateKey { file: String, key: String },
+    #[error("{file}: duplicate tensor `{tensor}`")]
+    DuplicateTensor { file: String, tensor: String },
+    #[error("{file}: tensor `{tensor}` has unknown ggml type id {type_id}")]
+    UnknownGgmlType {
+        file: String,
+        tensor: String,
+        type_id: u32,
+    },
+    #[error("{file}: tensor `{tensor}`: {reason}")]
+    BadTensor {
+        file: String,
+        tensor: String,
+        reason: String,
+    },
+    #[error(
+        "{file}: tensor `{tensor}` offset {offset} is not a multiple of the alignment {alignment}"
+    )]
+    MisalignedOffset {
+        file: String,
+        tensor: String,
+        offset: u64,
+        alignment: u64,
+    },
+    #[error("{file}: tensor `{tensor}` (data offset {offset}, {byte_len} bytes) extends past the end of the data section ({data_len} bytes)")]
+    TensorOutOfBounds {
+        file: String,
+        tensor: String,
+        offset: u64,
+        byte_len: u64,
+        data_len: u64,
+    },
+    #[error("{ctx}cannot dequantize {ggml_type}: {reason}")]
+    Dequantize {
+        /// `"<file>: tensor `<name>`: "` when known, else empty.
+        ctx: String,
+        ggml_type: GgmlType,
+        reason: String,
+    },
+    #[error("{file}: missing metadata key `{key}`")]
+    MissingKey { file: String, key: String },
+    #[error("{file}: metadata key `{key}` should be {expected}, found {found}")]
+    WrongType {
+        file: String,
+        key: String,
+        expected: &'static str,
+        found: &'static str,
+    },
+    #[error("{file}: metadata key `{key}`: {reason}")]
+    BadMetadata {
+        file: String,
+        key: String,
+        reason: String,
+    },
+    #[error("{file}: unsupported architecture `{arch}` (supported: llama)")]
+    UnsupportedArchitecture { file: String, arch: String },
+    #[error("unknown llama.cpp tensor name `{name}`: {reason}")]
+    UnknownTensorName { name: String, reason: String },
+    #[error("cannot un-permute RoPE rows: {0}")]
+    BadRopeShape(String),
+}
+
+impl GgufError {
+    /// Adds the file and tensor to a [`GgufError::Dequantize`] error.
+    pub(crate) fn in_tensor(self, file: &str, tensor: &str) -> GgufError {
+        match self {
+            GgufError::Dequantize {
+                ctx: _,
+                ggml_type,
+                reason,
+            } => GgufError::Dequantize {
+                ctx: format!("{file}: tensor `{tensor}`: "),
+                ggml_type,
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+/// File name of the SmolLM2 test model inside the cache directory.
+pub const SMOLLM2_GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Path of the SmolLM2-135M-Instruct Q4_1 GGUF used by tests: `$SURGEON_SMOLLM2_GGUF`, else
+/// `$SURGEON_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf`, else `~/.cache/surgeon/SmolLM2-135M-Instruct.Q4_1.gguf`.
+/// The error says to run `scripts/fetch-smollm2.sh` when the file is missing.
+pub fn smollm2_gguf_path() -> Result<PathBuf, String> {
+    let path = if let Some(p) = std::env::var_os("SURGEON_SMOLLM2_GGUF") {
+        PathBuf::from(p)
+    } else if let Some(c) = std::env::var_os("SURGEON_CACHE") {
+        PathBuf::from(c).join(SMOLLM2_GGUF_NAME)
+    } else if let Some(h) = std::env::var_os("HOME") {
+        PathBuf::from(h)
+            .join(".cache")
+            .join("surgeon")
+            .join(SMOLLM2_GGUF_NAME)
+    } else {
+        return Err(format!(
+            "cannot locate {SMOLLM2_GGUF_NAME}: none of SURGEON_SMOLLM2_GGUF, SURGEON_CACHE, HOME is set; \
+             run scripts/fetch-smollm2.sh and set SURGEON_CACHE"
+        ));
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} not found: run scripts/fetch-smollm2.sh (with the same SURGEON_CACHE) or set SURGEON_SMOLLM2_GGUF",
+            path.display()
+        ))
+    }
+}
+
+/// Hyper-parameters of a Llama-family GGUF model (keys `<arch>.*`, `tokenizer.ggml.*`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaHyper {
+    /// `general.architecture` (currently always `llama`).
+    pub architecture: String,
+    pub block_count: usize,
+    pub embedding_length: usize,
+    pub feed_forward_length: usize,
+    pub head_count: usize,
+    /// `head_count_kv`, or `head_count` when absent.
+    pub head_count_kv: usize,
+    /// `rope.freq_base`; 10000 only when the key is absent.
+    pub rope_freq_base: f64,
+    /// `rope.dimension_count`, or `embedding_length / head_count` when absent.
+    pub rope_dimension_count: usize,
+    pub rms_norm_eps: f64,
+    pub context_length: Option<usize>,
+    /// Length of `tokenizer.ggml.tokens` (falls back to `<arch>.vocab_size`).
+    pub vocab_size: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+    pub unk_token_id: Option<u32>,
+    pub expert_count: Option<usize>,
+    pub expert_used_count: Option<usize>,
+    /// Whether the file has no `output.weight`, i.e. the LM head is tied to the token embedding.
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaHyper {
+    /// Reads the hyper-parameters of a `llama` GGUF; other architectures are a clear error.
+    pub fn from_gguf(f: &GgufFile) -> Result<LlamaHyper, GgufError> {
+        let arch = f.require_str("general.architecture")?.to_string();
+        if arch != "llama" {
+            return Err(GgufError::UnsupportedArchitecture {
+                file: f.label(),
+                arch,
+            });
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let usize_of = |key: &str| -> Result<usize, GgufError> { Ok(f.require_u64(key)? as usize) };
+        let opt_usize = |key: &str| -> Result<Option<usize>, GgufError> {
+            Ok(f.get_u64(key)?.map(|v| v as usize))
+        };
+        let opt_u32 = |key: &str| -> Result<Option<u32>, GgufError> {
+            f.get_u64(key)?
+                .map(|v| {
+                    u32::try_from(v).map_err(|_| GgufError::BadMetadata {
+                        file: f.label(),
+                        key: key.to_string(),
+                        reason: format!("{v} does not fit a token id"),
+                    })
+                })
+                .transpose()
+        };
+        let head_count = usize_of(&k("attention.head_count"))?;
+        let embedding_length = usize_of(&k("embedding_length"))?;
+        if head_count == 0 {
+            return Err(GgufError::BadMetadata {
+                file: f.label(),
+                key: k("attention.head_count"),
+                reason: "is 0".to_string(),
+            });
+        }
+        let vocab_size = match f.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(a) => a.len(),
+            None => usize_of(&k("vocab_size"))?,
+        };
+        let rms_norm_eps = f
+            .get_f64(&k("attention.layer_norm_rms_epsilon"))?
+            .ok_or_else(|| GgufError::MissingKey {
+                file: f.label(),
+                key: k("attention.layer_norm_rms_epsilon"),
+            })?;
+        Ok(LlamaHyper {
+            block_count: usize_of(&k("block_count"))?,
+            embedding_length,
+            feed_forward_length: usize_of(&k("feed_forward_length"))?,
+            head_count,
+            head_count_kv: opt_usize(&k("attention.head_count_kv"))?.unwrap_or(head_count),
+            rope_freq_base: f.get_f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            rope_dimension_count: opt_usize(&k("rope.dimension_count"))?
+                .unwrap_or(embedding_length / head_count),
+            rms_norm_eps,
+            context_length: opt_usize(&k("context_length"))?,
+            vocab_size,
+            bos_token_id: opt_u32("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: opt_u32("tokenizer.ggml.eos_token_id")?,
+            pad_token_id: opt_u32("tokenizer.ggml.padding_token_id")?,
+            unk_token_id: opt_u32("tokenizer.ggml.unknown_token_id")?,
+            expert_count: opt_usize(&k("expert_count"))?,
+            expert_used_count: opt_usize(&k("expert_used_count"))?,
+            tie_word_embeddings: f.tensor("output.weight").is_none(),
+            architecture: arch,
+        })
+    }
+
+    /// Head dimension (`embedding_length / head_count`).
+    pub fn head_dim(&self) -> usize {
+        self.embedding_length / self.head_count
+    }
+}
