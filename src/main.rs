@@ -22,6 +22,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Rewrite a model as Hugging Face safetensors (change dtype, re-shard).
     Convert(commands::convert::Args),
+    /// Add tokens (a list, or BPE merges learned on a corpus) and resize the embeddings.
+    ExtendVocab(commands::extend_vocab::Args),
     /// Import a llama.cpp GGUF file as a Hugging Face model.
     ImportGguf(commands::import_gguf::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
@@ -47,6 +49,7 @@ fn main() {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::ExtendVocab(a) => commands::extend_vocab::run(a),
         Command::ImportGguf(a) => commands::import_gguf::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Upscale(a) => commands::upscale::run(a),

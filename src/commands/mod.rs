@@ -4,6 +4,7 @@ pub mod convert;
 pub mod drop_layers;
 pub mod eval;
 pub mod expand;
+pub mod extend_vocab;
 pub mod generate;
 pub mod import_gguf;
 pub mod heal;
