@@ -347,24 +347,11 @@ fn write_synthetic_1b() {
         .unwrap();
 }
 
-/// SmolLM2-135M-Instruct (`$SURGEON_SMOLLM2_HF`, default /work/cache/smollm2-hf; else the GGUF at
-/// `$SURGEON_SMOLLM2_GGUF`): the upcycled model (E=4, K=2) has the dense logits within 1e-4, for a
-/// random (std 1) and a zero router. Skipped with a message when neither file exists.
+/// SmolLM2-135M-Instruct (from its GGUF): the upcycled model (E=4, K=2) has the dense logits within 1e-4, for a
+/// random (std 1) and a zero router.
 #[test]
 fn smollm2_upcycled_logits_equal_dense() {
-    let hf =
-        std::env::var("SURGEON_SMOLLM2_HF").unwrap_or_else(|_| "/work/cache/smollm2-hf".into());
-    let gguf = std::env::var("SURGEON_SMOLLM2_GGUF")
-        .unwrap_or_else(|_| "/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    let spec = if Path::new(&hf).join("config.json").is_file() {
-        hf
-    } else if Path::new(&gguf).is_file() {
-        gguf
-    } else {
-        eprintln!("skipping: no SmolLM2 at {hf} or {gguf}");
-        return;
-    };
-    let dense = surgeon_formats::open_model(&spec).expect("open SmolLM2");
+    let dense = surgeon_formats::gguf::open_smollm2().unwrap_or_else(|e| panic!("{e}"));
     let x: Vec<u32> = vec![
         1, 504, 3458, 314, 260, 1345, 282, 4566, 28, 339, 416, 253, 1528, 30,
     ];
@@ -374,7 +361,7 @@ fn smollm2_upcycled_logits_equal_dense() {
         o.router = router.clone();
         let moe = op::upcycle(&dense, &o).unwrap();
         let d = max_diff(&want, &logits(&moe, &x));
-        eprintln!("SmolLM2 ({spec}) upcycled E=4 K=2, router {router:?}: max |dlogit| {d:e}");
+        eprintln!("SmolLM2 upcycled E=4 K=2, router {router:?}: max |dlogit| {d:e}");
         assert!(d < 1e-4, "{router:?}: max |dlogit| {d}");
     }
 }
