@@ -336,7 +336,7 @@ fn write_shard(
         offset += bytes;
     }
     let mut header_bytes = serde_json::to_vec(&Value::Object(header)).unwrap();
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
