@@ -498,3 +498,63 @@ fn schedules() {
     assert!((lr_at(Schedule::Cosine, 1.0, 0, 10, 5) - 0.5).abs() < 1e-12);
     assert_eq!(lr_at(Schedule::Constant, 1.0, 0, 10, 9), 1.0);
 }
+
+#[test]
+fn moe_student_heals_with_the_load_balancing_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("healed");
+    let opts =
+        surgeon_surgery::moe::MoeOptions::new(surgeon_surgery::moe::MoeMethod::SplitRandom, 4, 2);
+    let plan = surgeon_surgery::moe::split(&tiny(2, 3), &opts, None).unwrap();
+    assert!(plan
+        .arch
+        .layers
+        .iter()
+        .all(|l| matches!(l.mlp, surgeon_formats::Mlp::Moe { .. })));
+    let c = HealConfig {
+        budget: Budget::Steps(8),
+        aux_coef: 0.01,
+        ..cfg(&out)
+    };
+    let r = heal(&c, plan, None).unwrap();
+    assert_eq!(r.steps, 8);
+    assert!(r
+        .trainable_tensors
+        .iter()
+        .any(|n| n.contains("block_sparse_moe.gate")));
+    let losses: Vec<f64> = r
+        .metrics
+        .iter()
+        .map(|m| m.loss)
+        .filter(|l| l.is_finite())
+        .collect();
+    assert_eq!(losses.len(), 8);
+    assert!(losses[7] < losses[0], "{losses:?}");
+    let healed = open_hf_dir(&out).unwrap();
+    assert!(healed
+        .arch
+        .surgeon
+        .notes
+        .iter()
+        .any(|n| n.contains("MoE load balancing")));
+    // The aux loss is part of the objective: a different coefficient gives a different step-1 loss.
+    let out2 = dir.path().join("healed2");
+    let plan = surgeon_surgery::moe::split(&tiny(2, 3), &opts, None).unwrap();
+    let r2 = heal(
+        &HealConfig {
+            budget: Budget::Steps(1),
+            aux_coef: 1.0,
+            ..cfg(&out2)
+        },
+        plan,
+        None,
+    )
+    .unwrap();
+    let l2 = r2
+        .metrics
+        .iter()
+        .map(|m| m.loss)
+        .find(|l| l.is_finite())
+        .unwrap();
+    assert!(l2 > losses[0] + 0.5, "{l2} vs {}", losses[0]);
+}
