@@ -558,3 +558,48 @@ fn moe_student_heals_with_the_load_balancing_loss() {
         .unwrap();
     assert!(l2 > losses[0] + 0.5, "{l2} vs {}", losses[0]);
 }
+
+#[test]
+fn training_model_has_stable_ids_and_the_runtime_logits() {
+    let dev = Default::default();
+    let plan = tiny(2, 4);
+    let a = load_model::<AD>(&plan, &|n| n.contains("mlp"), &dev).unwrap();
+    let b = load_model::<AD>(&plan, &|_| false, &dev).unwrap();
+    let (na, nb) = (named_params(&a), named_params(&b));
+    assert_eq!(na.len(), plan.tensors.len());
+    for ((ia, name, _), (ib, _, _)) in na.iter().zip(&nb) {
+        assert_eq!(ia, ib, "{name}");
+        assert_eq!(*ia, super::trainer::param_id_for(name));
+    }
+    let plain = crate::model::Llama::<Flex>::from_plan(&plan, &dev).unwrap();
+    let ours = load_model::<Flex>(&plan, &|_| true, &dev).unwrap();
+    let flat: Vec<i64> = docs(2, 12, 256, 9)
+        .into_iter()
+        .flatten()
+        .map(i64::from)
+        .collect();
+    let toks = Tensor::<Flex, 2, Int>::from_data(TensorData::new(flat, [2, 12]), &dev);
+    let x: Vec<f32> = plain.forward(toks.clone()).into_data().to_vec().unwrap();
+    let y: Vec<f32> = ours.forward(toks).into_data().to_vec().unwrap();
+    assert_eq!(bits(&x), bits(&y));
+}
+
+#[test]
+fn kd_is_zero_for_identical_moe_models() {
+    let dev = Default::default();
+    let opts =
+        surgeon_surgery::moe::MoeOptions::new(surgeon_surgery::moe::MoeMethod::SplitRandom, 4, 2);
+    let plan = surgeon_surgery::moe::split(&tiny(2, 1), &opts, None).unwrap();
+    let student = load_model::<AD>(&plan, &|_| true, &dev).unwrap();
+    let teacher = load_model::<Flex>(&plan, &|_| false, &dev).unwrap();
+    let flat: Vec<i64> = docs(2, 12, 256, 9)
+        .into_iter()
+        .flatten()
+        .map(i64::from)
+        .collect();
+    let toks = Tensor::<AD, 2, Int>::from_data(TensorData::new(flat, [2, 12]), &dev);
+    let s = student.forward(toks.clone());
+    let t = Tensor::<AD, 3>::from_inner(teacher.forward(toks.inner()));
+    let kd = kd_loss(s, t, 2.0, true).into_scalar().elem::<f32>();
+    assert_eq!(kd, 0.0);
+}
