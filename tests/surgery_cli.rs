@@ -227,3 +227,82 @@ fn user_errors_write_nothing() {
         fails(&surgeon(&args), want, &out);
     }
 }
+
+#[test]
+fn drop_layers_by_block_influence() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    // A word-level tokenizer over the model's 32 ids.
+    let vocab: Vec<String> = (0..32).map(|i| format!("\"w{i}\":{i}")).collect();
+    let tok = format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+      "normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,
+      "decoder":null,"model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
+        vocab.join(",")
+    );
+    std::fs::write(m.join("tokenizer.json"), tok).unwrap();
+    let data = dir.path().join("calib.txt");
+    let words: Vec<String> = (0..300).map(|i| format!("w{}", (i * 7 + 3) % 32)).collect();
+    std::fs::write(&data, words.join(" ")).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let dr = dir.path().join("dr");
+    let stdout = ok(&surgeon(&[
+        "drop-layers",
+        &s(&m),
+        "--count",
+        "3",
+        "--data",
+        &s(&data),
+        "--max-tokens",
+        "200",
+        "--window",
+        "64",
+        "--out",
+        &s(&dr),
+    ]));
+    let scores: Vec<f64> = stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("layer "))
+        .map(|l| l.split(':').nth(1).unwrap().trim().parse().unwrap())
+        .collect();
+    assert_eq!(scores.len(), 8, "{stdout}");
+    assert!(
+        scores
+            .iter()
+            .all(|x| x.is_finite() && (0.0..=2.0).contains(x)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("200 tokens"), "{stdout}");
+    let plan = open_hf_dir(&dr).unwrap();
+    assert_eq!(plan.arch.num_layers(), 5);
+    // The dropped layers are the three lowest scores.
+    let mut order: Vec<usize> = (0..8).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut want: Vec<usize> = order[..3].to_vec();
+    want.sort();
+    let line = stdout.lines().find(|l| l.starts_with("dropping ")).unwrap();
+    let got: Vec<usize> = line["dropping ".len()..]
+        .split(',')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    assert_eq!(got_sorted, want, "{stdout}");
+
+    // --count without --data, and a count that would drop every layer, are errors.
+    let o = dir.path().join("x");
+    let e = surgeon(&["drop-layers", &s(&m), "--count", "2", "--out", &s(&o)]);
+    assert!(!e.status.success());
+    let e = surgeon(&[
+        "drop-layers",
+        &s(&m),
+        "--count",
+        "8",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&o),
+    ]);
+    assert!(!e.status.success());
+    assert!(!o.exists());
+}

@@ -5,11 +5,13 @@
 //! - [`eval::perplexity`]: windowed next-token perplexity.
 //! - [`generate`]: sampling with a KV cache, streaming text.
 //! - [`text`]: tokenizer and chat template of a plan.
+//! - [`influence`]: block influence of each layer (which layers `drop-layers --count` removes).
 pub mod backend;
 pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod heal;
+pub mod influence;
 pub mod model;
 pub mod moe_aux;
 pub mod moe_stats;

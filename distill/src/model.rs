@@ -9,8 +9,7 @@
 use crate::error::{Error, Result};
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{attention, embedding};
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::embedding;
 use burn::tensor::{activation, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -241,29 +240,42 @@ impl<B: Backend> SelfAttention<B> {
         } else {
             (k, v)
         };
-        let mask = (self.sliding_window > 0 && tk > self.sliding_window).then(|| {
-            let w = self.sliding_window;
-            let offset = tk - t;
-            let mut m = vec![false; t * tk];
-            for i in 0..t {
-                let qpos = i + offset;
-                for j in 0..tk {
-                    m[i * tk + j] = j > qpos || qpos - j >= w;
-                }
+        // Causal (and sliding-window) mask over keys at positions `0..tk`, queries at `tk-t..tk`.
+        let w = self.sliding_window;
+        let offset = tk - t;
+        let mut m = vec![false; t * tk];
+        for i in 0..t {
+            let qpos = i + offset;
+            for j in 0..tk {
+                m[i * tk + j] = j > qpos || (w > 0 && qpos - j >= w);
             }
-            Tensor::<B, 2, Bool>::from_data(TensorData::new(m, [t, tk]), &q.device())
-                .reshape([1, 1, t, tk])
-                .expand([b, h, t, tk])
-        });
-        let opts = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let y = attention(q, k, v, mask, None, opts);
+        }
+        let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(m, [t, tk]), &q.device())
+            .reshape([1, 1, t, tk])
+            .expand([b, h, t, tk]);
+        // Attention from basic ops (not burn's fused `attention`/`softmax`), so that the result is
+        // bitwise the same on `B` and `Autodiff<B>` (a teacher and an identical student agree exactly).
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt())
+            .mask_fill(mask, -1.0e30);
+        let y = softmax(scores, 3).matmul(v);
         let y = y.swap_dims(1, 2).reshape([b, t, h * d]);
         self.o_proj.forward(y)
     }
+}
+
+/// Softmax over `dim` from primitive ops. burn's fused `softmax`/`log_softmax` differ bitwise between
+/// `Autodiff<B>` and `B` (autodiff decomposes them); these compute the same on both.
+pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    let e = (x.clone() - x.max_dim(dim).detach()).exp();
+    e.clone() / e.sum_dim(dim)
+}
+
+/// `log(softmax(x))` over `dim` from primitive ops (see [`softmax`]).
+pub fn log_softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    let z = x.clone() - x.max_dim(dim).detach();
+    z.clone() - z.exp().sum_dim(dim).log()
 }
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
@@ -299,7 +311,7 @@ impl<B: Backend> MoeMlp<B> {
         let n = b * t;
         let x2 = x.reshape([n, hdim]);
         let e = self.experts.len();
-        let probs = activation::softmax(self.gate.forward(x2.clone()), 1);
+        let probs = softmax(self.gate.forward(x2.clone()), 1);
         let (top, idx) = probs.topk_with_indices(self.top_k, 1);
         let top = top.clone() / top.sum_dim(1);
         let top = if self.scale != 1.0 {

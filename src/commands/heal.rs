@@ -25,6 +25,9 @@ pub struct Args {
     /// W in W*KD + (1-W)*LM for --loss kd+lm.
     #[arg(long, default_value_t = 0.5)]
     pub kd_weight: f64,
+    /// Weight of the MoE load-balancing loss added when the model has routed MoE layers.
+    #[arg(long, default_value_t = 0.01)]
+    pub aux_coef: f64,
     /// Distillation temperature T (the KL is multiplied by T^2).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
@@ -102,6 +105,7 @@ pub fn run(a: Args) -> Result<()> {
         kd_weight: a.kd_weight,
         temperature: a.temperature,
         kd_scale_t2: true,
+        aux_coef: a.aux_coef,
         train: a.train,
         budget,
         seq_len: a.seq_len,

@@ -4,7 +4,7 @@
 //! `scale_t2` is set (Hinton), plain `mean_tokens KL` otherwise. The gradient of the unscaled
 //! per-token KL with respect to the student logits is `(p_S - p_T) / T`; with the `T^2` factor
 //! it is `T * (p_S - p_T)` (each divided by the number of tokens, from the mean).
-use super::model::log_softmax;
+use crate::model::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 

@@ -5,7 +5,6 @@
 pub mod data;
 pub mod loss;
 pub mod metrics;
-pub mod model;
 pub mod schedule;
 pub mod select;
 pub mod trainer;
@@ -29,6 +28,8 @@ pub enum HealError {
     Formats(#[from] surgeon_formats::Error),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Runtime(#[from] crate::error::Error),
     #[error("unsupported by the training runtime: {0}")]
     Unsupported(String),
     #[error("tokenizer: {0}")]
@@ -118,6 +119,9 @@ pub struct HealConfig {
     pub temperature: f64,
     /// Multiply the KD term by T^2 (Hinton's convention, keeps gradient scale independent of T).
     pub kd_scale_t2: bool,
+    /// Weight of the MoE load-balancing loss added to the objective when the student has routed
+    /// MoE layers (`loss + aux_coef * load_balancing_loss`); ignored for dense models.
+    pub aux_coef: f64,
     pub train: TrainSet,
     pub budget: Budget,
     pub seq_len: usize,
@@ -159,6 +163,7 @@ impl Default for HealConfig {
             kd_weight: 0.5,
             temperature: 1.0,
             kd_scale_t2: true,
+            aux_coef: 0.01,
             train: TrainSet::All,
             budget: Budget::Steps(100),
             seq_len: 512,

@@ -1,8 +1,8 @@
 //! Acceptance tests of healing on tiny synthetic models.
 use super::data::{pack, prepare, DataSpec, Sampler};
 use super::loss::{kd_loss, lm_loss};
-use super::model::TrainModel;
 use super::schedule::{lr_at, Schedule};
+use super::trainer::{load_model, named_params};
 use super::*;
 use burn::backend::{Autodiff, Flex};
 use burn::optim::GradientsParams;
@@ -115,7 +115,7 @@ fn step0_only_zeroed_projections_of_new_blocks_get_gradient() {
     let plan = expanded();
     let sel = select::resolve(&plan, &TrainSet::NewBlocks).unwrap();
     let dev = Default::default();
-    let m = TrainModel::<AD>::from_plan(&plan, &|n| sel.contains(n), &dev).unwrap();
+    let m = load_model::<AD>(&plan, &|n| sel.contains(n), &dev).unwrap();
     let seqs = pack(&docs(4, 40, 256, 3), 2, 16);
     let flat: Vec<i64> = seqs[..2].iter().flatten().map(|&t| t as i64).collect();
     let toks = Tensor::<AD, 2, Int>::from_data(TensorData::new(flat, [2, 17]), &dev);
@@ -125,7 +125,7 @@ fn step0_only_zeroed_projections_of_new_blocks_get_gradient() {
     );
     let grads = GradientsParams::from_grads(loss.backward(), &m);
     let mut nonzero = vec![];
-    for (id, name, rank) in m.named_params() {
+    for (id, name, rank) in named_params(&m) {
         let g: Option<Vec<f32>> = match rank {
             1 => grads
                 .get::<Flex, 1>(id)
@@ -158,9 +158,9 @@ fn step0_only_zeroed_projections_of_new_blocks_get_gradient() {
 fn kd_is_zero_for_identical_models_and_positive_otherwise() {
     let dev = Default::default();
     let plan = tiny(2, 0);
-    let student = TrainModel::<AD>::from_plan(&plan, &|_| true, &dev).unwrap();
-    let teacher = TrainModel::<Flex>::from_plan(&plan, &|_| false, &dev).unwrap();
-    let other = TrainModel::<Flex>::from_plan(&tiny(2, 5), &|_| false, &dev).unwrap();
+    let student = load_model::<AD>(&plan, &|_| true, &dev).unwrap();
+    let teacher = load_model::<Flex>(&plan, &|_| false, &dev).unwrap();
+    let other = load_model::<Flex>(&tiny(2, 5), &|_| false, &dev).unwrap();
     let flat: Vec<i64> = docs(2, 12, 256, 9)
         .into_iter()
         .flatten()
@@ -500,32 +500,106 @@ fn schedules() {
 }
 
 #[test]
-fn stand_in_model_matches_the_runtime_model() {
-    let dev = Default::default();
-    for spec in [
-        SyntheticSpec::tiny(),
-        SyntheticSpec {
-            tie_word_embeddings: true,
-            family: surgeon_formats::Family::Qwen2,
-            ..SyntheticSpec::tiny()
+fn moe_student_heals_with_the_load_balancing_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("healed");
+    let opts =
+        surgeon_surgery::moe::MoeOptions::new(surgeon_surgery::moe::MoeMethod::SplitRandom, 4, 2);
+    let plan = surgeon_surgery::moe::split(&tiny(2, 3), &opts, None).unwrap();
+    assert!(plan
+        .arch
+        .layers
+        .iter()
+        .all(|l| matches!(l.mlp, surgeon_formats::Mlp::Moe { .. })));
+    let c = HealConfig {
+        budget: Budget::Steps(8),
+        aux_coef: 0.01,
+        ..cfg(&out)
+    };
+    let r = heal(&c, plan, None).unwrap();
+    assert_eq!(r.steps, 8);
+    assert!(r
+        .trainable_tensors
+        .iter()
+        .any(|n| n.contains("block_sparse_moe.gate")));
+    let losses: Vec<f64> = r
+        .metrics
+        .iter()
+        .map(|m| m.loss)
+        .filter(|l| l.is_finite())
+        .collect();
+    assert_eq!(losses.len(), 8);
+    assert!(losses[7] < losses[0], "{losses:?}");
+    let healed = open_hf_dir(&out).unwrap();
+    assert!(healed
+        .arch
+        .surgeon
+        .notes
+        .iter()
+        .any(|n| n.contains("MoE load balancing")));
+    // The aux loss is part of the objective: a different coefficient gives a different step-1 loss.
+    let out2 = dir.path().join("healed2");
+    let plan = surgeon_surgery::moe::split(&tiny(2, 3), &opts, None).unwrap();
+    let r2 = heal(
+        &HealConfig {
+            budget: Budget::Steps(1),
+            aux_coef: 1.0,
+            ..cfg(&out2)
         },
-    ] {
-        let plan = spec.plan();
-        let ours = TrainModel::<Flex>::from_plan(&plan, &|_| false, &dev).unwrap();
-        let theirs = crate::model::Llama::<Flex>::from_plan(&plan, &dev).unwrap();
-        let flat: Vec<i64> = docs(2, 12, 256, 9)
-            .into_iter()
-            .flatten()
-            .map(i64::from)
-            .collect();
-        let toks = Tensor::<Flex, 2, Int>::from_data(TensorData::new(flat, [2, 12]), &dev);
-        let a: Vec<f32> = ours.forward(toks.clone()).into_data().to_vec().unwrap();
-        let b: Vec<f32> = theirs.forward(toks).into_data().to_vec().unwrap();
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(worst < 1e-4, "{:?}: logits differ by {worst}", spec.family);
+        plan,
+        None,
+    )
+    .unwrap();
+    let l2 = r2
+        .metrics
+        .iter()
+        .map(|m| m.loss)
+        .find(|l| l.is_finite())
+        .unwrap();
+    assert!(l2 > losses[0] + 0.5, "{l2} vs {}", losses[0]);
+}
+
+#[test]
+fn training_model_has_stable_ids_and_the_runtime_logits() {
+    let dev = Default::default();
+    let plan = tiny(2, 4);
+    let a = load_model::<AD>(&plan, &|n| n.contains("mlp"), &dev).unwrap();
+    let b = load_model::<AD>(&plan, &|_| false, &dev).unwrap();
+    let (na, nb) = (named_params(&a), named_params(&b));
+    assert_eq!(na.len(), plan.tensors.len());
+    for ((ia, name, _), (ib, _, _)) in na.iter().zip(&nb) {
+        assert_eq!(ia, ib, "{name}");
+        assert_eq!(*ia, super::trainer::param_id_for(name));
     }
+    let plain = crate::model::Llama::<Flex>::from_plan(&plan, &dev).unwrap();
+    let ours = load_model::<Flex>(&plan, &|_| true, &dev).unwrap();
+    let flat: Vec<i64> = docs(2, 12, 256, 9)
+        .into_iter()
+        .flatten()
+        .map(i64::from)
+        .collect();
+    let toks = Tensor::<Flex, 2, Int>::from_data(TensorData::new(flat, [2, 12]), &dev);
+    let x: Vec<f32> = plain.forward(toks.clone()).into_data().to_vec().unwrap();
+    let y: Vec<f32> = ours.forward(toks).into_data().to_vec().unwrap();
+    assert_eq!(bits(&x), bits(&y));
+}
+
+#[test]
+fn kd_is_zero_for_identical_moe_models() {
+    let dev = Default::default();
+    let opts =
+        surgeon_surgery::moe::MoeOptions::new(surgeon_surgery::moe::MoeMethod::SplitRandom, 4, 2);
+    let plan = surgeon_surgery::moe::split(&tiny(2, 1), &opts, None).unwrap();
+    let student = load_model::<AD>(&plan, &|_| true, &dev).unwrap();
+    let teacher = load_model::<Flex>(&plan, &|_| false, &dev).unwrap();
+    let flat: Vec<i64> = docs(2, 12, 256, 9)
+        .into_iter()
+        .flatten()
+        .map(i64::from)
+        .collect();
+    let toks = Tensor::<AD, 2, Int>::from_data(TensorData::new(flat, [2, 12]), &dev);
+    let s = student.forward(toks.clone());
+    let t = Tensor::<AD, 3>::from_inner(teacher.forward(toks.inner()));
+    let kd = kd_loss(s, t, 2.0, true).into_scalar().elem::<f32>();
+    assert_eq!(kd, 0.0);
 }

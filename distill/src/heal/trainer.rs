@@ -3,18 +3,20 @@
 use super::data::{prepare, Dataset, Sampler};
 use super::loss::{kd_loss, lm_loss, nll_sum};
 use super::metrics::{plot_loss, read_csv, write_csv};
-use super::model::{check_supported, TrainModel};
 use super::schedule::lr_at;
 use super::select::{resolve, Selection};
 use super::{
     io_err, Budget, HealConfig, HealError, HealReport, LossKind, MetricRow, Result, TrainSet,
 };
+use crate::model::{check_supported, Llama, Mlp, NamedParamMapper, ParamRef};
+use crate::moe_aux::{forward_with_router_logits, load_balancing_loss};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -100,6 +102,12 @@ fn check_options(cfg: &HealConfig) -> Result<()> {
             cfg.kd_weight
         ));
     }
+    if !(cfg.aux_coef.is_finite() && cfg.aux_coef >= 0.0) {
+        return bad(format!(
+            "--aux-coef must be finite and not negative, got {}",
+            cfg.aux_coef
+        ));
+    }
     if cfg.weight_decay < 0.0 {
         return bad("--weight-decay must not be negative".into());
     }
@@ -159,9 +167,76 @@ fn batch_tensor<B: Backend>(seqs: &[&Vec<u32>], device: &B::Device) -> Tensor<B,
     Tensor::from_data(TensorData::new(flat, [seqs.len(), l]), device)
 }
 
+/// A stable parameter id from an HF tensor name (FNV-1a), so that ids agree across processes and
+/// optimizer records survive a reload (resume).
+pub fn param_id_for(name: &str) -> ParamId {
+    let mut h: u64 = 0xcbf29ce484222325;
+    fnv(&mut h, name.as_bytes());
+    ParamId::from(h)
+}
+
+/// Gives every parameter its stable id and marks only the trainable ones as requiring gradients.
+struct StableIds<'a> {
+    trainable: &'a dyn Fn(&str) -> bool,
+}
+
+impl<B: Backend> NamedParamMapper<B> for StableIds<'_> {
+    fn map_vector(&mut self, name: &str, p: Param<Tensor<B, 1>>) -> Param<Tensor<B, 1>> {
+        Param::initialized(param_id_for(name), p.val()).set_require_grad((self.trainable)(name))
+    }
+    fn map_matrix(&mut self, name: &str, p: Param<Tensor<B, 2>>) -> Param<Tensor<B, 2>> {
+        Param::initialized(param_id_for(name), p.val()).set_require_grad((self.trainable)(name))
+    }
+}
+
+/// Loads the runtime model from `plan` with stable parameter ids ([`param_id_for`]); tensors for
+/// which `trainable(name)` is false do not require gradients.
+pub fn load_model<B: Backend>(
+    plan: &Plan,
+    trainable: &dyn Fn(&str) -> bool,
+    device: &B::Device,
+) -> Result<Llama<B>> {
+    Ok(Llama::from_plan(plan, device)?.map_named(&mut StableIds { trainable }))
+}
+
+/// Every parameter of `model` with its HF tensor name and rank.
+pub fn named_params<B: Backend>(model: &Llama<B>) -> Vec<(ParamId, String, usize)> {
+    let mut out = vec![];
+    model.visit_named(&mut |name, p| {
+        let rank = match p {
+            ParamRef::Vector(_) => 1,
+            ParamRef::Matrix(_) => 2,
+        };
+        out.push((p.id(), name.to_string(), rank));
+    });
+    out
+}
+
+/// Values (HF layout, f32) of the tensors of `model` named in `names`.
+fn tensors_f32<B: Backend>(
+    model: &Llama<B>,
+    names: &[String],
+) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut out = BTreeMap::new();
+    model.visit_named(&mut |name, p| {
+        if names.iter().any(|n| n == name) {
+            out.insert(name.to_string(), (p.shape(), p.to_f32()));
+        }
+    });
+    out
+}
+
+/// The `top_k` of the first routed MoE layer, `None` for a dense model.
+fn moe_top_k<B: Backend>(model: &Llama<B>) -> Option<usize> {
+    model.layers.iter().find_map(|l| match &l.mlp {
+        Mlp::Moe(m) => Some(m.top_k),
+        Mlp::Dense(_) => None,
+    })
+}
+
 /// Perplexity of `model` on `seqs` (each `L + 1` tokens), in batches of `batch`.
 pub fn eval_ppl<B: Backend>(
-    model: &TrainModel<B>,
+    model: &Llama<B>,
     seqs: &[Vec<u32>],
     batch: usize,
     device: &B::Device,
@@ -238,14 +313,15 @@ impl<B: AutodiffBackend> ModuleMapper<B> for RestoreRows<B> {
 /// else in each entry's dtype).
 fn export_plan<B: Backend>(
     base: &Plan,
-    model: &TrainModel<B>,
+    model: &Llama<B>,
     sel: &Selection,
     as_f32: bool,
     label: &str,
 ) -> Result<Plan> {
     let mut plan = base.clone();
+    let mut values = tensors_f32(model, &sel.names);
     for name in &sel.names {
-        let (shape, values) = model.tensor_f32(name).ok_or_else(|| {
+        let (shape, values) = values.remove(name).ok_or_else(|| {
             HealError::Invalid(format!("the training model has no tensor `{name}`"))
         })?;
         let e = plan.tensors.get_mut(name).expect("selected names exist");
@@ -294,9 +370,9 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn save_checkpoint<B: AutodiffBackend, O: Optimizer<TrainModel<B>, B>>(
+    fn save_checkpoint<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
         &self,
-        model: &TrainModel<B>,
+        model: &Llama<B>,
         optim: &O,
         state: &TrainerState,
         metrics: &[MetricRow],
@@ -428,6 +504,16 @@ pub fn heal_on<B: AutodiffBackend>(
         cfg.temperature,
         cfg.kd_scale_t2
     );
+    let moe = student
+        .arch
+        .layers
+        .iter()
+        .any(|l| matches!(l.mlp, surgeon_formats::Mlp::Moe { .. }));
+    let trajectory = if moe {
+        format!("{trajectory} aux_coef={}", cfg.aux_coef)
+    } else {
+        trajectory
+    };
 
     // Resume: check the checkpoint belongs to this run, take its trainable tensors.
     let mut base = student;
@@ -498,17 +584,13 @@ pub fn heal_on<B: AutodiffBackend>(
 
     // ---- models and optimizer ----
     let trainable = |n: &str| sel.contains(n);
-    let mut model = TrainModel::<B>::from_plan(&base, &trainable, device)?;
+    let mut model = load_model::<B>(&base, &trainable, device)?;
     let teacher = match &teacher {
-        Some(t) => Some(TrainModel::<B::InnerBackend>::from_plan(
-            t,
-            &|_: &str| false,
-            device,
-        )?),
+        Some(t) => Some(load_model::<B::InnerBackend>(t, &|_: &str| false, device)?),
         None => None,
     };
-    let params: Vec<(ParamId, String, usize)> = model
-        .named_params()
+    let moe_k = moe_top_k(&model);
+    let params: Vec<(ParamId, String, usize)> = named_params(&model)
         .into_iter()
         .filter(|(_, n, _)| sel.contains(n))
         .collect();
@@ -522,7 +604,7 @@ pub fn heal_on<B: AutodiffBackend>(
         .with_beta_2(0.999)
         .with_epsilon(1e-8)
         .with_weight_decay(cfg.weight_decay as f32)
-        .init::<B, TrainModel<B>>();
+        .init::<B, Llama<B>>();
     if let Some(dir) = &resume_dir {
         let rec = BinFileRecorder::<FullPrecisionSettings>::new()
             .load(dir.join(STATE_DIR).join(OPTIM_FILE), device)
@@ -540,10 +622,12 @@ pub fn heal_on<B: AutodiffBackend>(
         let mult = Tensor::<B::InnerBackend, 2>::from_data(TensorData::new(mult, [v, 1]), device);
         let frozen =
             Tensor::<B::InnerBackend, 2, Bool>::from_data(TensorData::new(keep, [v, 1]), device);
+        let names: Vec<String> = params.iter().map(|(_, n, _)| n.clone()).collect();
+        let mut current = tensors_f32(&model, &names);
         let targets: Vec<(ParamId, Tensor<B::InnerBackend, 2>)> = params
             .iter()
             .map(|(id, name, _)| {
-                let (shape, vals) = model.tensor_f32(name).expect("embedding tensor");
+                let (shape, vals) = current.remove(name).expect("embedding tensor");
                 (*id, Tensor::from_data(TensorData::new(vals, shape), device))
             })
             .collect();
@@ -613,7 +697,7 @@ pub fn heal_on<B: AutodiffBackend>(
     let mut interrupted = false;
     while state.step < total_steps {
         let lr = lr_at(cfg.schedule, cfg.lr, cfg.warmup, total_steps, state.step);
-        let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
+        let mut acc = GradientsAccumulator::<Llama<B>>::new();
         let mut loss_sum = 0.0f64;
         for _ in 0..cfg.grad_accum {
             let seqs: Vec<&Vec<u32>> = (0..cfg.batch)
@@ -627,7 +711,10 @@ pub fn heal_on<B: AutodiffBackend>(
             let b = seqs.len();
             let input = tokens.clone().slice([0..b, 0..l]);
             let target = tokens.slice([0..b, 1..l + 1]);
-            let logits = model.forward(input.clone());
+            let (logits, router_logits) = match moe_k {
+                Some(_) => forward_with_router_logits(&model, input.clone()),
+                None => (model.forward(input.clone()), vec![]),
+            };
             let teacher_logits = || {
                 let t = teacher.as_ref().expect("checked above");
                 Tensor::<B, 3>::from_inner(t.forward(input.clone().inner()))
@@ -645,6 +732,12 @@ pub fn heal_on<B: AutodiffBackend>(
                     kd.mul_scalar(cfg.kd_weight)
                         + lm_loss(logits, target).mul_scalar(1.0 - cfg.kd_weight)
                 }
+            };
+            let loss = match moe_k {
+                Some(k) if cfg.aux_coef != 0.0 => {
+                    loss + load_balancing_loss(&router_logits, k).mul_scalar(cfg.aux_coef)
+                }
+                _ => loss,
             };
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             let grads = loss.div_scalar(cfg.grad_accum as f64).backward();
@@ -763,7 +856,11 @@ pub fn heal_on<B: AutodiffBackend>(
                 1.0 - cfg.kd_weight
             ),
         },
-        String::new(),
+        if moe {
+            format!(" + {} x MoE load balancing", cfg.aux_coef)
+        } else {
+            String::new()
+        },
         train_set_name(&cfg.train),
         sel.names.len(),
         trainable_parameters,
