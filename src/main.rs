@@ -24,8 +24,16 @@ enum Command {
     Convert(commands::convert::Args),
     /// Import a llama.cpp GGUF file as a Hugging Face model.
     ImportGguf(commands::import_gguf::Args),
+    /// Perplexity of a model on a text file (windowed next-token prediction).
+    Eval(commands::eval::Args),
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(commands::generate::Args),
+    /// Make a mixture of experts: upcycle the MLP into E copies, or split its neurons into E experts.
+    Moe(commands::moe::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
     Synth(commands::synth::Args),
+    /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
+    Heal(commands::heal::Args),
 }
 
 fn main() {
@@ -34,7 +42,11 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::ImportGguf(a) => commands::import_gguf::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Moe(a) => commands::moe::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Heal(a) => commands::heal::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,1 +1,23 @@
-//! surgeon-distill
+//! surgeon-distill: burn models for surgeon plans — forward pass, evaluation, generation (and healing).
+//!
+//! - [`model::Llama`]: the Llama-family decoder, generic over the burn backend (trainable under autodiff).
+//! - [`backend::BackendKind`]: the CLI's `--backend cpu|wgpu|cuda` choice.
+//! - [`eval::perplexity`]: windowed next-token perplexity.
+//! - [`generate`]: sampling with a KV cache, streaming text.
+//! - [`text`]: tokenizer and chat template of a plan.
+pub mod backend;
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod heal;
+pub mod model;
+pub mod moe_aux;
+pub mod moe_stats;
+pub mod text;
+
+pub use backend::BackendKind;
+pub use error::{Error, Result};
+pub use model::{KvCache, Llama};
+
+/// The burn version this crate is built against (pinned), for downstream crates.
+pub use burn;

@@ -2,5 +2,9 @@
 pub mod common;
 pub mod convert;
 pub mod import_gguf;
+pub mod eval;
+pub mod generate;
+pub mod heal;
 pub mod inspect;
+pub mod moe;
 pub mod synth;

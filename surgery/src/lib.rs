@@ -1,1 +1,2 @@
 //! surgeon-surgery
+pub mod moe;

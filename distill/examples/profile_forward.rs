@@ -1,0 +1,54 @@
+//! Times the pieces of a forward pass: `cargo run --profile test -p surgeon-distill --example profile_forward MODEL [T]`.
+use burn::tensor::{Int, Tensor, TensorData};
+use std::time::Instant;
+use surgeon_distill::burn;
+use surgeon_distill::eval::nll_sum;
+use surgeon_distill::model::Llama;
+
+type B = burn::backend::Flex;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let plan = surgeon_formats::open_model(&args[1]).unwrap();
+    let t: usize = args.get(2).map_or(512, |s| s.parse().unwrap());
+    let dev = Default::default();
+    let model = Llama::<B>::from_plan(&plan, &dev).unwrap();
+    let ids: Vec<i64> = (0..t as i64).map(|i| (i * 7919) % 49152).collect();
+    let x = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, t]), &dev);
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let h = model.hidden(x.clone(), None);
+        let _ = h.clone().into_data();
+        let t1 = Instant::now();
+        let logits = model.logits(h);
+        let _ = logits.clone().into_data();
+        let t2 = Instant::now();
+        let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, t]), &dev);
+        let _ = nll_sum(logits, tgt).into_data();
+        let t3 = Instant::now();
+        // One layer's pieces.
+        let e = model.embed(x.clone());
+        let l = &model.layers[0];
+        let t4 = Instant::now();
+        let n = l.input_layernorm.forward(e.clone());
+        let _ = n.clone().into_data();
+        let t5 = Instant::now();
+        let cfg = &model.rope[0];
+        let (c, s) = cfg.tables::<B>(0, t, &dev);
+        let a = l.self_attn.forward(n.clone(), &c, &s, None);
+        let _ = a.into_data();
+        let t6 = Instant::now();
+        let m = l.mlp.forward(n);
+        let _ = m.into_data();
+        let t7 = Instant::now();
+        println!(
+            "layers {:.3}s  lm_head {:.3}s  nll {:.3}s | one layer: norm {:.4}s attn {:.4}s mlp {:.4}s",
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+            (t5 - t4).as_secs_f64(),
+            (t6 - t5).as_secs_f64(),
+            (t7 - t6).as_secs_f64()
+        );
+    }
+}

@@ -1,0 +1,69 @@
+//! Which burn backend runs the model: CPU (`Flex`, always built), `Wgpu` and `Cuda` (cargo features).
+use crate::error::{Error, Result};
+use burn::tensor::backend::Backend;
+
+/// The default CPU backend (pure Rust, rayon + SIMD).
+pub type Cpu = burn::backend::Flex;
+
+/// `--backend cpu|wgpu|cuda`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendKind {
+    #[default]
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" | "flex" => Ok(BackendKind::Cpu),
+            "wgpu" => Ok(BackendKind::Wgpu),
+            "cuda" => Ok(BackendKind::Cuda),
+            _ => Err(format!("unknown backend `{s}` (cpu, wgpu, cuda)")),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cuda => "cuda",
+        })
+    }
+}
+
+/// A computation generic over the backend, run by [`BackendKind::run`].
+pub trait BackendJob {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+}
+
+impl BackendKind {
+    /// True when this binary was built with the backend.
+    pub fn available(self) -> bool {
+        match self {
+            BackendKind::Cpu => true,
+            BackendKind::Wgpu => cfg!(feature = "wgpu"),
+            BackendKind::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// Runs `job` on the default device of this backend.
+    pub fn run<J: BackendJob>(self, job: J) -> Result<J::Output> {
+        match self {
+            BackendKind::Cpu => Ok(job.run::<Cpu>(Default::default())),
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => Ok(job.run::<burn::backend::Wgpu>(Default::default())),
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => Ok(job.run::<burn::backend::Cuda>(Default::default())),
+            #[allow(unreachable_patterns)]
+            other => Err(Error::Unsupported(format!(
+                "backend `{other}`: this binary was built without the `{other}` cargo feature"
+            ))),
+        }
+    }
+}

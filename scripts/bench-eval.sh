@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Benchmark: `surgeon eval` / `surgeon generate` against the equivalent PyTorch (transformers) loops on
+# the same machine, threads, windows and tokens. Not a test: prints tokens/s of each and the ratio.
+#
+#   scripts/bench-eval.sh [MODEL] [DATA]
+#
+# MODEL: a .gguf file or an HF directory (default /work/cache/SmolLM2-135M-Instruct.Q4_1.gguf)
+# DATA:  text or .jsonl (default: Python's pydoc_data/topics.py)
+# Env:   PYTHON (with torch + transformers + gguf; default /work/cache/venv-ref/bin/python),
+#        THREADS (2), WINDOW (512), MAX_TOKENS (2048), NEW_TOKENS (64), PROFILE (release),
+#        SURGEON (a prebuilt binary; otherwise cargo builds one with PROFILE).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-/work/cache/venv-ref/bin/python}
+MODEL=${1:-/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf}
+DATA=${2:-$($PYTHON -c "import pydoc_data.topics as t; print(t.__file__)")}
+THREADS=${THREADS:-2}
+WINDOW=${WINDOW:-512}
+MAX_TOKENS=${MAX_TOKENS:-2048}
+NEW_TOKENS=${NEW_TOKENS:-64}
+PROFILE=${PROFILE:-release}
+PROMPT=${PROMPT:-"Write a short story about a robot who learns to paint."}
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+
+if [[ -z "${SURGEON:-}" ]]; then
+  cargo build --profile "$PROFILE" --bin surgeon >&2
+  dir=$PROFILE; [[ $PROFILE == dev ]] && dir=debug
+  SURGEON=${CARGO_TARGET_DIR:-target}/$dir/surgeon
+fi
+
+echo "== eval: window $WINDOW, first $MAX_TOKENS tokens, $THREADS threads" >&2
+rust_eval=$("$SURGEON" eval "$MODEL" --data "$DATA" --window "$WINDOW" --max-tokens "$MAX_TOKENS" --json)
+echo "surgeon: $rust_eval"
+
+torch_eval=$("$PYTHON" - "$MODEL" "$DATA" "$WINDOW" "$MAX_TOKENS" "$THREADS" <<'PY'
+import json, math, os, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_path, data, window, max_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+if model_path.endswith(".gguf"):
+    d, f = os.path.split(os.path.abspath(model_path)); kw = dict(gguf_file=f)
+else:
+    d, kw = model_path, {}
+tok = AutoTokenizer.from_pretrained(d, **kw)
+model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw).eval()
+raw = open(data, encoding="utf-8").read()
+if data.endswith(".jsonl"):
+    raw = "\n\n".join(json.loads(l)["text"] for l in raw.splitlines() if l.strip())
+ids = tok(raw, add_special_tokens=False)["input_ids"][:max_tokens]
+wins = [ids[i:i + window + 1] for i in range(0, len(ids), window + 1)]
+wins = [w for w in wins if len(w) >= 2]
+total, count = 0.0, 0
+start = time.perf_counter()
+with torch.inference_mode():
+    for w in wins:
+        x = torch.tensor([w])
+        logits = model(x[:, :-1]).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum")
+        total += nll.item(); count += len(w) - 1
+secs = time.perf_counter() - start
+print(json.dumps({"tokens": count, "nll": total / count, "ppl": math.exp(total / count), "tokens_per_s": count / secs}))
+PY
+)
+echo "pytorch: $torch_eval"
+"$PYTHON" - "$rust_eval" "$torch_eval" <<'PY'
+import json, sys
+r, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"eval tokens/s: surgeon {r['tokens_per_s']:.1f}  pytorch {t['tokens_per_s']:.1f}  ratio {r['tokens_per_s'] / t['tokens_per_s']:.2f}"
+      f"  (ppl {r['ppl']:.4f} vs {t['ppl']:.4f}, tokens {r['tokens']} vs {t['tokens']})")
+PY
+
+echo "== generate: $NEW_TOKENS new tokens, greedy" >&2
+rust_gen=$("$SURGEON" generate "$MODEL" --chat --prompt "$PROMPT" --max-new-tokens "$NEW_TOKENS" --stats 2>&1 >/dev/null | grep -o '[0-9.]* tokens/s' | head -1 | cut -d' ' -f1)
+torch_gen=$("$PYTHON" - "$MODEL" "$PROMPT" "$NEW_TOKENS" "$THREADS" <<'PY'
+import os, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_path, prompt, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+if model_path.endswith(".gguf"):
+    d, f = os.path.split(os.path.abspath(model_path)); kw = dict(gguf_file=f)
+else:
+    d, kw = model_path, {}
+tok = AutoTokenizer.from_pretrained(d, **kw)
+model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw).eval()
+text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+# Same loop as surgeon: prefill, then one token at a time with the KV cache, greedy, no EOS stop
+# (decode speed counts the tokens after the first).
+with torch.inference_mode():
+    out = model(ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    start = time.perf_counter(); made = 1
+    while made < n:
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        made += 1
+        if nxt.item() == tok.eos_token_id: break
+    secs = time.perf_counter() - start
+print((made - 1) / secs)
+PY
+)
+echo "generate tokens/s: surgeon ${rust_gen}  pytorch ${torch_gen}  ratio $(python3 -c "print(f'{$rust_gen / $torch_gen:.2f}')")"

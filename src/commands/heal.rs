@@ -1,0 +1,154 @@
+//! `surgeon heal`: train a surgically changed model back to health (LM loss and/or distillation).
+use super::common::command_line;
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use surgeon_distill::heal::{
+    heal, install_ctrlc, BackendKind, Budget, DataSpec, HealConfig, LossKind, Schedule, TrainSet,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model to heal: directory, .gguf file or Hub id.
+    pub model: String,
+    /// Training text: plain text files (one document each) or .jsonl with a `text` field.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Output directory: the healed model, metrics.csv, loss.png, checkpoints/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Teacher for distillation (same vocabulary), e.g. the model before surgery.
+    #[arg(long)]
+    pub teacher: Option<String>,
+    /// lm, kd or kd+lm (default: kd with a teacher, lm without).
+    #[arg(long)]
+    pub loss: Option<LossKind>,
+    /// W in W*KD + (1-W)*LM for --loss kd+lm.
+    #[arg(long, default_value_t = 0.5)]
+    pub kd_weight: f64,
+    /// Distillation temperature T (the KL is multiplied by T^2).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// all, new-blocks, embeddings, new-embeddings, or a regex over HF tensor names.
+    #[arg(long, default_value = "all")]
+    pub train: TrainSet,
+    /// Optimizer steps.
+    #[arg(long, conflicts_with = "tokens")]
+    pub steps: Option<u64>,
+    /// Training tokens (rounded up to whole steps).
+    #[arg(long)]
+    pub tokens: Option<u64>,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// linear (to zero), cosine or constant.
+    #[arg(long, default_value = "linear")]
+    pub schedule: Schedule,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Held-out text (default: the last 5% of --data).
+    #[arg(long, num_args = 1..)]
+    pub eval_data: Vec<PathBuf>,
+    /// Evaluate perplexity every N steps (0: only before and after).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Checkpoint every N steps into OUT/checkpoints/step-N (Ctrl-C also checkpoints).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: u64,
+    /// Continue from a checkpoint (or from OUT, taking its latest checkpoint).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// cpu (burn Flex), wgpu or cuda (those need the build features).
+    #[arg(long, default_value = "cpu")]
+    pub backend: BackendKind,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let loss = a.loss.unwrap_or(if a.teacher.is_some() {
+        LossKind::Kd
+    } else {
+        LossKind::Lm
+    });
+    let budget = match (a.steps, a.tokens) {
+        (Some(s), _) => Budget::Steps(s),
+        (None, Some(t)) => Budget::Tokens(t),
+        (None, None) => bail!("give --steps N or --tokens N"),
+    };
+    let student = surgeon_formats::open_model(&a.model)?;
+    let teacher = match &a.teacher {
+        Some(t) => Some(surgeon_formats::open_model(t)?),
+        None => None,
+    };
+    let cfg = HealConfig {
+        data: DataSpec::Files(a.data),
+        eval_data: (!a.eval_data.is_empty()).then_some(DataSpec::Files(a.eval_data)),
+        out: a.out,
+        loss,
+        kd_weight: a.kd_weight,
+        temperature: a.temperature,
+        kd_scale_t2: true,
+        train: a.train,
+        budget,
+        seq_len: a.seq_len,
+        batch: a.batch,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        warmup: a.warmup,
+        schedule: a.schedule,
+        weight_decay: a.weight_decay,
+        clip: (a.clip > 0.0).then_some(a.clip),
+        seed: a.seed,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        resume: a.resume,
+        backend: a.backend,
+        force: a.force,
+        progress: true,
+        stop: Some(install_ctrlc()?),
+        stop_after: None,
+        command: command_line(),
+    };
+    let r = heal(&cfg, student, teacher)?;
+    let ppl = |p: Option<f64>| p.map(|p| format!("{p:.3}")).unwrap_or("-".into());
+    if r.interrupted {
+        eprintln!(
+            "interrupted at step {}/{}; checkpoint {} (continue with --resume {})",
+            r.steps,
+            r.total_steps,
+            r.last_checkpoint
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            cfg.out.display()
+        );
+        std::process::exit(130);
+    }
+    eprintln!(
+        "healed {} tensors ({} parameters) for {} steps, {} tokens at {:.0} tokens/s; \
+         eval perplexity {} -> {}; wrote {}",
+        r.trainable_tensors.len(),
+        surgeon_formats::plan::group_digits(r.trainable_parameters),
+        r.steps,
+        r.tokens,
+        r.tokens_per_second,
+        ppl(r.eval_ppl_before),
+        ppl(r.eval_ppl_after),
+        cfg.out.display()
+    );
+    Ok(())
+}
