@@ -34,6 +34,12 @@ enum Command {
     Synth(commands::synth::Args),
     /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
     Heal(commands::heal::Args),
+    /// Depth up-scaling (SOLAR): stack layer ranges of the model, e.g. 32 -> 48 layers.
+    Upscale(commands::upscale::Args),
+    /// Block expansion (LLaMA Pro): insert identity copies of blocks for new-block training.
+    Expand(commands::expand::Args),
+    /// Remove decoder layers.
+    DropLayers(commands::drop_layers::Args),
 }
 
 fn main() {
@@ -47,6 +53,9 @@ fn main() {
         Command::Moe(a) => commands::moe::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Heal(a) => commands::heal::run(a),
+        Command::Upscale(a) => commands::upscale::run(a),
+        Command::Expand(a) => commands::expand::run(a),
+        Command::DropLayers(a) => commands::drop_layers::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
