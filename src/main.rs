@@ -30,6 +30,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Make a mixture of experts: upcycle the MLP into E copies, or split its neurons into E experts.
     Moe(commands::moe::Args),
+    /// Add tokens (a list, or BPE merges learned on a corpus) and resize the embeddings.
+    ExtendVocab(commands::extend_vocab::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
     Synth(commands::synth::Args),
     /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
@@ -51,6 +53,7 @@ fn main() {
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Moe(a) => commands::moe::run(a),
+        Command::ExtendVocab(a) => commands::extend_vocab::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Heal(a) => commands::heal::run(a),
         Command::Upscale(a) => commands::upscale::run(a),

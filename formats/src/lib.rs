@@ -12,6 +12,7 @@ pub mod load;
 pub mod plan;
 pub mod safetensors_file;
 pub mod synthetic;
+pub mod tokenizer_extend;
 pub mod writer;
 
 pub use arch::{Attention, AttentionKind, Family, Layer, Mlp, ModelArch, MoeRouting, SurgeonMeta};

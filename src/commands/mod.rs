@@ -7,6 +7,7 @@ pub mod generate;
 pub mod heal;
 pub mod drop_layers;
 pub mod expand;
+pub mod extend_vocab;
 pub mod inspect;
 pub mod moe;
 pub mod synth;

@@ -10,6 +10,7 @@ use surgeon_formats::{Plan, Source, TensorEntry};
 
 pub mod error;
 pub mod moe;
+pub mod vocab;
 pub use error::{Error, Result};
 
 /// Parses a comma-separated list of half-open layer ranges, e.g. `0..24,8..32`.

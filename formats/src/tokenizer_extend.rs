@@ -1,0 +1,631 @@
+//! Tokenizer surgery for vocabulary extension: add given strings as tokens, or learn new BPE merges on a
+//! corpus that *extend* an existing `tokenizer.json`.
+//!
+//! Invariants (checked on every result by reloading it with the `tokenizers` crate): every old token
+//! keeps its id and string, old merges keep their order, new merges are appended after them, and new
+//! tokens take ids from the tokenizer's first free id upwards.
+//!
+//! Supported: BPE models, GPT-2-style byte-level (`ByteLevel` pre-tokenizer, token strings in the byte
+//! alphabet `Ġ`...) and SentencePiece-style (`▁` for spaces, usually `byte_fallback`). Because every old
+//! merge ranks before every new one, encoding with the extended tokenizer equals encoding with the old
+//! one and then applying the new merges in order, which is what [`learn_merges`] simulates on the corpus.
+//! The JSON is edited in place (key order and everything we do not touch is preserved).
+use crate::{Error, Result};
+use serde_json::{json, Value};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use tokenizers::{
+    Model, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
+};
+
+/// Which family of BPE tokenizer a `tokenizer.json` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenizerStyle {
+    /// GPT-2 style: bytes mapped to printable characters (`Ġ` = space) before BPE.
+    ByteLevel,
+    /// SentencePiece style: `▁` marks a space, unknown characters fall back to `<0xNN>` byte pieces.
+    SentencePiece,
+    /// BPE over characters with neither convention (treated like SentencePiece minus the `▁` rule).
+    CharBpe,
+}
+
+impl std::fmt::Display for TokenizerStyle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenizerStyle::ByteLevel => "byte-level BPE",
+            TokenizerStyle::SentencePiece => "SentencePiece-style BPE",
+            TokenizerStyle::CharBpe => "character BPE",
+        })
+    }
+}
+
+/// One token added by an extension.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewToken {
+    pub id: u32,
+    /// The token as stored in the tokenizer (vocabulary string, or added-token content).
+    pub content: String,
+    /// Its text (decoded by the old tokenizer's decoder), for reports.
+    pub text: String,
+    /// Ids of the token's text under the OLD tokenizer (zip-tie initialisation). Empty when the old
+    /// tokenizer encodes it to nothing.
+    pub old_ids: Vec<u32>,
+}
+
+/// The result of extending a tokenizer.
+#[derive(Clone, Debug)]
+pub struct Extension {
+    pub style: TokenizerStyle,
+    /// Ids `0..old_len` existed before; new tokens start here.
+    pub old_len: u32,
+    pub tokens: Vec<NewToken>,
+    /// Requested strings that were not added, with the reason.
+    pub skipped: Vec<(String, String)>,
+    /// Merges appended to `model.merges` (learned merges that rebuild an existing token count here but
+    /// add no token).
+    pub merges_added: usize,
+    /// The new tokenizer.json.
+    pub tokenizer_json: Vec<u8>,
+}
+
+fn invalid(m: impl Into<String>) -> Error {
+    Error::invalid(m)
+}
+
+fn parse(json: &[u8]) -> Result<Value> {
+    serde_json::from_slice(json)
+        .map_err(|e| invalid(format!("tokenizer.json is not valid JSON: {e}")))
+}
+
+fn load(json: &[u8]) -> Result<Tokenizer> {
+    Tokenizer::from_bytes(json).map_err(|e| invalid(format!("tokenizer.json does not load: {e}")))
+}
+
+fn contains_type(v: &Value, ty: &str) -> bool {
+    match v {
+        Value::Object(m) => {
+            m.get("type").and_then(Value::as_str) == Some(ty)
+                || m.values().any(|x| contains_type(x, ty))
+        }
+        Value::Array(a) => a.iter().any(|x| contains_type(x, ty)),
+        _ => false,
+    }
+}
+
+fn mentions(v: &Value, needle: &str) -> bool {
+    match v {
+        Value::String(s) => s.contains(needle),
+        Value::Object(m) => m.values().any(|x| mentions(x, needle)),
+        Value::Array(a) => a.iter().any(|x| mentions(x, needle)),
+        _ => false,
+    }
+}
+
+/// Detects the tokenizer style; any model other than BPE is an error.
+pub fn detect_style(json: &[u8]) -> Result<TokenizerStyle> {
+    style_of(&parse(json)?)
+}
+
+fn style_of(v: &Value) -> Result<TokenizerStyle> {
+    let model = v
+        .get("model")
+        .ok_or_else(|| invalid("tokenizer.json has no `model`"))?;
+    let ty = model.get("type").and_then(Value::as_str).unwrap_or(
+        // Old files omit the type; BPE is recognisable by its merges.
+        if model.get("merges").is_some() {
+            "BPE"
+        } else {
+            "unknown"
+        },
+    );
+    if ty != "BPE" {
+        return Err(invalid(format!(
+            "unsupported tokenizer type `{ty}`: extend-vocab supports BPE tokenizers (byte-level or SentencePiece-style)"
+        )));
+    }
+    for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
+        if let Some(s) = model.get(key).and_then(Value::as_str) {
+            if !s.is_empty() {
+                return Err(invalid(format!(
+                    "unsupported BPE tokenizer: `{key}` = {s:?} (only GPT-2 and SentencePiece-style BPE)"
+                )));
+            }
+        }
+    }
+    let null = Value::Null;
+    let pre = v.get("pre_tokenizer").unwrap_or(&null);
+    if contains_type(pre, "ByteLevel") {
+        return Ok(TokenizerStyle::ByteLevel);
+    }
+    let byte_fallback = model.get("byte_fallback").and_then(Value::as_bool) == Some(true);
+    if byte_fallback
+        || contains_type(pre, "Metaspace")
+        || mentions(v.get("normalizer").unwrap_or(&null), "▁")
+    {
+        return Ok(TokenizerStyle::SentencePiece);
+    }
+    Ok(TokenizerStyle::CharBpe)
+}
+
+/// Ids in use: the model vocabulary and the added tokens. Returns (first free id, all old ids).
+fn old_ids(v: &Value) -> Result<(u32, BTreeSet<u32>)> {
+    let vocab = v["model"]["vocab"]
+        .as_object()
+        .ok_or_else(|| invalid("tokenizer.json: `model.vocab` is not an object"))?;
+    let mut ids = BTreeSet::new();
+    for (tok, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| invalid(format!("tokenizer.json: id of {tok:?} is not a number")))?;
+        ids.insert(id as u32);
+    }
+    if let Some(added) = v.get("added_tokens").and_then(Value::as_array) {
+        for t in added {
+            if let Some(id) = t.get("id").and_then(Value::as_u64) {
+                ids.insert(id as u32);
+            }
+        }
+    }
+    let next = ids.iter().next_back().map_or(0, |m| m + 1);
+    Ok((next, ids))
+}
+
+/// Added tokens whose ids lie outside the model vocabulary would be renumbered by the `tokenizers`
+/// loader once the model vocabulary grows (it assigns them ids after the vocabulary), so they are
+/// written into `model.vocab` at their ids as well.
+fn pin_added_tokens(v: &mut Value) {
+    let added: Vec<(String, u64)> = v
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| Some((t["content"].as_str()?.to_string(), t["id"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(vocab) = v["model"]["vocab"].as_object_mut() {
+        let taken: HashSet<u64> = vocab.values().filter_map(Value::as_u64).collect();
+        for (content, id) in added {
+            if !vocab.contains_key(&content) && !taken.contains(&id) {
+                vocab.insert(content, json!(id));
+            }
+        }
+    }
+}
+
+/// Checks the invariants on the new tokenizer: old ids map to the same strings, new tokens have the
+/// ids we gave them.
+fn verify(old: &Tokenizer, new_json: &[u8], ids: &BTreeSet<u32>, added: &[NewToken]) -> Result<()> {
+    let new = load(new_json)?;
+    for &id in ids {
+        let (a, b) = (old.id_to_token(id), new.id_to_token(id));
+        if a != b {
+            return Err(invalid(format!(
+                "internal error: extending the tokenizer changed id {id} from {a:?} to {b:?}"
+            )));
+        }
+    }
+    for t in added {
+        if new.token_to_id(&t.content) != Some(t.id) {
+            return Err(invalid(format!(
+                "internal error: new token {:?} did not get id {} (got {:?})",
+                t.content,
+                t.id,
+                new.token_to_id(&t.content)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Adds `tokens` (raw strings, e.g. one per line of a file) as added tokens, the way HF
+/// `tokenizer.add_tokens` does (`normalized: true`, `special: false`). Strings that are already a single
+/// token, already added tokens, or repeated are skipped and reported.
+pub fn add_tokens(json: &[u8], tokens: &[String]) -> Result<Extension> {
+    let mut v = parse(json)?;
+    let style = style_of(&v)?;
+    let old = load(json)?;
+    let (next, ids) = old_ids(&v)?;
+    if tokens.is_empty() {
+        return Err(invalid("no tokens to add: the token list is empty"));
+    }
+    let added_contents: HashMap<String, u64> = v
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| Some((t["content"].as_str()?.to_string(), t["id"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut seen = HashSet::new();
+    let mut out = vec![];
+    let mut skipped = vec![];
+    let mut id = next;
+    for t in tokens {
+        if !seen.insert(t.clone()) {
+            skipped.push((t.clone(), "repeated in the list".to_string()));
+            continue;
+        }
+        if let Some(i) = added_contents.get(t) {
+            skipped.push((t.clone(), format!("already an added token (id {i})")));
+            continue;
+        }
+        if let Some(i) = old.get_model().token_to_id(t) {
+            skipped.push((t.clone(), format!("already in the vocabulary (id {i})")));
+            continue;
+        }
+        let enc = old
+            .encode(t.as_str(), false)
+            .map_err(|e| invalid(format!("encoding {t:?}: {e}")))?;
+        if enc.get_ids().len() == 1 {
+            let single = old.decode(enc.get_ids(), false).unwrap_or_default();
+            if &single == t {
+                skipped.push((
+                    t.clone(),
+                    format!(
+                        "already a single token {:?} (id {})",
+                        enc.get_tokens()[0],
+                        enc.get_ids()[0]
+                    ),
+                ));
+                continue;
+            }
+        }
+        out.push(NewToken {
+            id,
+            content: t.clone(),
+            text: t.clone(),
+            old_ids: enc.get_ids().to_vec(),
+        });
+        id += 1;
+    }
+    if out.is_empty() {
+        return Err(invalid(format!(
+            "no new tokens: all {} given tokens already exist ({})",
+            tokens.len(),
+            skipped
+                .iter()
+                .take(3)
+                .map(|(t, why)| format!("{t:?}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
+    pin_added_tokens(&mut v);
+    let list = v
+        .as_object_mut()
+        .ok_or_else(|| invalid("tokenizer.json is not an object"))?
+        .entry("added_tokens")
+        .or_insert_with(|| json!([]));
+    let list = list
+        .as_array_mut()
+        .ok_or_else(|| invalid("tokenizer.json: `added_tokens` is not a list"))?;
+    for t in &out {
+        list.push(json!({
+            "id": t.id,
+            "content": t.content,
+            "single_word": false,
+            "lstrip": false,
+            "rstrip": false,
+            "normalized": true,
+            "special": false,
+        }));
+    }
+    let bytes = to_bytes(&v)?;
+    verify(&old, &bytes, &ids, &out)?;
+    Ok(Extension {
+        style,
+        old_len: next,
+        tokens: out,
+        skipped,
+        merges_added: 0,
+        tokenizer_json: bytes,
+    })
+}
+
+fn to_bytes(v: &Value) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(v).map_err(|e| invalid(format!("serialising tokenizer.json: {e}")))
+}
+
+/// Words of `text` as the old tokenizer's BPE model sees them: normalised and pre-tokenised. For
+/// SentencePiece-style tokenizers without a pre-tokenizer, the normalised text is cut before each `▁`
+/// that follows another character (SentencePiece never merges across a word start).
+fn words(
+    tok: &Tokenizer,
+    style: TokenizerStyle,
+    text: &str,
+    out: &mut HashMap<String, u64>,
+) -> Result<()> {
+    let mut pre = PreTokenizedString::from(text);
+    if let Some(n) = tok.get_normalizer() {
+        pre.normalize(|s| n.normalize(s))
+            .map_err(|e| invalid(format!("normalising corpus text: {e}")))?;
+    }
+    if let Some(p) = tok.get_pre_tokenizer() {
+        p.pre_tokenize(&mut pre)
+            .map_err(|e| invalid(format!("pre-tokenising corpus text: {e}")))?;
+    }
+    for (w, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+        if style == TokenizerStyle::SentencePiece {
+            let mut start = 0;
+            let mut prev: Option<char> = None;
+            for (i, c) in w.char_indices() {
+                if c == '▁' && prev.is_some_and(|p| p != '▁') {
+                    *out.entry(w[start..i].to_string()).or_default() += 1;
+                    start = i;
+                }
+                prev = Some(c);
+            }
+            if start < w.len() {
+                *out.entry(w[start..].to_string()).or_default() += 1;
+            }
+        } else if !w.is_empty() {
+            *out.entry(w.to_string()).or_default() += 1;
+        }
+    }
+    Ok(())
+}
+
+fn is_byte_piece(s: &str) -> bool {
+    s.len() == 6 && s.starts_with("<0x") && s.ends_with('>')
+}
+
+/// Learns `n` new tokens as BPE merges on `corpus` (texts, e.g. lines) on top of the existing merges.
+///
+/// Standard BPE continuation: each word (weighted by its frequency) starts as its encoding under the
+/// old tokenizer; the most frequent adjacent pair (at least `min_frequency` occurrences; ties broken by
+/// the smaller ids) is merged, `n` times. A merge whose result is already an old token is appended too
+/// but adds no token. Byte-fallback pieces and the unknown token are never merged, nor (SentencePiece
+/// style) a piece onto a following word start `▁`.
+pub fn learn_merges(
+    json: &[u8],
+    corpus: &[String],
+    n: usize,
+    min_frequency: u64,
+) -> Result<Extension> {
+    if n == 0 {
+        return Err(invalid(
+            "--add must be at least 1 (asked to learn 0 new tokens)",
+        ));
+    }
+    let mut v = parse(json)?;
+    let style = style_of(&v)?;
+    let old = load(json)?;
+    let (next, ids) = old_ids(&v)?;
+    let model = old.get_model();
+
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for text in corpus {
+        if !text.trim().is_empty() {
+            words(&old, style, text, &mut counts)?;
+        }
+    }
+    if counts.is_empty() {
+        return Err(invalid("the training corpus is empty"));
+    }
+    let mut word_list: Vec<(String, u64)> = counts.into_iter().collect();
+    word_list.sort();
+
+    // Symbol strings by id: old vocabulary, then new tokens.
+    let mut strings: HashMap<u32, String> =
+        model.get_vocab().into_iter().map(|(s, i)| (i, s)).collect();
+    let mut by_string: HashMap<String, u32> =
+        strings.iter().map(|(i, s)| (s.clone(), *i)).collect();
+    let unk: Option<u32> = v["model"]["unk_token"]
+        .as_str()
+        .and_then(|u| by_string.get(u).copied());
+    let frozen = |id: u32, strings: &HashMap<u32, String>| {
+        Some(id) == unk || strings.get(&id).is_none_or(|s| is_byte_piece(s))
+    };
+    let merges_as_pairs = v["model"]["merges"]
+        .as_array()
+        .and_then(|m| m.first())
+        .is_none_or(Value::is_array);
+
+    let mut words: Vec<(Vec<u32>, u64)> = Vec::with_capacity(word_list.len());
+    for (w, f) in &word_list {
+        let toks = model
+            .tokenize(w)
+            .map_err(|e| invalid(format!("encoding corpus word {w:?}: {e}")))?;
+        words.push((toks.iter().map(|t| t.id).collect(), *f));
+    }
+
+    let allowed = |a: u32, b: u32, strings: &HashMap<u32, String>| -> bool {
+        if frozen(a, strings) || frozen(b, strings) {
+            return false;
+        }
+        let (sa, sb) = (&strings[&a], &strings[&b]);
+        if style == TokenizerStyle::SentencePiece && sb.starts_with('▁') {
+            return false;
+        }
+        merges_as_pairs || !(sa.contains(' ') || sb.contains(' '))
+    };
+
+    let mut pair_counts: HashMap<(u32, u32), u64> = HashMap::new();
+    let mut where_: HashMap<(u32, u32), HashSet<usize>> = HashMap::new();
+    for (wi, (syms, f)) in words.iter().enumerate() {
+        for p in syms.windows(2) {
+            *pair_counts.entry((p[0], p[1])).or_default() += f;
+            where_.entry((p[0], p[1])).or_default().insert(wi);
+        }
+    }
+
+    let mut new_tokens: Vec<NewToken> = vec![];
+    let mut new_merges: Vec<(String, String)> = vec![];
+    let mut next_id = next;
+    while new_tokens.len() < n {
+        let best = pair_counts
+            .iter()
+            .filter(|(p, &c)| c >= min_frequency.max(1) && allowed(p.0, p.1, &strings))
+            .max_by(|(pa, ca), (pb, cb)| ca.cmp(cb).then(pb.cmp(pa)))
+            .map(|(p, _)| *p);
+        let Some((a, b)) = best else {
+            return Err(invalid(format!(
+                "the corpus yields only {} new token{} (merges of pairs seen at least {} times), fewer than the {n} asked for",
+                new_tokens.len(),
+                if new_tokens.len() == 1 { "" } else { "s" },
+                min_frequency.max(1)
+            )));
+        };
+        let merged = format!("{}{}", strings[&a], strings[&b]);
+        let c = match by_string.get(&merged) {
+            Some(&c) => c,
+            None => {
+                let c = next_id;
+                next_id += 1;
+                strings.insert(c, merged.clone());
+                by_string.insert(merged.clone(), c);
+                let old_enc = model
+                    .tokenize(&merged)
+                    .map_err(|e| invalid(format!("encoding {merged:?}: {e}")))?;
+                new_tokens.push(NewToken {
+                    id: c,
+                    content: merged.clone(),
+                    text: old
+                        .decode(&old_enc.iter().map(|t| t.id).collect::<Vec<_>>(), false)
+                        .unwrap_or_else(|_| merged.clone()),
+                    old_ids: old_enc.iter().map(|t| t.id).collect(),
+                });
+                c
+            }
+        };
+        new_merges.push((strings[&a].clone(), strings[&b].clone()));
+        // Rewrite the words that contain the pair, updating pair statistics.
+        let affected: Vec<usize> = where_
+            .remove(&(a, b))
+            .map(|s| {
+                let mut v: Vec<usize> = s.into_iter().collect();
+                v.sort_unstable();
+                v
+            })
+            .unwrap_or_default();
+        pair_counts.remove(&(a, b));
+        for wi in affected {
+            let (syms, f) = &mut words[wi];
+            for p in syms.windows(2) {
+                if (p[0], p[1]) == (a, b) {
+                    continue;
+                }
+                if let Some(cnt) = pair_counts.get_mut(&(p[0], p[1])) {
+                    *cnt -= *f;
+                    if *cnt == 0 {
+                        pair_counts.remove(&(p[0], p[1]));
+                    }
+                }
+            }
+            let mut out = Vec::with_capacity(syms.len());
+            let mut i = 0;
+            while i < syms.len() {
+                if i + 1 < syms.len() && syms[i] == a && syms[i + 1] == b {
+                    out.push(c);
+                    i += 2;
+                } else {
+                    out.push(syms[i]);
+                    i += 1;
+                }
+            }
+            *syms = out;
+            for p in syms.windows(2) {
+                *pair_counts.entry((p[0], p[1])).or_default() += *f;
+                where_.entry((p[0], p[1])).or_default().insert(wi);
+            }
+        }
+    }
+
+    pin_added_tokens(&mut v);
+    let model_v = &mut v["model"];
+    let vocab = model_v["vocab"]
+        .as_object_mut()
+        .expect("checked in old_ids");
+    for t in &new_tokens {
+        vocab.insert(t.content.clone(), json!(t.id));
+    }
+    if model_v.get("merges").is_none() {
+        model_v["merges"] = json!([]);
+    }
+    let merges = model_v["merges"]
+        .as_array_mut()
+        .ok_or_else(|| invalid("tokenizer.json: `model.merges` is not a list"))?;
+    for (a, b) in &new_merges {
+        merges.push(if merges_as_pairs {
+            json!([a, b])
+        } else {
+            json!(format!("{a} {b}"))
+        });
+    }
+    let bytes = to_bytes(&v)?;
+    verify(&old, &bytes, &ids, &new_tokens)?;
+    Ok(Extension {
+        style,
+        old_len: next,
+        tokens: new_tokens,
+        skipped: vec![],
+        merges_added: new_merges.len(),
+        tokenizer_json: bytes,
+    })
+}
+
+/// Tokens per character of `texts` (each encoded without special tokens): the compression measure used
+/// to show that an extension helps a domain.
+pub fn tokens_per_char(json: &[u8], texts: &[String]) -> Result<f64> {
+    let tok = load(json)?;
+    let (mut tokens, mut chars) = (0usize, 0usize);
+    for t in texts.iter().filter(|t| !t.is_empty()) {
+        let enc = tok
+            .encode(t.as_str(), false)
+            .map_err(|e| invalid(format!("encoding: {e}")))?;
+        tokens += enc.get_ids().len();
+        chars += t.chars().count();
+    }
+    if chars == 0 {
+        return Err(invalid("no text to measure"));
+    }
+    Ok(tokens as f64 / chars as f64)
+}
+
+/// Encodes `text` (no special tokens) with a tokenizer.json: ids.
+pub fn encode(json: &[u8], text: &str) -> Result<Vec<u32>> {
+    let tok = load(json)?;
+    let enc = tok
+        .encode(text, false)
+        .map_err(|e| invalid(format!("encoding: {e}")))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// Decodes ids with a tokenizer.json.
+pub fn decode(json: &[u8], ids: &[u32]) -> Result<String> {
+    let tok = load(json)?;
+    tok.decode(ids, false)
+        .map_err(|e| invalid(format!("decoding: {e}")))
+}
+
+/// Adds entries for the new added tokens to `added_tokens_decoder` of a tokenizer_config.json when it
+/// has that table (transformers reads it); otherwise returns the file unchanged.
+pub fn update_tokenizer_config(config: &[u8], ext: &Extension, added: bool) -> Result<Vec<u8>> {
+    let mut v: Value = serde_json::from_slice(config)
+        .map_err(|e| invalid(format!("tokenizer_config.json is not valid JSON: {e}")))?;
+    let Some(table) = v
+        .get_mut("added_tokens_decoder")
+        .and_then(Value::as_object_mut)
+    else {
+        return Ok(config.to_vec());
+    };
+    if !added {
+        return Ok(config.to_vec());
+    }
+    for t in &ext.tokens {
+        table.insert(
+            t.id.to_string(),
+            json!({
+                "content": t.content,
+                "lstrip": false,
+                "normalized": true,
+                "rstrip": false,
+                "single_word": false,
+                "special": false,
+            }),
+        );
+    }
+    serde_json::to_vec_pretty(&v)
+        .map_err(|e| invalid(format!("serialising tokenizer_config.json: {e}")))
+}
