@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod pipeline;
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,8 @@ enum Command {
     Expand(commands::expand::Args),
     /// Remove decoder layers.
     DropLayers(commands::drop_layers::Args),
+    /// Run a YAML recipe of steps (surgery, healing, evaluation), skipping finished ones.
+    Run(commands::run::Args),
 }
 
 fn main() {
@@ -59,6 +62,7 @@ fn main() {
         Command::Upscale(a) => commands::upscale::run(a),
         Command::Expand(a) => commands::expand::run(a),
         Command::DropLayers(a) => commands::drop_layers::run(a),
+        Command::Run(a) => commands::run::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
