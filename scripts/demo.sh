@@ -25,7 +25,9 @@ def write(path, text):  # only when changed: the mtime is part of the steps' inp
         pass
     open(path, "w").write(text)
 write("work/demo-data/train.txt", "\n\n".join(t.topics[k] for k in keys[:cut]))
-write("work/demo-data/heldout.txt", "\n\n".join(t.topics[k] for k in keys[cut:]))
+heldout = "\n\n".join(t.topics[k] for k in keys[cut:])
+write("work/demo-data/heldout.txt", heldout)
+write("work/demo-data/heldout_small.txt", heldout[:6000])
 PY
 
 cargo build --release --bin surgeon

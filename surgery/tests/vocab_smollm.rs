@@ -74,13 +74,9 @@ fn write_extended_smollm() {
         return;
     };
     let plan = surgeon_formats::open_hf_dir(&dir).unwrap();
-    let (new, _) = vocab::extend_with_corpus(
-        &plan,
-        &fixture("uk_train.txt"),
-        1024,
-        &VocabOptions::default(),
-    )
-    .unwrap();
+    let (new, _) =
+        vocab::extend_with_corpus(&plan, &fixture("uk_train.txt"), 1024, &VocabOptions::default())
+            .unwrap();
     let opts = surgeon_formats::WriteOptions {
         force: true,
         description: "extend-vocab test: +1024 Ukrainian merges".into(),
