@@ -132,7 +132,7 @@ fn other_recipe_errors() {
     );
     let e = recipe_error("steps:\n  - name: a\n    kind: convert\n    model: m\n    force: true\n");
     assert!(
-        e.starts_with("error: recipe.yaml:4: `force` is managed by `surgeon run`"),
+        e.starts_with("error: recipe.yaml:5: `force` is managed by `surgeon run`"),
         "{e}"
     );
     let e = recipe_error("steps:\n  - name: a\n  kind: synth\n");
@@ -218,7 +218,7 @@ fn text(n: usize) -> String {
 const RESUME_RECIPE: &str = "\
 workdir: work
 vars:
-  steps: 60
+  steps: 2000
 steps:
   - name: base
     kind: convert
@@ -232,7 +232,7 @@ steps:
     seq_len: 32
     batch: 2
     lr: 1e-3
-    save_every: 3
+    save_every: 50
   - name: eval
     kind: eval
     model: ${steps.healed}
@@ -280,7 +280,7 @@ fn killed_pipeline_skips_finished_steps_and_resumes_healing() {
     let t0 = Instant::now();
     let healed = dir.join("work/healed");
     loop {
-        if latest_checkpoint(&healed).is_some_and(|s| s >= 3) {
+        if latest_checkpoint(&healed).is_some() {
             break;
         }
         if let Some(st) = child.try_wait().unwrap() {
@@ -290,7 +290,7 @@ fn killed_pipeline_skips_finished_steps_and_resumes_healing() {
             t0.elapsed() < Duration::from_secs(300),
             "no checkpoint after 300 s"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let pgid = child.id().to_string();
     Command::new("kill")
@@ -320,7 +320,7 @@ fn killed_pipeline_skips_finished_steps_and_resumes_healing() {
     .unwrap();
     assert_eq!(rec["status"], "done");
     assert_eq!(rec["resumed"], true);
-    assert!(killed_at < 60);
+    assert!(killed_at < 2000, "killed after the last checkpoint");
     let ev: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("work/.surgeon/eval.json")).unwrap(),
     )
@@ -337,7 +337,7 @@ fn killed_pipeline_skips_finished_steps_and_resumes_healing() {
         assert!(e.contains(&format!("== {s}: up to date, skipped")), "{e}");
     }
     // Changing an option reruns that step and the ones after it, not the ones before.
-    let o = run_in(dir, &["run", "r.yaml", "--set", "steps=61", "--dry-run"]);
+    let o = run_in(dir, &["run", "r.yaml", "--set", "steps=2001", "--dry-run"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("== step base (convert), line 5: up to date, would skip"),
