@@ -135,6 +135,14 @@ fn other_recipe_errors() {
         e.starts_with("error: recipe.yaml:5: `force` is managed by `surgeon run`"),
         "{e}"
     );
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("r.yaml"), HEAD).unwrap();
+    let o = run_in(d.path(), &["run", "r.yaml", "--dry-run", "--set", "n=1"]);
+    assert!(
+        stderr(&o).starts_with("error: --set n: r.yaml has no variable `n` (vars: m)"),
+        "{}",
+        stderr(&o)
+    );
     let e = recipe_error("steps:\n  - name: a\n  kind: synth\n");
     assert!(e.starts_with("error: recipe.yaml:3: not valid YAML"), "{e}");
 }
@@ -164,18 +172,15 @@ fn example_recipes_dry_run_snapshots() {
             p.file_name().unwrap().to_string_lossy()
         );
         std::fs::copy(&p, d.path().join(&rel)).unwrap();
-        let o = run_in(
-            d.path(),
-            &[
-                "run",
-                &rel,
-                "--dry-run",
-                "--set",
-                "model=m",
-                "--set",
-                "gguf=missing.gguf",
-            ],
-        );
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut args = vec!["run", rel.as_str(), "--dry-run"];
+        if text.contains("\n  model:") {
+            args.extend(["--set", "model=m"]);
+        }
+        if text.contains("\n  gguf:") {
+            args.extend(["--set", "gguf=missing.gguf"]);
+        }
+        let o = run_in(d.path(), &args);
         assert!(o.status.success(), "{rel}: {}", stderr(&o));
         let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
         insta::assert_snapshot!(

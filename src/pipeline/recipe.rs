@@ -218,7 +218,17 @@ pub fn parse(
         }
     }
     for (k, v) in sets {
-        let line = raw_vars.get(k).map(|x| x.1).unwrap_or(0);
+        let Some(line) = raw_vars.get(k).map(|x| x.1) else {
+            let known: Vec<&str> = raw_vars.keys().map(String::as_str).collect();
+            anyhow::bail!(
+                "--set {k}: {file} has no variable `{k}` (vars: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
         raw_vars.insert(k.clone(), (v.clone(), line));
     }
     let mut vars = BTreeMap::new();
