@@ -7,7 +7,8 @@
 #
 # Environment: BENCH_DIR (scratch, default /work/bench/surgery; needs ~15 GB), MERGEKIT_VENV (a venv
 # with `pip install mergekit`, default /work/cache/venv-mergekit), SLICES, KEEP=1 to keep the files,
-# CHECK=0 to skip comparing mergekit's tensors with surgeon's. Needs GNU time (/usr/bin/time).
+# CHECK=0 to skip comparing mergekit's tensors with surgeon's, SURGEON=path of a release binary to use
+# instead of building one. Needs GNU time (/usr/bin/time).
 # Runs are warm: the input is read once before timing, and each output is deleted before the next.
 # surgeon fsyncs its shards before renaming the output into place; plain cp and mergekit do not,
 # so `cp+sync` (cp, then fsync of the copied files) is the like-for-like baseline.
@@ -21,8 +22,10 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 [ -x "$VENV/bin/mergekit-yaml" ] || { echo "needs mergekit in $VENV: python3 -m venv $VENV && $VENV/bin/pip install mergekit" >&2; exit 1; }
 
 cd "$ROOT"
-cargo build --release --bin surgeon
-SURGEON=$TARGET/release/surgeon
+if [ -z "${SURGEON:-}" ]; then
+  cargo build --release --bin surgeon
+  SURGEON=$TARGET/release/surgeon
+fi
 mkdir -p "$WORK"
 IN=$WORK/llama-1b
 if [ ! -f "$IN/config.json" ]; then

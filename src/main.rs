@@ -23,26 +23,26 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Rewrite a model as Hugging Face safetensors (change dtype, re-shard).
     Convert(commands::convert::Args),
-    /// Import a llama.cpp GGUF file as a Hugging Face model.
-    ImportGguf(commands::import_gguf::Args),
-    /// Perplexity of a model on a text file (windowed next-token prediction).
-    Eval(commands::eval::Args),
-    /// Generate text from a prompt, streaming tokens to stdout.
-    Generate(commands::generate::Args),
-    /// Make a mixture of experts: upcycle the MLP into E copies, or split its neurons into E experts.
-    Moe(commands::moe::Args),
     /// Add tokens (a list, or BPE merges learned on a corpus) and resize the embeddings.
     ExtendVocab(commands::extend_vocab::Args),
+    /// Import a llama.cpp GGUF file as a Hugging Face model.
+    ImportGguf(commands::import_gguf::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
     Synth(commands::synth::Args),
-    /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
-    Heal(commands::heal::Args),
     /// Depth up-scaling (SOLAR): stack layer ranges of the model, e.g. 32 -> 48 layers.
     Upscale(commands::upscale::Args),
     /// Block expansion (LLaMA Pro): insert identity copies of blocks for new-block training.
     Expand(commands::expand::Args),
     /// Remove decoder layers.
     DropLayers(commands::drop_layers::Args),
+    /// Perplexity of a model on a text file (windowed next-token prediction).
+    Eval(commands::eval::Args),
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(commands::generate::Args),
+    /// Make a mixture of experts: upcycle the MLP into E copies, or split its neurons into E experts.
+    Moe(commands::moe::Args),
+    /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
+    Heal(commands::heal::Args),
     /// Run a YAML recipe of steps (surgery, healing, evaluation), skipping finished ones.
     Run(commands::run::Args),
 }
@@ -52,16 +52,16 @@ fn main() {
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
-        Command::ImportGguf(a) => commands::import_gguf::run(a),
-        Command::Eval(a) => commands::eval::run(a),
-        Command::Generate(a) => commands::generate::run(a),
-        Command::Moe(a) => commands::moe::run(a),
         Command::ExtendVocab(a) => commands::extend_vocab::run(a),
+        Command::ImportGguf(a) => commands::import_gguf::run(a),
         Command::Synth(a) => commands::synth::run(a),
-        Command::Heal(a) => commands::heal::run(a),
         Command::Upscale(a) => commands::upscale::run(a),
         Command::Expand(a) => commands::expand::run(a),
         Command::DropLayers(a) => commands::drop_layers::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Moe(a) => commands::moe::run(a),
+        Command::Heal(a) => commands::heal::run(a),
         Command::Run(a) => commands::run::run(a),
     };
     if let Err(e) = result {

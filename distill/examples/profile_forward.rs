@@ -38,9 +38,57 @@ fn main() {
         let a = l.self_attn.forward(n.clone(), &c, &s, None);
         let _ = a.into_data();
         let t6 = Instant::now();
+        let n2 = n.clone();
         let m = l.mlp.forward(n);
         let _ = m.into_data();
         let t7 = Instant::now();
+        // Attention pieces.
+        let sa = &l.self_attn;
+        let ta = Instant::now();
+        let q = sa.q_proj.forward(n2.clone());
+        let k = sa.k_proj.forward(n2.clone());
+        let v = sa.v_proj.forward(n2.clone());
+        let _ = (
+            q.clone().into_data(),
+            k.clone().into_data(),
+            v.clone().into_data(),
+        );
+        let tb = Instant::now();
+        let q = q.reshape([1, t, 9, 64]).swap_dims(1, 2);
+        let k = k.reshape([1, t, 3, 64]).swap_dims(1, 2);
+        let v = v.reshape([1, t, 3, 64]).swap_dims(1, 2);
+        let q = surgeon_distill::model::apply_rope(q, &c, &s);
+        let k = surgeon_distill::model::apply_rope(k, &c, &s);
+        let _ = (q.clone().into_data(), k.clone().into_data());
+        let tc = Instant::now();
+        let k = k
+            .unsqueeze_dim::<5>(2)
+            .expand([1, 3, 3, t, 64])
+            .reshape([1, 9, t, 64]);
+        let v = v
+            .unsqueeze_dim::<5>(2)
+            .expand([1, 3, 3, t, 64])
+            .reshape([1, 9, t, 64]);
+        let y = burn::tensor::module::attention(
+            q,
+            k,
+            v,
+            None,
+            None,
+            burn::tensor::ops::AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: true,
+            },
+        );
+        let _ = y.into_data();
+        let td = Instant::now();
+        println!(
+            "  qkv {:.4}s rope {:.4}s attn-kernel {:.4}s",
+            (tb - ta).as_secs_f64(),
+            (tc - tb).as_secs_f64(),
+            (td - tc).as_secs_f64()
+        );
         println!(
             "layers {:.3}s  lm_head {:.3}s  nll {:.3}s | one layer: norm {:.4}s attn {:.4}s mlp {:.4}s",
             (t1 - t0).as_secs_f64(),

@@ -113,7 +113,7 @@ mod tests {
             v[i * 4] = 2.0;
         }
         let x = Tensor::<A, 2>::from_data(TensorData::new(v, [4, 4]), &d).require_grad();
-        let loss = load_balancing_loss(&[x.clone()], 1);
+        let loss = load_balancing_loss(std::slice::from_ref(&x), 1);
         let g = loss.backward();
         let gx = x
             .grad(&g)

@@ -15,37 +15,9 @@ use surgeon_formats::Plan;
 
 type B = burn::backend::Flex;
 
-const DEFAULT_GGUF: &str = "/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// Opens SmolLM2: the GGUF first, then `$SURGEON_SMOLLM2_HF`. `None` (skip) when neither exists.
+/// Opens SmolLM2 from its GGUF (`scripts/fetch-smollm2.sh`); fails, saying how to fetch it, if absent.
 fn open_smollm2() -> Option<Plan> {
-    let gguf = std::env::var("SURGEON_SMOLLM2_GGUF").unwrap_or_else(|_| DEFAULT_GGUF.into());
-    let hf = std::env::var("SURGEON_SMOLLM2_HF").ok();
-    let gguf_err = if Path::new(&gguf).is_file() {
-        match surgeon_formats::open_model(&gguf) {
-            Ok(plan) => return Some(plan),
-            Err(e) => Some(e),
-        }
-    } else {
-        None
-    };
-    match (hf, gguf_err) {
-        (Some(dir), err) => {
-            if let Some(e) = err {
-                eprintln!("GGUF import failed ({e}); using $SURGEON_SMOLLM2_HF={dir}");
-            }
-            Some(surgeon_formats::open_model(&dir).expect("open $SURGEON_SMOLLM2_HF"))
-        }
-        (None, Some(e)) => {
-            panic!("cannot open {gguf}: {e} (set SURGEON_SMOLLM2_HF to an HF directory)")
-        }
-        (None, None) => {
-            eprintln!(
-                "skipping: {gguf} not found (set SURGEON_SMOLLM2_GGUF or SURGEON_SMOLLM2_HF)"
-            );
-            None
-        }
-    }
+    Some(surgeon_formats::gguf::open_smollm2().unwrap_or_else(|e| panic!("{e}")))
 }
 
 struct Fixture {

@@ -26,21 +26,6 @@ fn gguf_err(e: GgufError) -> Error {
     Error::Invalid(e.to_string())
 }
 
-/// HF row order from llama.cpp's: `indices[hf_row] = gguf_row`.
-pub fn rope_unpermute_indices(n_rows: usize, n_head: usize) -> Vec<usize> {
-    let rows_per_head = n_rows / n_head;
-    let half = rows_per_head / 2;
-    let mut idx = vec![0; n_rows];
-    for h in 0..n_head {
-        for i in 0..2 {
-            for j in 0..half {
-                idx[h * rows_per_head + i * half + j] = h * rows_per_head + j * 2 + i;
-            }
-        }
-    }
-    idx
-}
-
 fn tensor_source(file: &Arc<SourceFile>, t: &GgufTensorInfo) -> Result<Source> {
     let shape = t.hf_shape();
     let dtype = match t.ggml_type {
@@ -109,7 +94,7 @@ pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
                     format!("{rows} rows cannot be split into {n_head} rotary heads"),
                 ));
             }
-            src = src.rows(rope_unpermute_indices(rows, n_head), "unpermute rope");
+            src = src.rows(gguf::names::rope_row_order(rows, n_head), "unpermute rope");
         }
         if hf.stacked_experts {
             let shape = t.hf_shape();
@@ -221,7 +206,7 @@ mod tests {
         let original: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
         let mut permuted = original.clone();
         gguf::names::permute_rope_rows(&mut permuted, rows, cols, heads).unwrap();
-        let idx = rope_unpermute_indices(rows, heads);
+        let idx = gguf::names::rope_row_order(rows, heads);
         let restored: Vec<f32> = idx
             .iter()
             .flat_map(|&r| permuted[r * cols..(r + 1) * cols].to_vec())

@@ -319,7 +319,7 @@ impl Op {
                 let t = input.eval()?;
                 let cols = *t.shape.last().unwrap_or(&0);
                 let es = t.dtype.size();
-                let nrows = if cols == 0 { 0 } else { t.numel() / cols };
+                let nrows = t.numel().checked_div(cols).unwrap_or(0);
                 if let Some(&bad) = indices.iter().find(|&&i| i >= cols) {
                     return Err(Error::invalid(format!(
                         "column {bad} out of range for a tensor of {cols} columns"
@@ -827,7 +827,7 @@ pub fn group_digits(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

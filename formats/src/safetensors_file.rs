@@ -242,4 +242,28 @@ mod tests {
         ));
         assert!(e.contains("needs 12"), "{e}");
     }
+
+    #[test]
+    fn mutations_never_panic() {
+        // Deterministic stand-in for the fuzz target: every truncation and many byte flips.
+        let good = file_with_header(
+            r#"{"a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]},"b":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}}"#,
+            16,
+        );
+        for n in 0..good.len() {
+            let _ = parse_header(Path::new("x"), &good[..n]);
+        }
+        let mut state = 0x2545F4914F6CDD1Du64;
+        for _ in 0..5000 {
+            let mut b = good.clone();
+            for _ in 0..3 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let i = (state as usize) % b.len();
+                b[i] = (state >> 32) as u8;
+            }
+            let _ = parse_header(Path::new("x"), &b);
+        }
+    }
 }

@@ -237,105 +237,22 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
         ProgressBar::hidden()
     };
     let prov = provenance(plan, opts);
-    let mut sources: HashMap<PathBuf, File> = HashMap::new();
     let mut weight_map = Map::new();
-    let mut copied = 0u64;
     for shard in &shards {
-        let path = dir.join(&shard.file_name);
-        // Header first: shapes and dtypes are known without touching data.
-        let mut header = Map::new();
-        header.insert(
-            "__metadata__".into(),
-            json!({"format": "pt", "surgeon": prov}),
-        );
-        let mut offset = 0usize;
-        for (name, t, bytes) in &shard.tensors {
-            header.insert(
-                (*name).clone(),
-                json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape(), "data_offsets": [offset, offset + bytes]}),
-            );
-            offset += bytes;
+        for (name, _, _) in &shard.tensors {
             weight_map.insert((*name).clone(), json!(shard.file_name));
         }
-        let mut header_bytes = serde_json::to_vec(&Value::Object(header)).unwrap();
-        while header_bytes.len() % 8 != 0 {
-            header_bytes.push(b' ');
-        }
-        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = BufWriter::with_capacity(8 << 20, file);
-        let io = |e| Error::io(&path, e);
-        w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        w.write_all(&header_bytes).map_err(io)?;
-
-        // Tensors in windows: materialise a window in parallel, then write it in order.
-        let mut i = 0;
-        while i < shard.tensors.len() {
-            let (name, t, bytes) = shard.tensors[i];
-            if let Some((src, off, len, dtype)) = t.source.stored_span() {
-                if dtype == t.dtype {
-                    let f = match sources.get_mut(&src.path) {
-                        Some(f) => f,
-                        None => {
-                            let f = File::open(&src.path).map_err(|e| Error::io(&src.path, e))?;
-                            sources.entry(src.path.clone()).or_insert(f)
-                        }
-                    };
-                    f.seek(SeekFrom::Start(off as u64))
-                        .map_err(|e| Error::io(&src.path, e))?;
-                    let n = std::io::copy(&mut f.take(len as u64), &mut w).map_err(io)?;
-                    if n != len as u64 {
-                        return Err(Error::tensor(&src.path, name, "source file is truncated"));
-                    }
-                    copied += n;
-                    bar.inc(n);
-                    i += 1;
-                    continue;
-                }
-            }
-            let mut j = i;
-            let mut window = 0usize;
-            while j < shard.tensors.len()
-                && (j == i || window + shard.tensors[j].2 <= opts.window_bytes)
-                && !is_passthrough(shard.tensors[j].1)
-            {
-                window += shard.tensors[j].2;
-                j += 1;
-            }
-            let done: Vec<Result<HostTensor>> = shard.tensors[i..j]
-                .par_iter()
-                .map(|(name, t, _)| {
-                    let h = t.materialize().map_err(|e| match e {
-                        Error::Invalid(m) => Error::tensor(&plan.origin, *name, m),
-                        e => e,
-                    })?;
-                    if h.shape != t.shape() {
-                        return Err(Error::tensor(
-                            &plan.origin,
-                            *name,
-                            format!(
-                                "computed shape {:?} differs from planned {:?}",
-                                h.shape,
-                                t.shape()
-                            ),
-                        ));
-                    }
-                    Ok(h)
-                })
-                .collect();
-            for h in done {
-                let h = h?;
-                w.write_all(&h.data).map_err(io)?;
-                bar.inc(h.data.len() as u64);
-            }
-            let _ = (name, bytes);
-            i = j;
-        }
-        let file = w
-            .into_inner()
-            .map_err(|e| Error::io(&path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&path, e))?;
     }
+    // Shards are independent files: write them concurrently (each thread's copies and fsync
+    // overlap the others'). The materialisation window is shared out so peak memory stays bounded.
+    let concurrent = shards.len().min(rayon::current_num_threads()).max(1);
+    let window = (opts.window_bytes / concurrent).max(1);
+    let copied: u64 = shards
+        .par_iter()
+        .map(|shard| write_shard(plan, shard, dir, &prov, window, &bar))
+        .collect::<Result<Vec<u64>>>()?
+        .into_iter()
+        .sum();
     bar.finish_and_clear();
 
     if shards.len() > 1 {
@@ -389,6 +306,138 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
         bytes: total_bytes,
         bytes_copied: copied,
     })
+}
+
+/// Writes one shard: header, then tensors in order. Runs of passthrough tensors that lie back to
+/// back in one source file are copied with a single file-to-file copy (copy_file_range on Linux);
+/// other tensors are materialised in parallel within a window of `window` bytes. Returns the bytes
+/// copied file-to-file.
+fn write_shard(
+    plan: &Plan,
+    shard: &Shard,
+    dir: &Path,
+    prov: &str,
+    window: usize,
+    bar: &ProgressBar,
+) -> Result<u64> {
+    let path = dir.join(&shard.file_name);
+    // Header first: shapes and dtypes are known without touching data.
+    let mut header = Map::new();
+    header.insert(
+        "__metadata__".into(),
+        json!({"format": "pt", "surgeon": prov}),
+    );
+    let mut offset = 0usize;
+    for (name, t, bytes) in &shard.tensors {
+        header.insert(
+            (*name).clone(),
+            json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape(), "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut header_bytes = serde_json::to_vec(&Value::Object(header)).unwrap();
+    while !header_bytes.len().is_multiple_of(8) {
+        header_bytes.push(b' ');
+    }
+    let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+    let mut w = BufWriter::with_capacity(8 << 20, file);
+    let io = |e| Error::io(&path, e);
+    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&header_bytes).map_err(io)?;
+
+    let mut sources: HashMap<PathBuf, File> = HashMap::new();
+    let mut copied = 0u64;
+    let mut i = 0;
+    while i < shard.tensors.len() {
+        let (name, t, _) = shard.tensors[i];
+        if let Some((src, off, len, _)) = passthrough_span(t) {
+            // Extend over the following tensors that continue this byte range.
+            let mut end = off + len;
+            let mut j = i + 1;
+            while let Some((s2, o2, l2, _)) = shard
+                .tensors
+                .get(j)
+                .and_then(|(_, t2, _)| passthrough_span(t2))
+            {
+                if s2.path != src.path || o2 != end {
+                    break;
+                }
+                end += l2;
+                j += 1;
+            }
+            let f = match sources.get_mut(&src.path) {
+                Some(f) => f,
+                None => {
+                    let f = File::open(&src.path).map_err(|e| Error::io(&src.path, e))?;
+                    sources.entry(src.path.clone()).or_insert(f)
+                }
+            };
+            f.seek(SeekFrom::Start(off as u64))
+                .map_err(|e| Error::io(&src.path, e))?;
+            let want = (end - off) as u64;
+            let n = std::io::copy(&mut f.take(want), &mut w).map_err(io)?;
+            if n != want {
+                return Err(Error::tensor(&src.path, name, "source file is truncated"));
+            }
+            copied += n;
+            bar.inc(n);
+            i = j;
+            continue;
+        }
+        let mut j = i;
+        let mut used = 0usize;
+        while j < shard.tensors.len()
+            && (j == i || used + shard.tensors[j].2 <= window)
+            && !is_passthrough(shard.tensors[j].1)
+        {
+            used += shard.tensors[j].2;
+            j += 1;
+        }
+        let done: Vec<Result<HostTensor>> = shard.tensors[i..j]
+            .par_iter()
+            .map(|(name, t, _)| {
+                let h = t.materialize().map_err(|e| match e {
+                    Error::Invalid(m) => Error::tensor(&plan.origin, *name, m),
+                    e => e,
+                })?;
+                if h.shape != t.shape() {
+                    return Err(Error::tensor(
+                        &plan.origin,
+                        *name,
+                        format!(
+                            "computed shape {:?} differs from planned {:?}",
+                            h.shape,
+                            t.shape()
+                        ),
+                    ));
+                }
+                Ok(h)
+            })
+            .collect();
+        for h in done {
+            let h = h?;
+            w.write_all(&h.data).map_err(io)?;
+            bar.inc(h.data.len() as u64);
+        }
+        i = j;
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(&path, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(&path, e))?;
+    Ok(copied)
+}
+
+fn passthrough_span(
+    t: &TensorEntry,
+) -> Option<(
+    &std::sync::Arc<crate::safetensors_file::SourceFile>,
+    usize,
+    usize,
+    crate::DType,
+)> {
+    t.source.stored_span().filter(|(_, _, _, d)| *d == t.dtype)
 }
 
 fn is_passthrough(t: &TensorEntry) -> bool {

@@ -652,7 +652,7 @@ pub fn balanced_kmeans(
     iters: usize,
 ) -> Vec<Vec<usize>> {
     assert_eq!(points.len(), n * d, "points must be [n, d]");
-    assert!(k >= 1 && n % k == 0, "k must divide n");
+    assert!(k >= 1 && n.is_multiple_of(k), "k must divide n");
     let x = normalise_rows(points, n, d);
     let row = |j: usize| &x[j * d..(j + 1) * d];
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -875,8 +875,8 @@ mod tests {
         // Every point prefers cluster 0.
         let (n, k) = (6, 3);
         let mut s = vec![0f32; n * k];
-        for j in 0..n {
-            s[j] = 1.0 + j as f32;
+        for (j, v) in s.iter_mut().take(n).enumerate() {
+            *v = 1.0 + j as f32;
         }
         let parts = balanced_assign(&s, n, k);
         check_partition(&parts, n, k).unwrap();

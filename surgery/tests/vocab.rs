@@ -496,14 +496,24 @@ fn merges_written_as_strings_stay_strings() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| Value::String(format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap())))
+        .map(|m| {
+            Value::String(format!(
+                "{} {}",
+                m[0].as_str().unwrap(),
+                m[1].as_str().unwrap()
+            ))
+        })
         .collect();
     v["model"]["merges"] = Value::Array(as_strings);
     let old_strings = serde_json::to_vec(&v).unwrap();
     let a = tokenizer_extend::learn_merges(&json, &domain_corpus(), 10, 2).unwrap();
     let b = tokenizer_extend::learn_merges(&old_strings, &domain_corpus(), 10, 2).unwrap();
     let nv: Value = serde_json::from_slice(&b.tokenizer_json).unwrap();
-    assert!(nv["model"]["merges"].as_array().unwrap().iter().all(Value::is_string));
+    assert!(nv["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(Value::is_string));
     assert_eq!(a.tokens, b.tokens);
     let text = "zorblax quuxifier frobnicate";
     assert_eq!(

@@ -1,16 +1,8 @@
 //! extend-vocab on SmolLM2-135M-Instruct (byte-level BPE, 49152 tokens) with Ukrainian text, which it
-//! tokenises poorly. Skipped (with a message) when the model is not on this machine; set
-//! SURGEON_SMOLLM_DIR to a Hugging Face directory of the model to run it elsewhere.
-use std::path::{Path, PathBuf};
+//! tokenises poorly. The model comes from its GGUF (scripts/fetch-smollm2.sh).
+use std::path::Path;
 use surgeon_formats::tokenizer_extend::tokens_per_char;
 use surgeon_surgery::vocab::{self, VocabOptions, EMBED};
-
-fn model_dir() -> Option<PathBuf> {
-    let dir = std::env::var("SURGEON_SMOLLM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("/work/cache/smollm2-hf"));
-    dir.join("config.json").is_file().then_some(dir)
-}
 
 fn fixture(name: &str) -> Vec<String> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -21,11 +13,7 @@ fn fixture(name: &str) -> Vec<String> {
 
 #[test]
 fn smollm_ukrainian_tokens_per_char_falls() {
-    let Some(dir) = model_dir() else {
-        eprintln!("skipped: SmolLM2 not found (set SURGEON_SMOLLM_DIR)");
-        return;
-    };
-    let plan = surgeon_formats::open_hf_dir(&dir).unwrap();
+    let plan = surgeon_formats::gguf::open_smollm2().unwrap_or_else(|e| panic!("{e}"));
     let v = plan.arch.vocab_size;
     let train = fixture("uk_train.txt");
     let held = fixture("uk_heldout.txt");
@@ -62,25 +50,4 @@ fn smollm_ukrainian_tokens_per_char_falls() {
             assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
         }
     }
-}
-
-/// Writes SmolLM2 extended with 1024 Ukrainian merges to $SURGEON_VOCAB_OUT (for
-/// scripts/goldens/vocab_hf_check.py when the CLI is not built); ignored by default.
-#[test]
-#[ignore]
-fn write_extended_smollm() {
-    let (Some(dir), Ok(out)) = (model_dir(), std::env::var("SURGEON_VOCAB_OUT")) else {
-        eprintln!("skipped: needs SmolLM2 and SURGEON_VOCAB_OUT");
-        return;
-    };
-    let plan = surgeon_formats::open_hf_dir(&dir).unwrap();
-    let (new, _) =
-        vocab::extend_with_corpus(&plan, &fixture("uk_train.txt"), 1024, &VocabOptions::default())
-            .unwrap();
-    let opts = surgeon_formats::WriteOptions {
-        force: true,
-        description: "extend-vocab test: +1024 Ukrainian merges".into(),
-        ..Default::default()
-    };
-    surgeon_formats::write_model(&new, Path::new(&out), &opts).unwrap();
 }

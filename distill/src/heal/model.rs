@@ -239,7 +239,8 @@ impl<B: Backend> TrainModel<B> {
             .select(0, tokens.reshape([b * t]))
             .reshape([b, t, d.hidden]);
         let (cos, sin) = rope_tables::<B>(t, d.head_dim, d.rope_theta, &device);
-        let mask = Tensor::<B, 2, Bool>::triu_mask([t, t], 1, &device)
+        // `tril_mask` is true strictly above the diagonal: the future positions to hide.
+        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
             .reshape([1, 1, t, t])
             .expand([b, d.heads, t, t]);
         let mut x = x;

@@ -498,3 +498,34 @@ fn schedules() {
     assert!((lr_at(Schedule::Cosine, 1.0, 0, 10, 5) - 0.5).abs() < 1e-12);
     assert_eq!(lr_at(Schedule::Constant, 1.0, 0, 10, 9), 1.0);
 }
+
+#[test]
+fn stand_in_model_matches_the_runtime_model() {
+    let dev = Default::default();
+    for spec in [
+        SyntheticSpec::tiny(),
+        SyntheticSpec {
+            tie_word_embeddings: true,
+            family: surgeon_formats::Family::Qwen2,
+            ..SyntheticSpec::tiny()
+        },
+    ] {
+        let plan = spec.plan();
+        let ours = TrainModel::<Flex>::from_plan(&plan, &|_| false, &dev).unwrap();
+        let theirs = crate::model::Llama::<Flex>::from_plan(&plan, &dev).unwrap();
+        let flat: Vec<i64> = docs(2, 12, 256, 9)
+            .into_iter()
+            .flatten()
+            .map(i64::from)
+            .collect();
+        let toks = Tensor::<Flex, 2, Int>::from_data(TensorData::new(flat, [2, 12]), &dev);
+        let a: Vec<f32> = ours.forward(toks.clone()).into_data().to_vec().unwrap();
+        let b: Vec<f32> = theirs.forward(toks).into_data().to_vec().unwrap();
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{:?}: logits differ by {worst}", spec.family);
+    }
+}

@@ -296,3 +296,10 @@ impl LlamaHyper {
         self.embedding_length / self.head_count
     }
 }
+
+/// Opens the real test model, SmolLM2-135M-Instruct, from [`smollm2_gguf_path`]. The error says how
+/// to fetch it; tests on the real model fail with it rather than skip.
+pub fn open_smollm2() -> Result<crate::Plan, String> {
+    let path = smollm2_gguf_path()?;
+    crate::gguf_import::plan_from_gguf(&path).map_err(|e| e.to_string())
+}

@@ -141,28 +141,36 @@ fn check_rope_shape(
     Ok(n_rows / n_head / 2)
 }
 
+/// The HF row order of a llama.cpp-permuted q/k matrix: `order[hf_row] = gguf_row`.
+/// llama.cpp applied `w.reshape(n_head, 2, half, cols).swapaxes(1, 2)` to HF rows.
+pub fn rope_row_order(n_rows: usize, n_head: usize) -> Vec<usize> {
+    let rows_per_head = n_rows / n_head.max(1);
+    let half = rows_per_head / 2;
+    let mut order = vec![0; n_rows];
+    for h in 0..n_head {
+        for i in 0..2 {
+            for j in 0..half {
+                order[h * rows_per_head + i * half + j] = h * rows_per_head + j * 2 + i;
+            }
+        }
+    }
+    order
+}
+
 /// Undoes llama.cpp's RoPE permutation of `q_proj` (`n_head = num_attention_heads`) or `k_proj`
 /// (`n_head = num_key_value_heads`) rows, in place. `data` is row-major `n_rows x n_cols` (for a bias,
-/// `n_cols = 1`). llama.cpp applied `w.reshape(n_head, 2, half, cols).swapaxes(1, 2)`; this applies
-/// `w.reshape(n_head, half, 2, cols).swapaxes(1, 2)`.
+/// `n_cols = 1`).
 pub fn unpermute_rope_rows(
     data: &mut [f32],
     n_rows: usize,
     n_cols: usize,
     n_head: usize,
 ) -> Result<(), GgufError> {
-    let half = check_rope_shape(data.len(), n_rows, n_cols, n_head)?;
+    check_rope_shape(data.len(), n_rows, n_cols, n_head)?;
     let src = data.to_vec();
-    let rows_per_head = 2 * half;
-    for h in 0..n_head {
-        for i in 0..2 {
-            for j in 0..half {
-                let hf_row = h * rows_per_head + i * half + j;
-                let gguf_row = h * rows_per_head + j * 2 + i;
-                data[hf_row * n_cols..(hf_row + 1) * n_cols]
-                    .copy_from_slice(&src[gguf_row * n_cols..(gguf_row + 1) * n_cols]);
-            }
-        }
+    for (hf_row, gguf_row) in rope_row_order(n_rows, n_head).into_iter().enumerate() {
+        data[hf_row * n_cols..(hf_row + 1) * n_cols]
+            .copy_from_slice(&src[gguf_row * n_cols..(gguf_row + 1) * n_cols]);
     }
     Ok(())
 }
@@ -175,18 +183,11 @@ pub fn permute_rope_rows(
     n_cols: usize,
     n_head: usize,
 ) -> Result<(), GgufError> {
-    let half = check_rope_shape(data.len(), n_rows, n_cols, n_head)?;
+    check_rope_shape(data.len(), n_rows, n_cols, n_head)?;
     let src = data.to_vec();
-    let rows_per_head = 2 * half;
-    for h in 0..n_head {
-        for i in 0..2 {
-            for j in 0..half {
-                let hf_row = h * rows_per_head + i * half + j;
-                let gguf_row = h * rows_per_head + j * 2 + i;
-                data[gguf_row * n_cols..(gguf_row + 1) * n_cols]
-                    .copy_from_slice(&src[hf_row * n_cols..(hf_row + 1) * n_cols]);
-            }
-        }
+    for (hf_row, gguf_row) in rope_row_order(n_rows, n_head).into_iter().enumerate() {
+        data[gguf_row * n_cols..(gguf_row + 1) * n_cols]
+            .copy_from_slice(&src[hf_row * n_cols..(hf_row + 1) * n_cols]);
     }
     Ok(())
 }
