@@ -334,6 +334,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
         } else if step.has_force && step.out.as_ref().is_some_and(|o| o.exists()) {
             // The workdir belongs to the pipeline: an out-of-date output is replaced.
             extra.push("--force".into());
+            // Checkpoints of an earlier run with other settings must not be resumed later.
+            let out = step.out.as_ref().unwrap();
+            if step.kind == "heal" && out.starts_with(&recipe.workdir) {
+                let ck = out.join("checkpoints");
+                if ck.exists() {
+                    std::fs::remove_dir_all(&ck)
+                        .with_context(|| format!("removing stale {}", ck.display()))?;
+                }
+            }
         }
         let capture_json = step.kind == "eval" && step.has_json;
         if capture_json && !step.argv.iter().any(|a| a == "--json") {
