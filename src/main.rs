@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod pipeline;
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,8 @@ enum Command {
     Moe(commands::moe::Args),
     /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
     Heal(commands::heal::Args),
+    /// Run a YAML recipe of steps (surgery, healing, evaluation), skipping finished ones.
+    Run(commands::run::Args),
 }
 
 fn main() {
@@ -59,6 +62,7 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Moe(a) => commands::moe::run(a),
         Command::Heal(a) => commands::heal::run(a),
+        Command::Run(a) => commands::run::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -10,5 +10,6 @@ pub mod heal;
 pub mod import_gguf;
 pub mod inspect;
 pub mod moe;
+pub mod run;
 pub mod synth;
 pub mod upscale;

@@ -1,0 +1,463 @@
+//! `surgeon run`: a recipe of CLI steps, with skipping of finished steps, heal resume and a summary.
+//!
+//! Each step is validated with the real `Cli` parser (see [`recipe`]) and run as a child
+//! `surgeon <kind> ...` process (the same parser and the same `run` function as typed by hand).
+//! A child process keeps `heal`'s Ctrl-C checkpointing and exit code, and lets `eval --json`
+//! be captured into the step record.
+pub mod recipe;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+pub use recipe::{Recipe, Step};
+
+/// What `<workdir>/.surgeon/<step>.json` holds.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct StepRecord {
+    pub name: String,
+    pub kind: String,
+    /// Hash of kind + resolved options + input identities + surgeon version.
+    pub hash: String,
+    /// `running` while the step runs (an interrupted run leaves it), `done` after success.
+    pub status: String,
+    pub argv: Vec<String>,
+    pub out: Option<PathBuf>,
+    pub seconds: f64,
+    pub parameters: Option<u64>,
+    /// `surgeon eval --json` output for eval steps.
+    pub eval: Option<serde_json::Value>,
+    pub resumed: bool,
+}
+
+/// Options of one `surgeon run`.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub dry_run: bool,
+    /// Run from this step on, even if earlier... (earlier steps must be done).
+    pub from: Option<String>,
+    /// The `surgeon` executable for the steps (default: this executable).
+    pub exe: Option<PathBuf>,
+}
+
+/// One line of the summary table.
+#[derive(Debug, Clone)]
+pub struct SummaryRow {
+    pub step: String,
+    pub kind: String,
+    pub status: String,
+    pub out: String,
+    pub seconds: Option<f64>,
+    pub parameters: Option<u64>,
+    pub ppl: Option<f64>,
+}
+
+fn record_path(r: &Recipe, step: &str) -> PathBuf {
+    r.workdir.join(".surgeon").join(format!("{step}.json"))
+}
+
+fn read_record(r: &Recipe, step: &str) -> Option<StepRecord> {
+    let s = std::fs::read_to_string(record_path(r, step)).ok()?;
+    serde_json::from_str(&s).ok()
+}
+
+fn write_record(r: &Recipe, rec: &StepRecord) -> Result<()> {
+    let p = record_path(r, &rec.name);
+    std::fs::create_dir_all(p.parent().unwrap())?;
+    let tmp = p.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(rec)? + "\n")?;
+    std::fs::rename(&tmp, &p)?;
+    Ok(())
+}
+
+/// Identity of a file or directory input: path + size + mtime of every file below it.
+fn path_identity(p: &Path, h: &mut Sha256) {
+    let mut files = vec![];
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(q) = stack.pop() {
+        let Ok(md) = std::fs::metadata(&q) else {
+            continue;
+        };
+        if md.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&q) {
+                for e in rd.flatten() {
+                    stack.push(e.path());
+                }
+            }
+        } else {
+            let mtime = md
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            files.push((q.display().to_string(), md.len(), mtime));
+        }
+    }
+    files.sort();
+    for f in files {
+        h.update(format!("{}\0{}\0{}\n", f.0, f.1, f.2));
+    }
+}
+
+/// The step's content hash, given the hashes of the steps it reads.
+pub fn step_hash(step: &Step, upstream: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("surgeon {}\n", env!("CARGO_PKG_VERSION")));
+    for a in &step.argv {
+        h.update(a.as_bytes());
+        h.update(b"\0");
+    }
+    h.update(format!("out={:?}\n", step.out));
+    for d in &step.deps {
+        h.update(format!(
+            "dep {d}={}\n",
+            upstream.get(d).cloned().unwrap_or_default()
+        ));
+    }
+    for v in &step.plain_values {
+        let p = Path::new(v);
+        if !v.is_empty() && p.exists() {
+            h.update(format!("input {v}\n"));
+            path_identity(p, &mut h);
+        }
+    }
+    let d = h.finalize();
+    d.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=,:@+%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn command_line(step: &Step, extra: &[String]) -> String {
+    let mut w = vec!["surgeon".to_string()];
+    w.extend(step.argv.iter().map(|a| shell_word(a)));
+    if let Some(o) = &step.out {
+        w.push(format!("--out={}", shell_word(&o.display().to_string())));
+    }
+    w.extend(extra.iter().map(|a| shell_word(a)));
+    w.join(" ")
+}
+
+fn heal_checkpoint_exists(out: &Path) -> bool {
+    std::fs::read_dir(out.join("checkpoints"))
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with("step-")
+                    && e.path().join("trainer_state").exists()
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn parameter_count(out: &Path) -> Option<u64> {
+    surgeon_formats::open_model(&out.display().to_string())
+        .ok()
+        .map(|p| p.parameter_count())
+}
+
+/// Runs (or, with `dry_run`, describes) a recipe; prints progress to stderr and the
+/// summary / dry-run plan to stdout. Returns the summary rows.
+pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
+    let exe = match &opts.exe {
+        Some(e) => e.clone(),
+        None => std::env::current_exe().context("locating the surgeon executable")?,
+    };
+    let from = match &opts.from {
+        Some(f) => Some(
+            recipe
+                .steps
+                .iter()
+                .position(|s| &s.name == f)
+                .with_context(|| {
+                    format!(
+                        "--from {f}: no such step (steps: {})",
+                        recipe
+                            .steps
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let mut hashes: BTreeMap<String, String> = BTreeMap::new();
+    // Steps that are (or, in a dry run, would be) up to date.
+    let mut ready: BTreeMap<String, bool> = BTreeMap::new();
+    let mut rows = vec![];
+    if opts.dry_run {
+        println!(
+            "recipe {} ({} steps), workdir {}",
+            recipe.file,
+            recipe.steps.len(),
+            recipe.workdir.display()
+        );
+        for (k, v) in &recipe.vars {
+            println!("var {k} = {v}");
+        }
+    }
+    for (i, step) in recipe.steps.iter().enumerate() {
+        let hash = step_hash(step, &hashes);
+        hashes.insert(step.name.clone(), hash.clone());
+        let rec = read_record(recipe, &step.name);
+        let out_ok = step.out.as_ref().is_none_or(|o| o.exists());
+        let done = rec
+            .as_ref()
+            .is_some_and(|r| r.status == "done" && r.hash == hash)
+            && out_ok;
+        let forced = from.is_some_and(|f| i >= f);
+        let skip = done && !forced;
+        let resume = step.kind == "heal"
+            && step.has_resume
+            && !skip
+            && rec
+                .as_ref()
+                .is_some_and(|r| r.status == "running" && r.hash == hash)
+            && step.out.as_ref().is_some_and(|o| heal_checkpoint_exists(o));
+        let row = |status: &str, rec: Option<&StepRecord>| SummaryRow {
+            step: step.name.clone(),
+            kind: step.kind.clone(),
+            status: status.to_string(),
+            out: step
+                .out
+                .as_ref()
+                .map(|o| o.display().to_string())
+                .unwrap_or_else(|| "-".into()),
+            seconds: rec.map(|r| r.seconds),
+            parameters: rec.and_then(|r| r.parameters),
+            ppl: rec
+                .and_then(|r| r.eval.as_ref())
+                .and_then(|e| e.get("ppl"))
+                .and_then(|p| p.as_f64()),
+        };
+
+        if opts.dry_run {
+            let missing: Vec<&String> = step
+                .deps
+                .iter()
+                .filter(|d| !ready.get(*d).copied().unwrap_or(false))
+                .collect();
+            let state = if skip {
+                "up to date, would skip".to_string()
+            } else if resume {
+                "would resume from its last checkpoint".to_string()
+            } else {
+                "would run".to_string()
+            };
+            ready.insert(step.name.clone(), skip);
+            println!(
+                "\n== step {} ({}), line {}: {state}",
+                step.name, step.kind, step.line
+            );
+            let mut extra = vec![];
+            if resume {
+                extra.push(format!("--resume={}", step.out.as_ref().unwrap().display()));
+            }
+            println!("$ {}", command_line(step, &extra));
+            if skip {
+                continue;
+            }
+            if !missing.is_empty() {
+                println!(
+                    "input not built yet: {} (made by an earlier step of this run)",
+                    missing
+                        .iter()
+                        .map(|s| format!("${{steps.{s}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                continue;
+            }
+            if step.has_dry_run {
+                let mut args = step.argv.clone();
+                if let Some(o) = &step.out {
+                    args.push(format!("--out={}", o.display()));
+                }
+                args.push("--dry-run".into());
+                let o = Command::new(&exe)
+                    .args(&args)
+                    .stdin(Stdio::null())
+                    .output()
+                    .with_context(|| format!("running {}", exe.display()))?;
+                if o.status.success() {
+                    print!("{}", String::from_utf8_lossy(&o.stdout));
+                } else {
+                    let e = String::from_utf8_lossy(&o.stderr);
+                    println!(
+                        "plan unavailable: {}",
+                        e.lines().last().unwrap_or("").trim_start_matches("error: ")
+                    );
+                }
+            } else {
+                println!("({} has no --dry-run; it would run as shown)", step.kind);
+            }
+            continue;
+        }
+
+        if skip {
+            eprintln!("== {}: up to date, skipped", step.name);
+            rows.push(row("skipped", rec.as_ref()));
+            continue;
+        }
+        for d in &step.deps {
+            if let Some(r) = read_record(recipe, d) {
+                if r.status != "done" || Some(&r.hash) != hashes.get(d) {
+                    bail!(
+                        "step `{}` needs step `{d}`, which is not up to date (run without --from)",
+                        step.name
+                    );
+                }
+            } else {
+                bail!(
+                    "step `{}` needs step `{d}`, which has not run (run without --from)",
+                    step.name
+                );
+            }
+        }
+        let mut extra = vec![];
+        if resume {
+            extra.push(format!("--resume={}", step.out.as_ref().unwrap().display()));
+        } else if step.has_force && step.out.as_ref().is_some_and(|o| o.exists()) {
+            // The workdir belongs to the pipeline: an out-of-date output is replaced.
+            extra.push("--force".into());
+            // Checkpoints of an earlier run with other settings must not be resumed later.
+            let out = step.out.as_ref().unwrap();
+            if step.kind == "heal" && out.starts_with(&recipe.workdir) {
+                let ck = out.join("checkpoints");
+                if ck.exists() {
+                    std::fs::remove_dir_all(&ck)
+                        .with_context(|| format!("removing stale {}", ck.display()))?;
+                }
+            }
+        }
+        let capture_json = step.kind == "eval" && step.has_json;
+        if capture_json && !step.argv.iter().any(|a| a == "--json") {
+            extra.push("--json".into());
+        }
+        eprintln!(
+            "== {}{}: {}",
+            step.name,
+            if resume {
+                " (resuming from its last checkpoint)"
+            } else {
+                ""
+            },
+            command_line(step, &extra)
+        );
+        std::fs::create_dir_all(&recipe.workdir)
+            .with_context(|| format!("creating {}", recipe.workdir.display()))?;
+        let mut new = StepRecord {
+            name: step.name.clone(),
+            kind: step.kind.clone(),
+            hash: hash.clone(),
+            status: "running".into(),
+            argv: step.argv.clone(),
+            out: step.out.clone(),
+            resumed: resume,
+            ..Default::default()
+        };
+        write_record(recipe, &new)?;
+        let mut args = step.argv.clone();
+        if let Some(o) = &step.out {
+            args.push(format!("--out={}", o.display()));
+        }
+        args.extend(extra);
+        let t0 = Instant::now();
+        let mut cmd = Command::new(&exe);
+        cmd.args(&args).stdin(Stdio::null());
+        if capture_json {
+            cmd.stdout(Stdio::piped());
+        }
+        let o = cmd
+            .spawn()
+            .with_context(|| format!("running {}", exe.display()))?
+            .wait_with_output()?;
+        if !o.status.success() {
+            let how = match o.status.code() {
+                Some(130) => "was interrupted (rerun `surgeon run` to continue)".to_string(),
+                Some(c) => format!("failed (exit code {c})"),
+                None => "was killed".to_string(),
+            };
+            bail!(
+                "{}:{}: step `{}` ({}) {how}",
+                recipe.file,
+                step.line,
+                step.name,
+                step.kind
+            );
+        }
+        new.seconds = t0.elapsed().as_secs_f64();
+        if capture_json {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let line = text.lines().rev().find(|l| l.trim_start().starts_with('{'));
+            new.eval = line.and_then(|l| serde_json::from_str(l).ok());
+            print!("{text}");
+        }
+        new.parameters = step.out.as_deref().and_then(parameter_count);
+        new.status = "done".into();
+        write_record(recipe, &new)?;
+        rows.push(row("ran", Some(&new)));
+    }
+    if !opts.dry_run {
+        print!("{}", render_summary(&rows));
+    }
+    Ok(rows)
+}
+
+/// The summary table.
+pub fn render_summary(rows: &[SummaryRow]) -> String {
+    let mut table = vec![vec![
+        "step".to_string(),
+        "kind".into(),
+        "status".into(),
+        "output".into(),
+        "time".into(),
+        "parameters".into(),
+        "perplexity".into(),
+    ]];
+    for r in rows {
+        table.push(vec![
+            r.step.clone(),
+            r.kind.clone(),
+            r.status.clone(),
+            r.out.clone(),
+            r.seconds
+                .map(|s| format!("{s:.1}s"))
+                .unwrap_or_else(|| "-".into()),
+            r.parameters
+                .map(surgeon_formats::plan::group_digits)
+                .unwrap_or_else(|| "-".into()),
+            r.ppl
+                .map(|p| format!("{p:.3}"))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|c| table.iter().map(|r| r[c].chars().count()).max().unwrap())
+        .collect();
+    let mut s = String::from("\n");
+    for row in table {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, v)| format!("{v:<w$}", w = widths[c]))
+            .collect();
+        s.push_str(cells.join("  ").trim_end());
+        s.push('\n');
+    }
+    s
+}

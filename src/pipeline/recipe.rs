@@ -1,0 +1,759 @@
+//! Recipe files: parsing, line numbers, variable and step-reference resolution, validation
+//! against the real command-line parser.
+//!
+//! ```yaml
+//! workdir: work/demo            # optional; `surgeon run --workdir` wins
+//! vars:                         # `${vars.NAME}`, overridable with `--set NAME=VALUE`
+//!   gguf: ${env.SURGEON_CACHE}/SmolLM2-135M-Instruct.Q4_1.gguf
+//! steps:
+//!   - name: base                # output: <workdir>/base (unless the step sets `out:`)
+//!     kind: import-gguf         # any `surgeon` subcommand
+//!     file: ${vars.gguf}        # options: the subcommand's own (positional ones by name)
+//!   - name: deep
+//!     kind: upscale
+//!     model: ${steps.base}      # an earlier step's output
+//!     layers: 36
+//! ```
+use anyhow::{anyhow, Result};
+use clap::{ArgAction, CommandFactory};
+use serde_yaml::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// An error that points to a line of the recipe (`recipe.yaml:12: ...`).
+#[derive(Debug)]
+pub struct RecipeError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for RecipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file, self.line, self.message)
+    }
+}
+impl std::error::Error for RecipeError {}
+
+/// A parsed, resolved recipe.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// The recipe's path as given (used in messages).
+    pub file: String,
+    pub workdir: PathBuf,
+    pub vars: BTreeMap<String, String>,
+    pub steps: Vec<Step>,
+}
+
+/// One resolved step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: String,
+    pub kind: String,
+    /// Line of the step's `- ` item.
+    pub line: usize,
+    /// The argument vector after `surgeon`: `[kind, args...]` (no `--out`, `--force`, `--resume`,
+    /// `--dry-run`: the runner adds those).
+    pub argv: Vec<String>,
+    /// Where the step writes (`None` for commands without `--out`, e.g. `eval`).
+    pub out: Option<PathBuf>,
+    /// Earlier steps this one reads.
+    pub deps: Vec<String>,
+    /// Option values (after substitution) that are not step references: file inputs are among them.
+    pub plain_values: Vec<String>,
+    /// Whether the command accepts `--dry-run`, `--force`, `--resume`, `--json`.
+    pub has_dry_run: bool,
+    pub has_force: bool,
+    pub has_resume: bool,
+    pub has_json: bool,
+}
+
+/// Line numbers found by a light scan of the text (serde_yaml 0.9 keeps no locations).
+#[derive(Default, Debug)]
+struct Lines {
+    top: BTreeMap<String, usize>,
+    vars: BTreeMap<String, usize>,
+    /// Per step item: the item line and its keys' lines.
+    steps: Vec<(usize, BTreeMap<String, usize>)>,
+}
+
+fn indent(l: &str) -> usize {
+    l.len() - l.trim_start().len()
+}
+
+fn key_of(s: &str) -> Option<String> {
+    let s = s.trim_start();
+    if s.starts_with('#') {
+        return None;
+    }
+    let (k, _) = s.split_once(':')?;
+    let k = k.trim().trim_matches(|c| c == '"' || c == '\'');
+    (!k.is_empty() && !k.contains(' ')).then(|| k.to_string())
+}
+
+fn scan_lines(text: &str) -> Lines {
+    let mut out = Lines::default();
+    let mut section = "";
+    let mut item_indent: Option<usize> = None;
+    let mut key_col: Option<usize> = None;
+    let mut sub_indent: Option<usize> = None;
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let l = raw.trim_end();
+        if l.trim().is_empty() || l.trim_start().starts_with('#') {
+            continue;
+        }
+        let ind = indent(l);
+        if ind == 0 {
+            if let Some(k) = key_of(l) {
+                out.top.insert(k.clone(), n);
+                section = match k.as_str() {
+                    "vars" => "vars",
+                    "steps" => "steps",
+                    _ => "",
+                };
+                item_indent = None;
+                sub_indent = None;
+                continue;
+            }
+        }
+        match section {
+            "vars" => {
+                let si = *sub_indent.get_or_insert(ind);
+                if ind == si {
+                    if let Some(k) = key_of(l) {
+                        out.vars.insert(k, n);
+                    }
+                }
+            }
+            "steps" => {
+                let body = l.trim_start();
+                let is_item = body == "-" || body.starts_with("- ");
+                if is_item && item_indent.is_none_or(|ii| ind == ii) {
+                    item_indent = Some(ind);
+                    let rest = body[1..].trim_start();
+                    let col = ind + (body.len() - rest.len());
+                    key_col = Some(col);
+                    let mut keys = BTreeMap::new();
+                    if let Some(k) = key_of(rest) {
+                        keys.insert(k, n);
+                    } else {
+                        key_col = None;
+                    }
+                    out.steps.push((n, keys));
+                } else if let Some((_, keys)) = out.steps.last_mut() {
+                    let col = *key_col.get_or_insert(ind);
+                    if ind == col {
+                        if let Some(k) = key_of(l) {
+                            keys.insert(k, n);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Keys of a step that are not command options.
+const STEP_KEYS: &[&str] = &["name", "kind", "out"];
+
+/// Parses and resolves a recipe. `sets` are `--set KEY=VALUE` overrides; `workdir` overrides the
+/// recipe's `workdir:`.
+pub fn load(path: &Path, sets: &[(String, String)], workdir: Option<&Path>) -> Result<Recipe> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("cannot read recipe {}: {e}", path.display()))?;
+    parse(&path.display().to_string(), &text, sets, workdir)
+}
+
+pub fn parse(
+    file: &str,
+    text: &str,
+    sets: &[(String, String)],
+    workdir: Option<&Path>,
+) -> Result<Recipe> {
+    let lines = scan_lines(text);
+    let err = |line: usize, message: String| -> anyhow::Error {
+        RecipeError {
+            file: file.to_string(),
+            line,
+            message,
+        }
+        .into()
+    };
+    let doc: Value = serde_yaml::from_str(text).map_err(|e| {
+        let line = e.location().map(|l| l.line()).unwrap_or(1);
+        err(line, format!("not valid YAML: {e}"))
+    })?;
+    let map = doc.as_mapping().ok_or_else(|| {
+        err(
+            1,
+            "a recipe is a mapping with `steps:` (and `vars:`, `workdir:`)".into(),
+        )
+    })?;
+    for (k, _) in map {
+        let k = scalar(k).unwrap_or_default();
+        if !["steps", "vars", "workdir", "description"].contains(&k.as_str()) {
+            let line = lines.top.get(&k).copied().unwrap_or(1);
+            return Err(err(
+                line,
+                format!("unknown top-level key `{k}` (steps, vars, workdir, description)"),
+            ));
+        }
+    }
+
+    // Variables: recipe values, then --set overrides; values may use ${env.X} and other vars.
+    let mut raw_vars: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    if let Some(v) = map.get("vars") {
+        let m = v
+            .as_mapping()
+            .ok_or_else(|| err(lines.top["vars"], "`vars:` must be a mapping".into()))?;
+        for (k, v) in m {
+            let k = scalar(k).unwrap_or_default();
+            let line = lines.vars.get(&k).copied().unwrap_or(lines.top["vars"]);
+            let v = scalar(v).ok_or_else(|| err(line, format!("var `{k}` must be a scalar")))?;
+            raw_vars.insert(k, (v, line));
+        }
+    }
+    for (k, v) in sets {
+        let Some(line) = raw_vars.get(k).map(|x| x.1) else {
+            let known: Vec<&str> = raw_vars.keys().map(String::as_str).collect();
+            anyhow::bail!(
+                "--set {k}: {file} has no variable `{k}` (vars: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        raw_vars.insert(k.clone(), (v.clone(), line));
+    }
+    let mut vars = BTreeMap::new();
+    for (k, (v, line)) in &raw_vars {
+        let mut s = v.clone();
+        for _ in 0..16 {
+            if !s.contains("${") {
+                break;
+            }
+            s = substitute(&s, &|kind, name| match kind {
+                "vars" => raw_vars.get(name).map(|x| x.0.clone()),
+                "env" => std::env::var(name).ok(),
+                _ => None,
+            })
+            .map_err(|m| err((*line).max(1), format!("var `{k}`: {m}")))?;
+        }
+        if s.contains("${vars.") {
+            return Err(err((*line).max(1), format!("var `{k}` refers to itself")));
+        }
+        vars.insert(k.clone(), s);
+    }
+
+    let workdir = match workdir {
+        Some(w) => w.to_path_buf(),
+        None => match map.get("workdir") {
+            Some(w) => {
+                let w = scalar(w).unwrap_or_default();
+                PathBuf::from(
+                    substitute(&w, &|kind, name| lookup_var(&vars, kind, name))
+                        .map_err(|m| err(lines.top["workdir"], m))?,
+                )
+            }
+            None => {
+                let stem = Path::new(file)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "recipe".into());
+                PathBuf::from("work").join(stem)
+            }
+        },
+    };
+
+    let steps_v = map
+        .get("steps")
+        .ok_or_else(|| err(1, "the recipe has no `steps:`".into()))?;
+    let steps_line = lines.top.get("steps").copied().unwrap_or(1);
+    let items = steps_v
+        .as_sequence()
+        .ok_or_else(|| err(steps_line, "`steps:` must be a list of steps".into()))?;
+
+    // First pass: names, kinds, lines.
+    struct Raw<'a> {
+        line: usize,
+        keys: BTreeMap<String, usize>,
+        name: String,
+        kind: String,
+        map: &'a serde_yaml::Mapping,
+    }
+    let cli = crate::Cli::command();
+    let kinds: Vec<String> = cli
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .filter(|k| k != "run" && k != "help")
+        .collect();
+    let mut raws: Vec<Raw> = vec![];
+    for (i, item) in items.iter().enumerate() {
+        let (line, keys) = lines
+            .steps
+            .get(i)
+            .cloned()
+            .unwrap_or((steps_line, BTreeMap::new()));
+        let at = |k: &str| keys.get(k).copied().unwrap_or(line);
+        let m = item
+            .as_mapping()
+            .ok_or_else(|| err(line, "a step is a mapping with `name:` and `kind:`".into()))?;
+        let name = m
+            .get("name")
+            .and_then(scalar)
+            .ok_or_else(|| err(line, "step has no `name:`".into()))?;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            || name.starts_with('.')
+        {
+            return Err(err(
+                at("name"),
+                format!("step name `{name}` must be letters, digits, `-`, `_`, `.`"),
+            ));
+        }
+        if let Some(prev) = raws.iter().find(|r| r.name == name) {
+            return Err(err(
+                at("name"),
+                format!(
+                    "step `{name}` is defined twice (first on line {})",
+                    prev.line
+                ),
+            ));
+        }
+        let kind = m
+            .get("kind")
+            .and_then(scalar)
+            .ok_or_else(|| err(line, format!("step `{name}` has no `kind:`")))?;
+        if !kinds.contains(&kind) {
+            let hint = suggest(&kind, &kinds)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            return Err(err(
+                at("kind"),
+                format!(
+                    "unknown step kind \"{kind}\"{hint}; kinds: {}",
+                    kinds.join(", ")
+                ),
+            ));
+        }
+        raws.push(Raw {
+            line,
+            keys,
+            name,
+            kind,
+            map: m,
+        });
+    }
+
+    // Output paths.
+    let mut outs: BTreeMap<String, Option<PathBuf>> = BTreeMap::new();
+    for r in &raws {
+        let sub = cli.find_subcommand(&r.kind).unwrap();
+        let has_out = sub.get_arguments().any(|a| a.get_id() == "out");
+        let out = match r.map.get("out").and_then(scalar) {
+            Some(o) => {
+                let o = substitute(&o, &|kind, name| {
+                    lookup_var(&vars, kind, name)
+                        .or_else(|| (kind == "workdir").then(|| workdir.display().to_string()))
+                })
+                .map_err(|m| err(r.keys.get("out").copied().unwrap_or(r.line), m))?;
+                Some(PathBuf::from(o))
+            }
+            None => has_out.then(|| workdir.join(&r.name)),
+        };
+        if !has_out && r.map.contains_key("out") {
+            return Err(err(
+                r.keys["out"],
+                format!("`{}` writes no model: it takes no `out:`", r.kind),
+            ));
+        }
+        outs.insert(r.name.clone(), out);
+    }
+
+    // References between steps: unknown names, cycles, forward references.
+    let index: BTreeMap<&str, usize> = raws
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.name.as_str(), i))
+        .collect();
+    let mut refs: Vec<Vec<(String, usize)>> = vec![];
+    for r in &raws {
+        let mut v = vec![];
+        for (k, val) in r.map {
+            let k = scalar(k).unwrap_or_default();
+            let line = r.keys.get(&k).copied().unwrap_or(r.line);
+            for s in flatten(val) {
+                for (kind, name) in placeholders(&s) {
+                    if kind == "steps" {
+                        if !index.contains_key(name.as_str()) {
+                            let names: Vec<String> = raws.iter().map(|r| r.name.clone()).collect();
+                            let hint = suggest(&name, &names)
+                                .map(|s| format!(" (did you mean `{s}`?)"))
+                                .unwrap_or_default();
+                            return Err(err(
+                                line,
+                                format!(
+                                    "step `{}` refers to step `{name}`, which does not exist{hint}",
+                                    r.name
+                                ),
+                            ));
+                        }
+                        v.push((name, line));
+                    }
+                }
+            }
+        }
+        refs.push(v);
+    }
+    for (i, r) in raws.iter().enumerate() {
+        for (dep, line) in &refs[i] {
+            let j = index[dep.as_str()];
+            if j == i {
+                return Err(err(*line, format!("step `{}` refers to itself", r.name)));
+            }
+            if j > i {
+                // Is there a way back from `dep` to this step? Then it is a cycle.
+                if let Some(path) = find_path(&refs, &index, j, i) {
+                    let mut names = vec![r.name.clone()];
+                    names.extend(path.iter().map(|&k| raws[k].name.clone()));
+                    return Err(err(
+                        *line,
+                        format!("cycle between steps: {}", names.join(" -> ")),
+                    ));
+                }
+                return Err(err(
+                    *line,
+                    format!(
+                        "step `{}` refers to step `{dep}`, which comes later (line {}); steps run in order",
+                        r.name, raws[j].line
+                    ),
+                ));
+            }
+            if outs[dep].is_none() {
+                return Err(err(
+                    *line,
+                    format!(
+                        "step `{}` refers to step `{dep}`, whose kind `{}` writes no output",
+                        r.name, raws[j].kind
+                    ),
+                ));
+            }
+        }
+    }
+
+    // Build argv and validate with the real parser.
+    let mut steps = vec![];
+    for (i, r) in raws.iter().enumerate() {
+        let sub = cli.find_subcommand(&r.kind).unwrap();
+        let resolve = |s: &str, line: usize| -> Result<String> {
+            substitute(s, &|kind, name| match kind {
+                "steps" => outs
+                    .get(name)
+                    .cloned()
+                    .flatten()
+                    .map(|p| p.display().to_string()),
+                "workdir" => Some(workdir.display().to_string()),
+                _ => lookup_var(&vars, kind, name),
+            })
+            .map_err(|m| err(line, format!("step `{}`: {m}", r.name)))
+        };
+        let mut positional: Vec<(usize, Vec<String>)> = vec![];
+        let mut named: Vec<String> = vec![];
+        let mut plain_values = vec![];
+        for (k, val) in r.map {
+            let k = scalar(k).unwrap_or_default();
+            if STEP_KEYS.contains(&k.as_str()) {
+                continue;
+            }
+            let line = r.keys.get(&k).copied().unwrap_or(r.line);
+            let id = k.replace('-', "_");
+            let Some(arg) = sub.get_arguments().find(|a| a.get_id() == id.as_str()) else {
+                let names: Vec<String> = sub
+                    .get_arguments()
+                    .filter(|a| {
+                        !["out", "force", "dry_run", "resume", "help"]
+                            .contains(&a.get_id().as_str())
+                    })
+                    .map(|a| a.get_id().as_str().replace('_', "-"))
+                    .collect();
+                let hint = suggest(&k, &names)
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                return Err(err(
+                    line,
+                    format!("unknown option `{k}` for step kind `{}`{hint}", r.kind),
+                ));
+            };
+            if ["out", "force", "dry_run", "resume", "help"].contains(&id.as_str()) {
+                return Err(err(
+                    line,
+                    format!(
+                        "`{k}` is managed by `surgeon run` (use the step's `out:` for the output)"
+                    ),
+                ));
+            }
+            let values: Vec<String> = match val {
+                Value::Sequence(s) => s
+                    .iter()
+                    .map(|v| {
+                        scalar(v).ok_or_else(|| {
+                            err(line, format!("option `{k}`: list items must be scalars"))
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+                v => vec![scalar(v).ok_or_else(|| {
+                    err(
+                        line,
+                        format!("option `{k}` must be a scalar or a list of scalars"),
+                    )
+                })?],
+            };
+            let mut resolved = vec![];
+            for v in &values {
+                let rv = resolve(v, line)?;
+                if placeholders(v).iter().all(|(kind, _)| kind != "steps") {
+                    plain_values.push(rv.clone());
+                }
+                resolved.push(rv);
+            }
+            let long = arg.get_long().map(|l| format!("--{l}"));
+            let multi = arg.get_num_args().is_some_and(|n| n.max_values() > 1);
+            match (long, arg.get_action()) {
+                (None, _) => positional.push((arg.get_index().unwrap_or(0), resolved)),
+                (Some(l), ArgAction::SetTrue) => match resolved.as_slice() {
+                    [b] if b == "true" => named.push(l),
+                    [b] if b == "false" => {}
+                    _ => return Err(err(line, format!("option `{k}` is a flag: true or false"))),
+                },
+                (Some(l), ArgAction::Append) if !multi => {
+                    for v in resolved {
+                        named.push(format!("{l}={v}"));
+                    }
+                }
+                (Some(l), _) if multi => {
+                    named.push(l);
+                    named.extend(resolved);
+                }
+                (Some(l), _) => named.push(format!("{l}={}", resolved.join(","))),
+            }
+        }
+        positional.sort_by_key(|p| p.0);
+        let mut argv = vec![r.kind.clone()];
+        for (_, v) in positional {
+            argv.extend(v);
+        }
+        argv.extend(named);
+        // Check with the real parser (plus the pieces the runner adds).
+        let out = outs[&r.name].clone();
+        let mut check = vec!["surgeon".to_string()];
+        check.extend(argv.iter().cloned());
+        if let Some(o) = &out {
+            check.push(format!("--out={}", o.display()));
+        }
+        if let Err(e) = <crate::Cli as clap::Parser>::try_parse_from(&check) {
+            let msg = e.to_string();
+            // clap's message up to its usage line, on one line.
+            let first = msg
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect::<Vec<_>>()
+                .join(" ")
+                .trim_start_matches("error: ")
+                .to_string();
+            // Point to the option's line when clap names it.
+            let line = r
+                .keys
+                .iter()
+                .filter(|(k, _)| !STEP_KEYS.contains(&k.as_str()))
+                .find(|(k, _)| {
+                    let flag = format!("--{}", k.replace('_', "-"));
+                    first.contains(&format!("'{flag}")) || first.contains(&format!("'{flag} "))
+                })
+                .map(|(_, l)| *l)
+                .unwrap_or(r.line);
+            return Err(err(
+                line,
+                format!("step `{}` ({}): {first}", r.name, r.kind),
+            ));
+        }
+        let has = |id: &str| sub.get_arguments().any(|a| a.get_id() == id);
+        let mut deps: Vec<String> = refs[i].iter().map(|d| d.0.clone()).collect();
+        deps.dedup();
+        steps.push(Step {
+            name: r.name.clone(),
+            kind: r.kind.clone(),
+            line: r.line,
+            argv,
+            out,
+            deps,
+            plain_values,
+            has_dry_run: has("dry_run"),
+            has_force: has("force"),
+            has_resume: has("resume"),
+            has_json: has("json"),
+        });
+    }
+    Ok(Recipe {
+        file: file.to_string(),
+        workdir,
+        vars,
+        steps,
+    })
+}
+
+fn find_path(
+    refs: &[Vec<(String, usize)>],
+    index: &BTreeMap<&str, usize>,
+    from: usize,
+    to: usize,
+) -> Option<Vec<usize>> {
+    let mut stack = vec![(from, vec![from])];
+    let mut seen = vec![false; refs.len()];
+    while let Some((n, path)) = stack.pop() {
+        if n == to {
+            return Some(path);
+        }
+        if std::mem::replace(&mut seen[n], true) {
+            continue;
+        }
+        for (d, _) in &refs[n] {
+            let j = index[d.as_str()];
+            let mut p = path.clone();
+            p.push(j);
+            stack.push((j, p));
+        }
+    }
+    None
+}
+
+fn lookup_var(vars: &BTreeMap<String, String>, kind: &str, name: &str) -> Option<String> {
+    match kind {
+        "vars" => vars.get(name).cloned(),
+        "env" => std::env::var(name).ok(),
+        _ => None,
+    }
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn flatten(v: &Value) -> Vec<String> {
+    match v {
+        Value::Sequence(s) => s.iter().filter_map(scalar).collect(),
+        v => scalar(v).into_iter().collect(),
+    }
+}
+
+/// `${kind.name}` / `${workdir}` placeholders in `s`.
+fn placeholders(s: &str) -> Vec<(String, String)> {
+    let mut out = vec![];
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        let Some(j) = rest[i..].find('}') else { break };
+        let inner = &rest[i + 2..i + j];
+        let (k, n) = inner.split_once('.').unwrap_or((inner, ""));
+        out.push((k.to_string(), n.to_string()));
+        rest = &rest[i + j + 1..];
+    }
+    out
+}
+
+/// Replaces `${kind.name}` using `f`; unknown references are errors.
+fn substitute(
+    s: &str,
+    f: &dyn Fn(&str, &str) -> Option<String>,
+) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let j = rest[i..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
+        let inner = &rest[i + 2..i + j];
+        let (k, n) = inner.split_once('.').unwrap_or((inner, ""));
+        match k {
+            "vars" | "env" | "steps" | "workdir" => {}
+            _ => {
+                return Err(format!(
+                    "unknown reference `${{{inner}}}` (use ${{vars.NAME}}, ${{steps.NAME}}, ${{env.NAME}}, ${{workdir}})"
+                ))
+            }
+        }
+        let v = f(k, n).ok_or_else(|| match k {
+            "vars" => format!("unknown variable `{n}` in `${{{inner}}}`"),
+            "env" => format!("environment variable `{n}` is not set"),
+            _ => format!("cannot resolve `${{{inner}}}`"),
+        })?;
+        out.push_str(&v);
+        rest = &rest[i + j + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The closest candidate by edit distance, if close enough.
+fn suggest(word: &str, candidates: &[String]) -> Option<String> {
+    let d = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                cur.push(
+                    (prev[j] + usize::from(ca != *cb))
+                        .min(prev[j + 1] + 1)
+                        .min(cur[j] + 1),
+                );
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    };
+    candidates
+        .iter()
+        .map(|c| (d(word, c), c))
+        .filter(|(n, _)| *n <= 2.max(word.len() / 3))
+        .min_by_key(|(n, _)| *n)
+        .map(|(_, c)| c.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_finds_lines() {
+        let t =
+            "vars:\n  a: 1\nsteps:\n  - name: x\n    kind: synth\n\n  - name: y\n    kind: eval\n";
+        let l = scan_lines(t);
+        assert_eq!(l.vars["a"], 2);
+        assert_eq!(l.steps.len(), 2);
+        assert_eq!(l.steps[0].0, 4);
+        assert_eq!(l.steps[1].1["kind"], 8);
+    }
+
+    #[test]
+    fn substitution() {
+        let f = |k: &str, n: &str| (k == "vars" && n == "a").then(|| "A".to_string());
+        assert_eq!(substitute("x${vars.a}y", &f).unwrap(), "xAy");
+        assert!(substitute("${vars.b}", &f).is_err());
+        assert!(substitute("${foo.b}", &f).is_err());
+    }
+}
