@@ -8,7 +8,10 @@ type B = burn::backend::Flex;
 
 fn ids(v: &[u32]) -> Tensor<B, 2, Int> {
     let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
-    Tensor::from_data(TensorData::new(v.clone(), [1, v.len()]), &Default::default())
+    Tensor::from_data(
+        TensorData::new(v.clone(), [1, v.len()]),
+        &Default::default(),
+    )
 }
 
 fn bits(t: Tensor<B, 3>) -> Vec<u32> {

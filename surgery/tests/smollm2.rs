@@ -1,45 +1,14 @@
 //! Depth up-scaling of the real model, SmolLM2-135M-Instruct (Q4_1 GGUF, 30 layers) to 48 layers:
 //! written with `write_model`, reopened, every tensor compared bytewise with its source.
 //!
-//! The GGUF is looked up as `$SURGEON_SMOLLM2_GGUF`, else `$SURGEON_CACHE/<name>`, else
-//! `~/.cache/surgeon/<name>`, else `/work/cache/<name>` (`scripts/fetch-smollm2.sh` fetches it).
-//! The test fails, with a message saying why, when the file is missing or cannot be imported.
-use std::path::PathBuf;
+//! The GGUF comes from `scripts/fetch-smollm2.sh`; the test fails, saying so, when it is missing.
 use surgeon_formats::arch::{layer_tensors, split_layer_name};
 use surgeon_formats::{open_hf_dir, write_model, WriteOptions};
 use surgeon_surgery::upscale_solar;
 
-const NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn gguf_path() -> PathBuf {
-    let mut candidates = vec![];
-    if let Some(p) = std::env::var_os("SURGEON_SMOLLM2_GGUF") {
-        candidates.push(PathBuf::from(p));
-    }
-    if let Some(c) = std::env::var_os("SURGEON_CACHE") {
-        candidates.push(PathBuf::from(c).join(NAME));
-    }
-    if let Some(h) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(h).join(".cache/surgeon").join(NAME));
-    }
-    candidates.push(PathBuf::from("/work/cache").join(NAME));
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!("{NAME} not found (looked at {candidates:?}): run scripts/fetch-smollm2.sh or set SURGEON_SMOLLM2_GGUF")
-        })
-}
-
 #[test]
 fn smollm2_solar_copies_are_bitwise() {
-    let path = gguf_path();
-    let plan = surgeon_formats::open_model(path.to_str().unwrap()).unwrap_or_else(|e| {
-        panic!(
-            "cannot open the real model through open_model (is GGUF import available in this build?): {e}"
-        )
-    });
+    let plan = surgeon_formats::gguf::open_smollm2().unwrap_or_else(|e| panic!("{e}"));
     let n = plan.arch.num_layers();
     assert_eq!(n, 30, "SmolLM2-135M has 30 layers");
     let up = upscale_solar(&plan, 48).unwrap();
