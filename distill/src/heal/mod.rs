@@ -82,29 +82,8 @@ pub enum Budget {
     Tokens(u64),
 }
 
-/// Which burn backend trains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum BackendKind {
-    /// burn's pure-Rust CPU backend (Flex).
-    #[default]
-    Cpu,
-    /// burn-wgpu (needs the `wgpu` feature).
-    Wgpu,
-    /// burn-cuda (needs the `cuda` feature).
-    Cuda,
-}
-
-impl std::str::FromStr for BackendKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "cpu" | "flex" => Ok(BackendKind::Cpu),
-            "wgpu" => Ok(BackendKind::Wgpu),
-            "cuda" => Ok(BackendKind::Cuda),
-            _ => Err(format!("unknown backend `{s}` (cpu, wgpu, cuda)")),
-        }
-    }
-}
+/// Which burn backend trains (the same choice as eval and generate).
+pub use crate::backend::BackendKind;
 
 /// Everything a healing run needs besides the models themselves.
 #[derive(Clone, Debug)]
