@@ -7,5 +7,6 @@ cd "$root"
 export SURGEON_CACHE=${SURGEON_CACHE:-$HOME/.cache/surgeon}
 scripts/fetch-smollm2.sh > /dev/null
 cargo test --workspace --all-targets
+cargo test --workspace --doc
 cargo check --quiet -p surgeon-distill --features wgpu,cuda
 echo "gpu features: cargo check passed"
