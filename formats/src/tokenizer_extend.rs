@@ -169,19 +169,23 @@ fn old_ids(v: &Value) -> Result<(u32, BTreeSet<u32>)> {
     Ok((next, ids))
 }
 
-/// Added tokens whose ids lie outside the model vocabulary would be renumbered by the `tokenizers`
-/// loader once the model vocabulary grows (it assigns them ids after the vocabulary), so they are
-/// written into `model.vocab` at their ids as well.
-fn pin_added_tokens(v: &mut Value) {
-    let added: Vec<(String, u64)> = v
-        .get("added_tokens")
+/// `(content, id)` of every entry of tokenizer.json's `added_tokens`.
+fn added_token_ids(v: &Value) -> Vec<(String, u64)> {
+    v.get("added_tokens")
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
                 .filter_map(|t| Some((t["content"].as_str()?.to_string(), t["id"].as_u64()?)))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Added tokens whose ids lie outside the model vocabulary would be renumbered by the `tokenizers`
+/// loader once the model vocabulary grows (it assigns them ids after the vocabulary), so they are
+/// written into `model.vocab` at their ids as well.
+fn pin_added_tokens(v: &mut Value) {
+    let added = added_token_ids(v);
     if let Some(vocab) = v["model"]["vocab"].as_object_mut() {
         let taken: HashSet<u64> = vocab.values().filter_map(Value::as_u64).collect();
         for (content, id) in added {
@@ -228,15 +232,7 @@ pub fn add_tokens(json: &[u8], tokens: &[String]) -> Result<Extension> {
     if tokens.is_empty() {
         return Err(invalid("no tokens to add: the token list is empty"));
     }
-    let added_contents: HashMap<String, u64> = v
-        .get("added_tokens")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| Some((t["content"].as_str()?.to_string(), t["id"].as_u64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let added_contents: HashMap<String, u64> = added_token_ids(&v).into_iter().collect();
     let mut seen = HashSet::new();
     let mut out = vec![];
     let mut skipped = vec![];

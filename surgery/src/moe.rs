@@ -207,6 +207,21 @@ fn dense_width(arch: &ModelArch, layer: usize) -> usize {
     }
 }
 
+/// Removes layer `l`'s dense gate/up/down projections from `plan`, which the MoE replaces.
+fn take_dense_mlp(
+    plan: &mut Plan,
+    origin: &str,
+    l: usize,
+) -> Result<(TensorEntry, TensorEntry, TensorEntry)> {
+    let [gate, up, down] = mlp_names(l).map(|n| plan.tensors.remove(&n));
+    match (gate, up, down) {
+        (Some(g), Some(u), Some(d)) => Ok((g, u, d)),
+        _ => Err(Error::invalid(format!(
+            "{origin}: layer {l} lacks one of mlp.gate_proj/up_proj/down_proj"
+        ))),
+    }
+}
+
 fn mlp_names(layer: usize) -> [String; 3] {
     let p = format!("model.layers.{layer}.mlp");
     [
@@ -262,16 +277,7 @@ pub fn upcycle(plan: &Plan, opts: &MoeOptions) -> Result<Plan> {
     let e = o.num_experts;
     for l in 0..plan.arch.layers.len() {
         let i = dense_width(&plan.arch, l);
-        let [gate, up, down] = mlp_names(l).map(|n| out.tensors.remove(&n));
-        let (gate, up, down) = match (gate, up, down) {
-            (Some(g), Some(u), Some(d)) => (g, u, d),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "{}: layer {l} lacks one of mlp.gate_proj/up_proj/down_proj",
-                    plan.origin
-                )))
-            }
-        };
+        let (gate, up, down) = take_dense_mlp(&mut out, &plan.origin, l)?;
         let q = format!("model.layers.{l}.block_sparse_moe");
         out.tensors.insert(
             format!("{q}.gate.weight"),
@@ -418,16 +424,7 @@ pub fn split_with_partitions(
         let i = dense_width(&plan.arch, l);
         check_partition(layer_parts, i, e)
             .map_err(|m| Error::invalid(format!("layer {l}: {m}")))?;
-        let [gate, up, down] = mlp_names(l).map(|n| out.tensors.remove(&n));
-        let (gate, up, down) = match (gate, up, down) {
-            (Some(g), Some(u), Some(d)) => (g, u, d),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "{}: layer {l} lacks one of mlp.gate_proj/up_proj/down_proj",
-                    plan.origin
-                )))
-            }
-        };
+        let (gate, up, down) = take_dense_mlp(&mut out, &plan.origin, l)?;
         let q = format!("model.layers.{l}.block_sparse_moe");
         out.tensors.insert(
             format!("{q}.gate.weight"),
