@@ -6,6 +6,7 @@
 //! - [`generate`]: sampling with a KV cache, streaming text.
 //! - [`text`]: tokenizer and chat template of a plan.
 //! - [`influence`]: block influence of each layer (which layers `drop-layers --count` removes).
+//! - [`plot`]: line and bar charts (SVG/PNG) with an embedded font.
 pub mod backend;
 pub mod error;
 pub mod eval;
@@ -15,6 +16,7 @@ pub mod influence;
 pub mod model;
 pub mod moe_aux;
 pub mod moe_stats;
+pub mod plot;
 pub mod text;
 
 pub use backend::BackendKind;

@@ -878,6 +878,7 @@ pub fn heal_on<B: AutodiffBackend>(
     write_final(&plan, out, &run.history_line)?;
     write_csv(&out.join("metrics.csv"), &metrics)?;
     plot_loss(&out.join("loss.png"), &metrics)?;
+    plot_loss(&out.join("loss.svg"), &metrics)?;
     Ok(report(Some(out.clone())))
 }
 
