@@ -27,6 +27,8 @@ enum Command {
     ExtendVocab(commands::extend_vocab::Args),
     /// Import a llama.cpp GGUF file as a Hugging Face model.
     ImportGguf(commands::import_gguf::Args),
+    /// Export a model as a llama.cpp GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1).
+    ExportGguf(commands::export_gguf::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
     Synth(commands::synth::Args),
     /// Depth up-scaling (SOLAR): stack layer ranges of the model, e.g. 32 -> 48 layers.
@@ -54,6 +56,7 @@ fn main() {
         Command::Convert(a) => commands::convert::run(a),
         Command::ExtendVocab(a) => commands::extend_vocab::run(a),
         Command::ImportGguf(a) => commands::import_gguf::run(a),
+        Command::ExportGguf(a) => commands::export_gguf::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Upscale(a) => commands::upscale::run(a),
         Command::Expand(a) => commands::expand::run(a),

@@ -170,14 +170,25 @@ pub fn open_hf_dir(dir: &Path) -> Result<Plan> {
 /// Directories holding the files a plan reads (used to refuse writing an output inside an input).
 pub fn input_dirs(plan: &Plan) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = vec![];
-    let mut add = |p: &Path| {
-        if let Some(parent) = p.parent() {
+    for f in input_files(plan) {
+        if let Some(parent) = f.parent() {
             let d = parent
                 .canonicalize()
                 .unwrap_or_else(|_| parent.to_path_buf());
             if !dirs.contains(&d) {
                 dirs.push(d);
             }
+        }
+    }
+    dirs
+}
+
+/// The files a plan reads (tensor sources and auxiliary files), as given, without duplicates.
+pub fn input_files(plan: &Plan) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = vec![];
+    let mut add = |p: &Path| {
+        if !files.iter().any(|f| f == p) {
+            files.push(p.to_path_buf());
         }
     };
     fn walk(s: &Source, add: &mut dyn FnMut(&Path)) {
@@ -202,5 +213,5 @@ pub fn input_dirs(plan: &Plan) -> Vec<PathBuf> {
             add(p);
         }
     }
-    dirs
+    files
 }

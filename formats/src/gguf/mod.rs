@@ -1,5 +1,6 @@
-//! Reading GGUF checkpoints (llama.cpp's format): container parsing, dequantisation, llama.cpp → HF tensor
-//! names and RoPE row order, model hyper-parameters and the tokenizer rebuilt from metadata.
+//! GGUF checkpoints (llama.cpp's format). Reading: container parsing, dequantisation, llama.cpp → HF
+//! tensor names and RoPE row order, model hyper-parameters and the tokenizer rebuilt from metadata.
+//! Writing ([`writer`]): a plan as a llama.cpp-ready GGUF, quantised with [`quant`].
 //!
 //! ```no_run
 //! use surgeon_formats::gguf::{self, GgufFile};
@@ -20,8 +21,10 @@
 
 pub mod dequant;
 pub mod names;
+pub mod quant;
 pub mod reader;
 pub mod tokenizer;
+pub mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -32,6 +35,7 @@ pub use dequant::{dequantize, dequantize_into};
 pub use names::{hf_tensor_name, unpermute_rope_rows, HfTensorName};
 pub use reader::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use tokenizer::{build_hf_tokenizer, HfTokenizerFiles};
+pub use writer::{export_gguf, ExportOptions, ExportReport, ExportType};
 
 /// Errors of GGUF reading. Each message is one line naming the file (`<memory>` for in-memory buffers), the
 /// tensor or metadata key when there is one, and what is wrong.
