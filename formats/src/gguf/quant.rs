@@ -94,7 +94,8 @@ mod tests {
         let x = values(32 * 70);
         for (ty, levels) in [
             (GgmlType::Q8_0, 254.0),
-            (GgmlType::Q4_0, 15.0),
+            // The largest magnitude maps to -8, the other sign clips at 7/8 of it: a full step.
+            (GgmlType::Q4_0, 8.0),
             (GgmlType::Q4_1, 15.0),
         ] {
             let q = quantize(ty, &x).unwrap();
