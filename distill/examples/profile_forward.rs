@@ -33,9 +33,10 @@ fn main() {
         let n = l.input_layernorm.forward(e.clone());
         let _ = n.clone().into_data();
         let t5 = Instant::now();
-        let cfg = &model.rope[0];
-        let (c, s) = cfg.tables::<B>(0, t, &dev);
-        let a = l.self_attn.forward(n.clone(), &c, &s, None);
+        let pos = surgeon_distill::model::Positions::new(&model, 0..1, 0, t, &dev);
+        let (c, s) = pos.rope(l.self_attn.head_dim);
+        let (c, s) = (c.clone(), s.clone());
+        let a = l.self_attn.forward(n.clone(), &pos, None);
         let _ = a.into_data();
         let t6 = Instant::now();
         let n2 = n.clone();

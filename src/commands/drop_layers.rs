@@ -3,7 +3,7 @@
 use super::common::{command_line, OutputArgs};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use surgeon_distill::{influence, text, Llama};
+use surgeon_distill::{probe, text, Llama};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -61,8 +61,7 @@ pub fn run(a: Args) -> Result<()> {
                 .min(plan.arch.max_position_embeddings.max(1));
             type B = surgeon_distill::burn::backend::Flex;
             let model = Llama::<B>::from_plan(&plan, &Default::default())?;
-            let scores =
-                influence::block_influences(&model, ids, window).context("scoring layers")?;
+            let scores = probe::block_influences(&model, ids, window).context("scoring layers")?;
             println!(
                 "block influence on {} tokens (1 - cos, lower = less important):",
                 ids.len()

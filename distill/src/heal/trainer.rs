@@ -8,7 +8,7 @@ use super::select::{resolve, Selection};
 use super::{
     io_err, Budget, HealConfig, HealError, HealReport, LossKind, MetricRow, Result, TrainSet,
 };
-use crate::model::{check_supported, Llama, Mlp, NamedParamMapper, ParamRef};
+use crate::model::{check_supported, Llama, Mlp};
 use crate::moe_aux::{forward_with_router_logits, load_balancing_loss};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
@@ -167,47 +167,23 @@ fn batch_tensor<B: Backend>(seqs: &[&Vec<u32>], device: &B::Device) -> Tensor<B,
     Tensor::from_data(TensorData::new(flat, [seqs.len(), l]), device)
 }
 
-/// A stable parameter id from an HF tensor name (FNV-1a), so that ids agree across processes and
-/// optimizer records survive a reload (resume).
-pub fn param_id_for(name: &str) -> ParamId {
-    let mut h: u64 = 0xcbf29ce484222325;
-    fnv(&mut h, name.as_bytes());
-    ParamId::from(h)
-}
+pub use crate::model::param_id_for;
 
-/// Gives every parameter its stable id and marks only the trainable ones as requiring gradients.
-struct StableIds<'a> {
-    trainable: &'a dyn Fn(&str) -> bool,
-}
-
-impl<B: Backend> NamedParamMapper<B> for StableIds<'_> {
-    fn map_vector(&mut self, name: &str, p: Param<Tensor<B, 1>>) -> Param<Tensor<B, 1>> {
-        Param::initialized(param_id_for(name), p.val()).set_require_grad((self.trainable)(name))
-    }
-    fn map_matrix(&mut self, name: &str, p: Param<Tensor<B, 2>>) -> Param<Tensor<B, 2>> {
-        Param::initialized(param_id_for(name), p.val()).set_require_grad((self.trainable)(name))
-    }
-}
-
-/// Loads the runtime model from `plan` with stable parameter ids ([`param_id_for`]); tensors for
+/// Loads the runtime model from `plan` (stable parameter ids, [`param_id_for`]); tensors for
 /// which `trainable(name)` is false do not require gradients.
 pub fn load_model<B: Backend>(
     plan: &Plan,
     trainable: &dyn Fn(&str) -> bool,
     device: &B::Device,
 ) -> Result<Llama<B>> {
-    Ok(Llama::from_plan(plan, device)?.map_named(&mut StableIds { trainable }))
+    Ok(Llama::from_plan(plan, device)?.freeze_where(|n| !trainable(n)))
 }
 
 /// Every parameter of `model` with its HF tensor name and rank.
 pub fn named_params<B: Backend>(model: &Llama<B>) -> Vec<(ParamId, String, usize)> {
     let mut out = vec![];
     model.visit_named(&mut |name, p| {
-        let rank = match p {
-            ParamRef::Vector(_) => 1,
-            ParamRef::Matrix(_) => 2,
-        };
-        out.push((p.id(), name.to_string(), rank));
+        out.push((p.id(), name.to_string(), p.rank()));
     });
     out
 }
