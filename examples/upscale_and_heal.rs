@@ -61,7 +61,6 @@ fn main() -> Result<()> {
         lr: 1e-4,
         warmup: 2,
         force: true,
-        progress: true,
         command: "examples/upscale_and_heal.rs".into(),
         ..Default::default()
     };

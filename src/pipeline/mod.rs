@@ -250,14 +250,7 @@ fn command_line(step: &Step, extra: &[String]) -> String {
 }
 
 fn heal_checkpoint_exists(out: &Path) -> bool {
-    std::fs::read_dir(out.join("checkpoints"))
-        .map(|rd| {
-            rd.flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with("step-")
-                    && e.path().join("trainer_state").exists()
-            })
-        })
-        .unwrap_or(false)
+    !surgeon_distill::heal::checkpoint::list_checkpoints(out).is_empty()
 }
 
 fn parameter_count(out: &Path) -> Option<u64> {
@@ -440,7 +433,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
             // Checkpoints of an earlier run with other settings must not be resumed later.
             let out = step.out.as_ref().unwrap();
             if step.kind == "heal" && out.starts_with(&recipe.workdir) {
-                let ck = out.join("checkpoints");
+                let ck = surgeon_distill::heal::checkpoint::checkpoints_dir(out);
                 if ck.exists() {
                     std::fs::remove_dir_all(&ck)
                         .with_context(|| format!("removing stale {}", ck.display()))?;
