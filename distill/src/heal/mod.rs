@@ -2,6 +2,7 @@
 //! teacher) with burn, training only a chosen set of tensors, and write it back as a plan.
 //!
 //! Entry point: [`heal`] (dispatches on [`BackendKind`]) or [`heal_on`] (a chosen burn backend).
+pub mod checkpoint;
 pub mod data;
 pub mod loss;
 pub mod metrics;
@@ -229,16 +230,84 @@ pub fn heal(
     }
 }
 
-/// Installs a Ctrl-C handler: the first Ctrl-C sets the returned flag (the run checkpoints and
-/// stops after the current step), a second one exits immediately.
+/// Installs the SIGINT/SIGTERM handler of a training run: the first signal sets the returned
+/// flag (the run checkpoints and stops after the current step, exit status 130); a second one
+/// removes unfinished output temporaries and exits at once with status 130.
 pub fn install_ctrlc() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
-    #[cfg(unix)]
-    {
-        use signal_hook::consts::SIGINT;
-        let e = |e: std::io::Error| HealError::Invalid(format!("installing Ctrl-C handler: {e}"));
-        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone()).map_err(e)?;
-        signal_hook::flag::register(SIGINT, flag.clone()).map_err(e)?;
-    }
+    surgeon_formats::output::install_signal_handlers(Some(flag.clone()))
+        .map_err(|e| HealError::Invalid(format!("installing the Ctrl-C handler: {e}")))?;
     Ok(flag)
+}
+
+/// Refuses a healing output that would lose files: an existing `cfg.out` without `--force`
+/// (unless resuming inside it), a folder surgeon did not write, or one that holds or lies inside
+/// an input (the student, the teacher, a `--data` or `--eval-data` file), even with `--force`.
+pub fn check_heal_output(
+    cfg: &HealConfig,
+    student: &surgeon_formats::Plan,
+    teacher: Option<&surgeon_formats::Plan>,
+    resuming_in_out: bool,
+) -> Result<()> {
+    use surgeon_formats::load::input_paths;
+    let mut inputs = input_paths(student);
+    if let Some(t) = teacher {
+        inputs.extend(input_paths(t));
+    }
+    for spec in std::iter::once(&cfg.data).chain(cfg.eval_data.as_ref()) {
+        if let DataSpec::Files(files) = spec {
+            inputs.extend(files.iter().cloned());
+        }
+    }
+    surgeon_formats::output::check_output(&cfg.out, &inputs, cfg.force || resuming_in_out)?;
+    Ok(())
+}
+
+impl HealConfig {
+    /// Checks every numeric setting (finite, in range), naming the flag it comes from.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(HealError::Invalid(m));
+        if self.seq_len == 0 || self.batch == 0 || self.grad_accum == 0 {
+            return bad("--seq-len, --batch and --grad-accum must be positive".into());
+        }
+        // Beyond ~1 (Adam's step is about lr per weight) training only diverges.
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
+            return bad(format!("--lr must be in (0, 1], got {}", self.lr));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad(format!(
+                "--temperature must be positive and finite, got {}",
+                self.temperature
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.kd_weight) {
+            return bad(format!(
+                "--kd-weight must be in [0, 1], got {}",
+                self.kd_weight
+            ));
+        }
+        if !(self.aux_coef.is_finite() && self.aux_coef >= 0.0) {
+            return bad(format!(
+                "--aux-coef must be finite and not negative, got {}",
+                self.aux_coef
+            ));
+        }
+        if !(self.weight_decay.is_finite() && (0.0..=1.0).contains(&self.weight_decay)) {
+            return bad(format!(
+                "--weight-decay must be in [0, 1], got {}",
+                self.weight_decay
+            ));
+        }
+        if let Some(c) = self.clip {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("--clip must be positive and finite, got {c}"));
+            }
+        }
+        match self.budget {
+            Budget::Steps(0) | Budget::Tokens(0) => {
+                bad("nothing to do: --steps/--tokens is 0".into())
+            }
+            _ => Ok(()),
+        }
+    }
 }

@@ -22,10 +22,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 use surgeon_formats::{write_model, DType, HostTensor, Plan, Source, TensorEntry, WriteOptions};
 
-/// Subdirectory of a checkpoint holding everything but the weights.
-pub const STATE_DIR: &str = "trainer_state";
-const STATE_FILE: &str = "state.json";
-const OPTIM_FILE: &str = "optimizer"; // the recorder appends `.bin`
+pub use super::checkpoint::{find_checkpoint, STATE_DIR};
+use super::checkpoint::{optimizer_error, OPTIM_FILE, STATE_FILE};
 
 /// What a checkpoint records besides weights and optimizer moments.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -83,73 +81,7 @@ fn data_fingerprint(seqs: &[Vec<u32>]) -> String {
 
 /// Checks options that need no model.
 fn check_options(cfg: &HealConfig) -> Result<()> {
-    let bad = |m: String| Err(HealError::Invalid(m));
-    if cfg.seq_len == 0 || cfg.batch == 0 || cfg.grad_accum == 0 {
-        return bad("--seq-len, --batch and --grad-accum must be positive".into());
-    }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-        return bad(format!("--lr must be positive, got {}", cfg.lr));
-    }
-    if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
-        return bad(format!(
-            "--temperature must be positive, got {}",
-            cfg.temperature
-        ));
-    }
-    if !(0.0..=1.0).contains(&cfg.kd_weight) {
-        return bad(format!(
-            "--kd-weight must be in [0, 1], got {}",
-            cfg.kd_weight
-        ));
-    }
-    if !(cfg.aux_coef.is_finite() && cfg.aux_coef >= 0.0) {
-        return bad(format!(
-            "--aux-coef must be finite and not negative, got {}",
-            cfg.aux_coef
-        ));
-    }
-    if cfg.weight_decay < 0.0 {
-        return bad("--weight-decay must not be negative".into());
-    }
-    if let Some(c) = cfg.clip {
-        if c <= 0.0 {
-            return bad("--clip must be positive".into());
-        }
-    }
-    match cfg.budget {
-        Budget::Steps(0) | Budget::Tokens(0) => bad("nothing to do: --steps/--tokens is 0".into()),
-        _ => Ok(()),
-    }
-}
-
-/// Finds `dir/trainer_state`, or the latest `dir/checkpoints/step-*` holding one.
-pub fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
-    if dir.join(STATE_DIR).join(STATE_FILE).is_file() {
-        return Ok(dir.to_path_buf());
-    }
-    let ck = dir.join("checkpoints");
-    let mut best: Option<(u64, PathBuf)> = None;
-    if let Ok(rd) = std::fs::read_dir(&ck) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(n) = name
-                .strip_prefix("step-")
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                if e.path().join(STATE_DIR).join(STATE_FILE).is_file()
-                    && best.as_ref().is_none_or(|b| n > b.0)
-                {
-                    best = Some((n, e.path()));
-                }
-            }
-        }
-    }
-    best.map(|b| b.1).ok_or_else(|| {
-        HealError::Checkpoint(format!(
-            "{} is not a checkpoint (no {STATE_DIR}/{STATE_FILE}, no checkpoints/step-*)",
-            dir.display()
-        ))
-    })
+    cfg.validate()
 }
 
 fn read_state(dir: &Path) -> Result<TrainerState> {
@@ -387,27 +319,56 @@ impl Run<'_> {
             "{} (checkpoint at step {})",
             self.history_line, state.step
         ));
-        write_model(
-            &plan,
-            &dir,
-            &WriteOptions {
-                force: true,
-                description: format!("healing checkpoint, step {}", state.step),
-                ..Default::default()
-            },
-        )?;
-        let sd = dir.join(STATE_DIR);
-        std::fs::create_dir_all(&sd).map_err(io_err(&sd))?;
-        BinFileRecorder::<FullPrecisionSettings>::new()
-            .record(optim.to_record(), sd.join(OPTIM_FILE))
-            .map_err(|e| HealError::Checkpoint(format!("saving optimizer state: {e}")))?;
-        write_csv(&sd.join("metrics.csv"), metrics)?;
-        let json = serde_json::to_string_pretty(state).expect("serialisable");
-        let p = sd.join(STATE_FILE);
-        std::fs::write(&p, json).map_err(io_err(&p))?;
+        // Weights, optimizer and state go into one temporary renamed into place at the end:
+        // a crash or a full disk leaves no half-written step-N to block --resume.
+        let opts = WriteOptions {
+            force: true,
+            description: format!("healing checkpoint, step {}", state.step),
+            ..Default::default()
+        };
+        surgeon_formats::writer::write_model_then(&plan, &dir, &opts, |tmp| {
+            write_trainer_state(tmp, optim, state, metrics)
+        })?;
         write_csv(&self.cfg.out.join("metrics.csv"), metrics)?;
         Ok(dir)
     }
+}
+
+/// Writes `trainer_state/` (optimizer record, metrics, state) into the checkpoint directory `dir`.
+fn write_trainer_state<B: AutodiffBackend, O: Optimizer<Llama<B>, B>>(
+    dir: &Path,
+    optim: &O,
+    state: &TrainerState,
+    metrics: &[MetricRow],
+) -> Result<()> {
+    let sd = dir.join(STATE_DIR);
+    std::fs::create_dir_all(&sd).map_err(io_err(&sd))?;
+    BinFileRecorder::<FullPrecisionSettings>::new()
+        .record(optim.to_record(), sd.join(OPTIM_FILE))
+        .map_err(|e| {
+            HealError::Checkpoint(format!("{}: saving optimizer state: {e}", sd.display()))
+        })?;
+    write_csv(&sd.join("metrics.csv"), metrics)?;
+    let json = serde_json::to_string_pretty(state).expect("serialisable");
+    let p = sd.join(STATE_FILE);
+    std::fs::write(&p, json).map_err(io_err(&p))
+}
+
+/// The error for a non-finite loss or gradient at `step`: nothing is written, the last good
+/// checkpoint (if any) stays for `--resume`.
+fn diverged(step: u64, loss: f64, norm: f64, last_good: Option<&Path>, out: &Path) -> HealError {
+    let keep = match last_good {
+        Some(p) => format!(
+            "the last good checkpoint is {} (continue with --resume {} and a lower --lr)",
+            p.display(),
+            out.display()
+        ),
+        None => "no checkpoint was saved before it (use --save-every N)".to_string(),
+    };
+    HealError::Invalid(format!(
+        "step {step}: the loss ({loss}) or gradient norm ({norm}) is not finite: training \
+         diverged and stopped; no model was written; {keep}"
+    ))
 }
 
 /// Heals `student` on backend `B` (see [`super::heal`] for the backend choice).
@@ -467,13 +428,7 @@ pub fn heal_on<B: AutodiffBackend>(
     let resuming_in_out = resume_dir
         .as_ref()
         .is_some_and(|d| d.starts_with(out) || d.canonicalize().ok() == out.canonicalize().ok());
-    if out.exists() && !cfg.force && !resuming_in_out {
-        return Err(HealError::Invalid(format!(
-            "{} already exists (use --force to replace it)",
-            out.display()
-        )));
-    }
-    surgeon_formats::writer::check_output(&student, out, true)?;
+    super::check_heal_output(cfg, &student, teacher.as_ref(), resuming_in_out)?;
 
     let data = prepare(&student, &cfg.data, cfg.eval_data.as_ref(), cfg.seq_len)?;
     let Dataset {
@@ -608,7 +563,10 @@ pub fn heal_on<B: AutodiffBackend>(
     if let Some(dir) = &resume_dir {
         let rec = BinFileRecorder::<FullPrecisionSettings>::new()
             .load(dir.join(STATE_DIR).join(OPTIM_FILE), device)
-            .map_err(|e| HealError::Checkpoint(format!("loading optimizer state: {e}")))?;
+            .map_err(|e| {
+                let file = dir.join(STATE_DIR).join(format!("{OPTIM_FILE}.bin"));
+                optimizer_error(&file, format!("{e:?}"))
+            })?;
         optim = optim.load_record(rec);
     }
     // new-embeddings: a 0/1 row mask for gradients and the original values to restore.
@@ -652,7 +610,7 @@ pub fn heal_on<B: AutodiffBackend>(
         history_line,
     };
     let _ = (&run.fingerprint, &run.data_fp, &run.trajectory);
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    surgeon_formats::output::create_output_dir(out, &run.history_line)?;
 
     // ---- training ----
     if state.step == 0 && metrics.is_empty() {
@@ -744,6 +702,7 @@ pub fn heal_on<B: AutodiffBackend>(
             acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
         let mut grads = acc.grads();
+        let step_loss = loss_sum / cfg.grad_accum as f64;
         if let Some((mult, _, targets)) = &row_mask {
             for (id, _) in targets {
                 if let Some(g) = grads.remove::<B::InnerBackend, 2>(*id) {
@@ -764,6 +723,11 @@ pub fn heal_on<B: AutodiffBackend>(
                     scale_grad::<B>(&mut grads, *id, *r, f);
                 }
             }
+        }
+        if !(step_loss.is_finite() && norm.is_finite()) {
+            write_csv(&out.join("metrics.csv"), &metrics)?;
+            let last_good = last_ckpt.clone().or_else(|| resume_dir.clone());
+            return Err(diverged(state.step + 1, step_loss, norm, last_good.as_deref(), out));
         }
         model = optim.step(lr, model, grads);
         if let Some((_, frozen, targets)) = &row_mask {
