@@ -53,7 +53,11 @@ fn main() {
     // own (checkpoint first); `run` leaves signals to its steps, which share its process group.
     let writes = !matches!(
         cli.command,
-        Command::Heal(_) | Command::Run(_) | Command::Inspect(_) | Command::Eval(_) | Command::Generate(_)
+        Command::Heal(_)
+            | Command::Run(_)
+            | Command::Inspect(_)
+            | Command::Eval(_)
+            | Command::Generate(_)
     );
     if writes {
         if let Err(e) = surgeon_formats::output::install_signal_handlers(None) {

@@ -103,10 +103,11 @@ fn signal(child: &Child, sig: &str) {
 /// Waits until the child's temporary next to `out` holds at least `shards` shard files (0: until
 /// it exists), then sends `sig`. Returns false if the child finished first.
 fn signal_when(child: &mut Child, out: &Path, shards: usize, sig: &str) -> bool {
-    let tmp = out
-        .parent()
-        .unwrap()
-        .join(format!(".{}.surgeon-tmp-{}", out.file_name().unwrap().to_string_lossy(), child.id()));
+    let tmp = out.parent().unwrap().join(format!(
+        ".{}.surgeon-tmp-{}",
+        out.file_name().unwrap().to_string_lossy(),
+        child.id()
+    ));
     let t0 = Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -170,7 +171,10 @@ fn kill_at_several_points(what: &str, args: &[&str], input: &Path, reference: &P
         );
         assert_eq!(digest(input), before, "{what}: the input changed");
     }
-    assert!(mid_write >= 2, "{what}: only {mid_write} kills landed mid-write");
+    assert!(
+        mid_write >= 2,
+        "{what}: only {mid_write} kills landed mid-write"
+    );
 }
 
 #[test]
@@ -187,7 +191,14 @@ fn sigkill_during_convert_and_upscale_leaves_absent_or_complete_outputs() {
     kill_at_several_points("convert", &convert, &m, &reference);
 
     // upscale 6 -> 10 layers (bytes copied file to file), in 8 MB shards.
-    let upscale = ["upscale", s(&m), "--slices", "0..5,1..6", "--shard-size", "8MB"];
+    let upscale = [
+        "upscale",
+        s(&m),
+        "--slices",
+        "0..5,1..6",
+        "--shard-size",
+        "8MB",
+    ];
     let reference = tmp.path().join("upscale-ref");
     let mut a = upscale.to_vec();
     a.extend(["--out", s(&reference)]);
@@ -205,7 +216,14 @@ fn sigint_and_sigterm_remove_the_temporary_and_exit_130() {
     for sig in ["-INT", "-TERM", "-INT"] {
         let out = tmp.path().join("out");
         let mut child = spawn(&[
-            "convert", s(&m), "--dtype", "bf16", "--shard-size", "3MB", "--out", s(&out),
+            "convert",
+            s(&m),
+            "--dtype",
+            "bf16",
+            "--shard-size",
+            "3MB",
+            "--out",
+            s(&out),
         ]);
         let sent = signal_when(&mut child, &out, 1, sig);
         let o = child.wait_with_output().unwrap();
@@ -219,7 +237,9 @@ fn sigint_and_sigterm_remove_the_temporary_and_exit_130() {
         assert_eq!(o.status.code(), Some(130), "{sig}: {e}");
         let name = if sig == "-INT" { "SIGINT" } else { "SIGTERM" };
         assert!(
-            e.contains(&format!("interrupted by {name}; removed the unfinished output")),
+            e.contains(&format!(
+                "interrupted by {name}; removed the unfinished output"
+            )),
             "{e}"
         );
         assert!(!out.exists());
@@ -239,7 +259,10 @@ fn sigint_during_import_gguf_removes_the_temporary() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("imported");
     let mut child = spawn(&["import-gguf", s(&gguf), "--out", s(&out)]);
-    assert!(signal_when(&mut child, &out, 0, "-INT"), "finished too soon");
+    assert!(
+        signal_when(&mut child, &out, 0, "-INT"),
+        "finished too soon"
+    );
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     assert!(!out.exists());

@@ -103,7 +103,12 @@ fn synth_refuses_existing_folders_and_files() {
     synth(&m);
     fails(&surgeon(&["synth", "--out", s(&m)]), "already exists");
     ok(&surgeon(&[
-        "synth", "--out", s(&m), "--force", "--layers", "3",
+        "synth",
+        "--out",
+        s(&m),
+        "--force",
+        "--layers",
+        "3",
     ]));
     assert_eq!(open_hf_dir(&m).unwrap().arch.num_layers(), 3);
     no_leftovers(tmp.path());
@@ -147,7 +152,10 @@ fn run_never_replaces_a_folder_its_steps_did_not_write() {
     ok(&surgeon_in(d, &["run", "r3.yaml"]));
     ok(&surgeon_in(d, &["run", "r3.yaml", "--set", "n=3"]));
     assert_eq!(
-        open_hf_dir(&d.join("work3/base")).unwrap().arch.num_layers(),
+        open_hf_dir(&d.join("work3/base"))
+            .unwrap()
+            .arch
+            .num_layers(),
         3
     );
 }
@@ -182,10 +190,7 @@ fn heal_refuses_outputs_holding_its_inputs() {
     };
     let e = fails(&heal(&folder, &[]), "holds the input");
     assert!(e.contains("train.txt"), "{e}");
-    fails(
-        &heal(&teacher, &["--teacher", s(&teacher)]),
-        "is the input",
-    );
+    fails(&heal(&teacher, &["--teacher", s(&teacher)]), "is the input");
     fails(&heal(&m.join("healed"), &[]), "is inside the input");
     fails(&heal(&m, &[]), "is the input");
     assert_untouched(&folder);
@@ -220,7 +225,8 @@ fn tokenizer_beyond_the_vocabulary_is_an_error_naming_both_sizes() {
     write_wide_tokenizer(&m);
     let text = tmp.path().join("t.txt");
     std::fs::write(&text, "hello beyond hello beyond ".repeat(50)).unwrap();
-    let want = "tokenizer.json has token ids up to 300 (3 tokens) but config.json's vocab_size is 256";
+    let want =
+        "tokenizer.json has token ids up to 300 (3 tokens) but config.json's vocab_size is 256";
     fails(
         &surgeon(&["generate", s(&m), "--prompt", "hello beyond"]),
         want,
@@ -229,14 +235,31 @@ fn tokenizer_beyond_the_vocabulary_is_an_error_naming_both_sizes() {
     let out = tmp.path().join("dropped");
     fails(
         &surgeon(&[
-            "drop-layers", s(&m), "--count", "1", "--data", s(&text), "--out", s(&out),
+            "drop-layers",
+            s(&m),
+            "--count",
+            "1",
+            "--data",
+            s(&text),
+            "--out",
+            s(&out),
         ]),
         want,
     );
     fails(
         &surgeon(&[
-            "heal", s(&m), "--data", s(&text), "--out", s(&tmp.path().join("h")), "--steps", "1",
-            "--seq-len", "8", "--batch", "1",
+            "heal",
+            s(&m),
+            "--data",
+            s(&text),
+            "--out",
+            s(&tmp.path().join("h")),
+            "--steps",
+            "1",
+            "--seq-len",
+            "8",
+            "--batch",
+            "1",
         ]),
         want,
     );
@@ -255,40 +278,88 @@ fn non_finite_or_out_of_range_flags_are_refused() {
     let out = tmp.path().join("out");
     let heal = |flag: &str, value: &str| {
         surgeon(&[
-            "heal", s(&m), "--data", s(&text), "--out", s(&out), "--steps", "1", flag, value,
+            "heal",
+            s(&m),
+            "--data",
+            s(&text),
+            "--out",
+            s(&out),
+            "--steps",
+            "1",
+            flag,
+            value,
         ])
     };
-    fails(&heal("--weight-decay", "NaN"), "--weight-decay must be in [0, 1], got NaN");
-    fails(&heal("--lr", "1e30"), "--lr must be in (0, 1], got 1000000000000000000000000000000");
+    fails(
+        &heal("--weight-decay", "NaN"),
+        "--weight-decay must be in [0, 1], got NaN",
+    );
+    fails(
+        &heal("--lr", "1e30"),
+        "--lr must be in (0, 1], got 1000000000000000000000000000000",
+    );
     fails(&heal("--lr", "NaN"), "--lr must be in (0, 1]");
     fails(&heal("--clip", "NaN"), "--clip must be positive and finite");
     fails(&heal("--kd-weight", "NaN"), "--kd-weight must be in [0, 1]");
     fails(&heal("--aux-coef", "inf"), "--aux-coef must be finite");
     fails(
         &surgeon(&[
-            "heal", s(&m), "--data", s(&text), "--out", s(&out), "--steps", "1", "--teacher",
-            s(&m), "--temperature", "NaN",
+            "heal",
+            s(&m),
+            "--data",
+            s(&text),
+            "--out",
+            s(&out),
+            "--steps",
+            "1",
+            "--teacher",
+            s(&m),
+            "--temperature",
+            "NaN",
         ]),
         "--temperature must be positive and finite",
     );
     for std in ["NaN", "inf", "-1"] {
         fails(
             &surgeon(&[
-                "moe", s(&m), "--out", s(&out), "--experts", "2", "--top-k", "1", "--method",
-                "upcycle", &format!("--router-std={std}"),
+                "moe",
+                s(&m),
+                "--out",
+                s(&out),
+                "--experts",
+                "2",
+                "--top-k",
+                "1",
+                "--method",
+                "upcycle",
+                &format!("--router-std={std}"),
             ]),
             "--router-std must be a finite number in [0, 1]",
         );
     }
     for (flag, value, want) in [
-        ("--temperature", "NaN", "--temperature must be a finite number >= 0"),
-        ("--temperature", "-1", "--temperature must be a finite number >= 0"),
+        (
+            "--temperature",
+            "NaN",
+            "--temperature must be a finite number >= 0",
+        ),
+        (
+            "--temperature",
+            "-1",
+            "--temperature must be a finite number >= 0",
+        ),
         ("--top-p", "0", "--top-p must be in (0, 1], got 0"),
         ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
         ("--top-p", "NaN", "--top-p must be in (0, 1]"),
     ] {
         fails(
-            &surgeon(&["generate", s(&m), "--prompt", "hi", &format!("{flag}={value}")]),
+            &surgeon(&[
+                "generate",
+                s(&m),
+                "--prompt",
+                "hi",
+                &format!("{flag}={value}"),
+            ]),
             want,
         );
     }
@@ -354,15 +425,32 @@ fn dtype_overflow_is_refused_unless_allowed_then_clamped() {
     no_leftovers(tmp.path());
     // bf16 holds these values: no complaint.
     ok(&surgeon(&[
-        "convert", s(&m), "--out", s(&tmp.path().join("bf")), "--dtype", "bf16",
+        "convert",
+        s(&m),
+        "--out",
+        s(&tmp.path().join("bf")),
+        "--dtype",
+        "bf16",
     ]));
     let o = surgeon(&[
-        "convert", s(&m), "--out", s(&out), "--dtype", "f16", "--allow-overflow",
+        "convert",
+        s(&m),
+        "--out",
+        s(&out),
+        "--dtype",
+        "f16",
+        "--allow-overflow",
     ]);
     ok(&o);
-    assert!(stderr(&o).contains("warning: clamped 3 values in 1 tensor"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: clamped 3 values in 1 tensor"),
+        "{}",
+        stderr(&o)
+    );
     let plan = open_hf_dir(&out).unwrap();
-    let (_, v) = plan.load_f32("model.layers.1.mlp.down_proj.weight").unwrap();
+    let (_, v) = plan
+        .load_f32("model.layers.1.mlp.down_proj.weight")
+        .unwrap();
     assert_eq!((v[3], v[10], v[11]), (65504.0, -65504.0, 65504.0));
     for name in plan.tensors.keys() {
         let (_, v) = plan.load_f32(name).unwrap();

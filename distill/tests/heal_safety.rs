@@ -83,11 +83,17 @@ fn non_finite_loss_stops_with_an_error_keeping_the_last_good_checkpoint() {
         .to_string();
     assert!(e.contains("step 3"), "{e}");
     assert!(e.contains("not finite"), "{e}");
-    assert!(e.contains("step-000002"), "names the last good checkpoint: {e}");
+    assert!(
+        e.contains("step-000002"),
+        "names the last good checkpoint: {e}"
+    );
     let ck = out.join("checkpoints");
     assert!(incomplete_reason(&ck.join("step-000002")).is_none());
     assert!(!ck.join("step-000003").exists());
-    assert!(!out.join("model.safetensors").exists(), "a model was written");
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "a model was written"
+    );
     assert_eq!(find_checkpoint(&out).unwrap(), ck.join("step-000002"));
 }
 
@@ -118,7 +124,9 @@ fn resume_skips_an_incomplete_checkpoint_and_a_truncated_optimizer_is_named() {
         stop_after: None,
         ..c.clone()
     };
-    let e = heal(&resume, student.clone(), None).unwrap_err().to_string();
+    let e = heal(&resume, student.clone(), None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&opt.display().to_string()), "{e}");
     assert!(e.contains("does not load"), "{e}");
     assert!(e.len() < 600, "{e}");

@@ -252,7 +252,12 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         .collect();
 
     let rms_norm_eps = f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6);
-    check_numbers(&f, rope_params.is_some_and(|p| p.contains_key("rope_theta")), rope_theta, rms_norm_eps)?;
+    check_numbers(
+        &f,
+        rope_params.is_some_and(|p| p.contains_key("rope_theta")),
+        rope_theta,
+        rms_norm_eps,
+    )?;
     for (field, v) in [
         ("vocab_size", vocab_size),
         ("intermediate_size", intermediate_size),
@@ -447,14 +452,38 @@ mod tests {
     #[test]
     fn non_finite_or_out_of_range_numbers_name_the_field() {
         for (field, value, want) in [
-            ("rope_theta", json!(-5.0), "`rope_theta`: must be a positive finite number, got -5"),
+            (
+                "rope_theta",
+                json!(-5.0),
+                "`rope_theta`: must be a positive finite number, got -5",
+            ),
             ("rope_theta", json!(0.0), "`rope_theta`: must be a positive"),
-            ("rms_norm_eps", json!(-1.0), "`rms_norm_eps`: must be in (0, 1), got -1"),
-            ("rms_norm_eps", json!(0.0), "`rms_norm_eps`: must be in (0, 1)"),
-            ("rms_norm_eps", json!(2.0), "`rms_norm_eps`: must be in (0, 1)"),
+            (
+                "rms_norm_eps",
+                json!(-1.0),
+                "`rms_norm_eps`: must be in (0, 1), got -1",
+            ),
+            (
+                "rms_norm_eps",
+                json!(0.0),
+                "`rms_norm_eps`: must be in (0, 1)",
+            ),
+            (
+                "rms_norm_eps",
+                json!(2.0),
+                "`rms_norm_eps`: must be in (0, 1)",
+            ),
             ("vocab_size", json!(0), "`vocab_size`: must be positive"),
-            ("intermediate_size", json!(0), "`intermediate_size`: must be positive"),
-            ("max_position_embeddings", json!(0), "`max_position_embeddings`: must be positive"),
+            (
+                "intermediate_size",
+                json!(0),
+                "`intermediate_size`: must be positive",
+            ),
+            (
+                "max_position_embeddings",
+                json!(0),
+                "`max_position_embeddings`: must be positive",
+            ),
         ] {
             let mut v = smol_like();
             v[field] = value;
@@ -467,7 +496,9 @@ mod tests {
         let mut v = smol_like();
         v.as_object_mut().unwrap().remove("rope_theta");
         v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": -1.0});
-        let e = parse_config(Path::new("config.json"), &v).unwrap_err().to_string();
+        let e = parse_config(Path::new("config.json"), &v)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`rope_parameters.rope_theta`"), "{e}");
     }
 

@@ -186,7 +186,13 @@ pub fn from_f32_saturating(dtype: DType, values: &[f32]) -> Vec<u8> {
         let fixed: Vec<f32> = to_f32(dtype, &out)
             .iter()
             .zip(&clamped)
-            .map(|(r, c)| if r.is_infinite() && c.is_finite() { m.copysign(*c) } else { *r })
+            .map(|(r, c)| {
+                if r.is_infinite() && c.is_finite() {
+                    m.copysign(*c)
+                } else {
+                    *r
+                }
+            })
             .collect();
         out = from_f32(dtype, &fixed);
     }

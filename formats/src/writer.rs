@@ -5,9 +5,9 @@
 //! is written to a temporary sibling directory and renamed into place at the end, so a failure leaves
 //! nothing at the output path.
 use crate::config::config_json;
+use crate::dtype::max_finite;
 use crate::load::input_paths;
 use crate::output::TempOutput;
-use crate::dtype::max_finite;
 use crate::plan::{group_digits, HostTensor, Plan, TensorEntry};
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};

@@ -727,7 +727,13 @@ pub fn heal_on<B: AutodiffBackend>(
         if !(step_loss.is_finite() && norm.is_finite()) {
             write_csv(&out.join("metrics.csv"), &metrics)?;
             let last_good = last_ckpt.clone().or_else(|| resume_dir.clone());
-            return Err(diverged(state.step + 1, step_loss, norm, last_good.as_deref(), out));
+            return Err(diverged(
+                state.step + 1,
+                step_loss,
+                norm,
+                last_good.as_deref(),
+                out,
+            ));
         }
         model = optim.step(lr, model, grads);
         if let Some((_, frozen, targets)) = &row_mask {

@@ -297,10 +297,9 @@ impl LlamaHyper {
         let expected: std::collections::BTreeSet<usize> = (0..block_count).collect();
         if blocks != expected {
             let found = match (blocks.first(), blocks.last()) {
-                (Some(a), Some(b)) => format!(
-                    "tensors for {} blocks (blk.{a} .. blk.{b})",
-                    blocks.len()
-                ),
+                (Some(a), Some(b)) => {
+                    format!("tensors for {} blocks (blk.{a} .. blk.{b})", blocks.len())
+                }
                 _ => "no block tensors".to_string(),
             };
             return Err(bad(

@@ -962,7 +962,10 @@ fn block_count_mismatch_is_one_line_naming_the_key() {
     let e = LlamaHyper::from_gguf(&llama_with_blocks(1, &[0, 1], 1e-5))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("says 1 blocks but the file has tensors for 2 blocks"), "{e}");
+    assert!(
+        e.contains("says 1 blocks but the file has tensors for 2 blocks"),
+        "{e}"
+    );
     assert!(LlamaHyper::from_gguf(&llama_with_blocks(2, &[0, 1], 1e-5)).is_ok());
     let e = LlamaHyper::from_gguf(&llama_with_blocks(2, &[0, 1], -1.0))
         .unwrap_err()
