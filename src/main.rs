@@ -51,6 +51,22 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Writers remove their unfinished output on SIGINT/SIGTERM and exit 130. `heal` installs its
+    // own (checkpoint first); `run` leaves signals to its steps, which share its process group.
+    let writes = !matches!(
+        cli.command,
+        Command::Heal(_)
+            | Command::Run(_)
+            | Command::Inspect(_)
+            | Command::Eval(_)
+            | Command::Generate(_)
+    );
+    if writes {
+        if let Err(e) = surgeon_formats::output::install_signal_handlers(None) {
+            eprintln!("error: installing the signal handler: {e}");
+            std::process::exit(1);
+        }
+    }
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),

@@ -251,12 +251,32 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
 
+    let rms_norm_eps = f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6);
+    check_numbers(
+        &f,
+        rope_params.is_some_and(|p| p.contains_key("rope_theta")),
+        rope_theta,
+        rms_norm_eps,
+    )?;
+    for (field, v) in [
+        ("vocab_size", vocab_size),
+        ("intermediate_size", intermediate_size),
+        ("head_dim", head_dim),
+    ] {
+        if v == 0 {
+            return Err(f.err(field, "must be positive"));
+        }
+    }
+    if f.usize_opt("max_position_embeddings")? == Some(0) {
+        return Err(f.err("max_position_embeddings", "must be positive"));
+    }
+
     Ok(ModelArch {
         family,
         hidden_size,
         vocab_size,
         layers,
-        rms_norm_eps: f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+        rms_norm_eps,
         rope_theta,
         rope_scaling,
         max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
@@ -270,6 +290,26 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         surgeon,
         extra,
     })
+}
+
+/// Floating-point fields must be finite and in range (a negative `rope_theta` or `rms_norm_eps`
+/// turns every forward pass into NaN).
+fn check_numbers(f: &Fields, nested_theta: bool, rope_theta: f64, eps: f64) -> Result<()> {
+    if !(rope_theta.is_finite() && rope_theta > 0.0) {
+        let field = if nested_theta {
+            "rope_parameters.rope_theta"
+        } else {
+            "rope_theta"
+        };
+        return Err(f.err(
+            field,
+            format!("must be a positive finite number, got {rope_theta}"),
+        ));
+    }
+    if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+        return Err(f.err("rms_norm_eps", format!("must be in (0, 1), got {eps}")));
+    }
+    Ok(())
 }
 
 /// Renders config.json for `arch`, stored in `dtype`.
@@ -407,6 +447,59 @@ mod tests {
             "rope_theta": 100000.0, "max_position_embeddings": 512, "tie_word_embeddings": true,
             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "initializer_range": 0.02
         })
+    }
+
+    #[test]
+    fn non_finite_or_out_of_range_numbers_name_the_field() {
+        for (field, value, want) in [
+            (
+                "rope_theta",
+                json!(-5.0),
+                "`rope_theta`: must be a positive finite number, got -5",
+            ),
+            ("rope_theta", json!(0.0), "`rope_theta`: must be a positive"),
+            (
+                "rms_norm_eps",
+                json!(-1.0),
+                "`rms_norm_eps`: must be in (0, 1), got -1",
+            ),
+            (
+                "rms_norm_eps",
+                json!(0.0),
+                "`rms_norm_eps`: must be in (0, 1)",
+            ),
+            (
+                "rms_norm_eps",
+                json!(2.0),
+                "`rms_norm_eps`: must be in (0, 1)",
+            ),
+            ("vocab_size", json!(0), "`vocab_size`: must be positive"),
+            (
+                "intermediate_size",
+                json!(0),
+                "`intermediate_size`: must be positive",
+            ),
+            (
+                "max_position_embeddings",
+                json!(0),
+                "`max_position_embeddings`: must be positive",
+            ),
+        ] {
+            let mut v = smol_like();
+            v[field] = value;
+            let e = parse_config(Path::new("c/config.json"), &v)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{field}: {e}");
+            assert!(e.starts_with("c/config.json"), "{e}");
+        }
+        let mut v = smol_like();
+        v.as_object_mut().unwrap().remove("rope_theta");
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": -1.0});
+        let e = parse_config(Path::new("config.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`rope_parameters.rope_theta`"), "{e}");
     }
 
     #[test]

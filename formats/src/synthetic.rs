@@ -111,14 +111,23 @@ impl SyntheticSpec {
         }
     }
 
-    /// Writes the synthetic model as a Hugging Face directory.
+    /// Writes the synthetic model as a Hugging Face directory, replacing an earlier surgeon
+    /// output or an empty directory there (never anything else: see [`crate::output`]).
     pub fn write(&self, dir: &Path, shard_size: Option<u64>) -> Result<()> {
         let opts = WriteOptions {
             shard_size: shard_size.unwrap_or(5_000_000_000),
             force: true,
-            description: "synthetic checkpoint".into(),
             ..Default::default()
         };
-        write_model(&self.plan(), dir, &opts).map(|_| ())
+        self.write_with(dir, &opts).map(|_| ())
+    }
+
+    /// Writes the synthetic model with explicit options (`force` included).
+    pub fn write_with(&self, dir: &Path, opts: &WriteOptions) -> Result<crate::WriteReport> {
+        let opts = WriteOptions {
+            description: "synthetic checkpoint".into(),
+            ..opts.clone()
+        };
+        write_model(&self.plan(), dir, &opts)
     }
 }

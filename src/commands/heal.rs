@@ -57,7 +57,7 @@ pub struct Args {
     pub schedule: Schedule,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
-    /// Global gradient-norm clip (0: off).
+    /// Global gradient-norm clip (0: off; otherwise positive and finite).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
     #[arg(long, default_value_t = 0)]
@@ -116,7 +116,8 @@ pub fn run(a: Args) -> Result<()> {
         warmup: a.warmup,
         schedule: a.schedule,
         weight_decay: a.weight_decay,
-        clip: (a.clip > 0.0).then_some(a.clip),
+        // 0 turns clipping off; NaN and negative values reach validation as themselves.
+        clip: (a.clip != 0.0).then_some(a.clip),
         seed: a.seed,
         eval_every: a.eval_every,
         save_every: a.save_every,

@@ -21,6 +21,9 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, default_value = "5GB")]
     pub shard_size: String,
+    /// Replace an existing output directory (only one surgeon wrote, or an empty one).
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -36,7 +39,12 @@ pub fn run(a: Args) -> Result<()> {
         spec.dtype = d;
     }
     spec.seed = a.seed;
-    spec.write(&a.out, Some(parse_size(&a.shard_size)?))?;
+    let opts = surgeon_formats::WriteOptions {
+        shard_size: parse_size(&a.shard_size)?,
+        force: a.force,
+        ..Default::default()
+    };
+    spec.write_with(&a.out, &opts)?;
     eprintln!(
         "wrote {} ({} parameters)",
         a.out.display(),

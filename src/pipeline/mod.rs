@@ -427,8 +427,20 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
         let mut extra = vec![];
         if resume {
             extra.push(format!("--resume={}", step.out.as_ref().unwrap().display()));
-        } else if step.has_force && step.out.as_ref().is_some_and(|o| o.exists()) {
-            // The workdir belongs to the pipeline: an out-of-date output is replaced.
+        } else if let Some(out) = step.out.as_ref().filter(|o| o.exists()) {
+            // Only an output this step wrote before (its record says so) is replaced.
+            let ours = rec.as_ref().is_some_and(|r| r.out.as_ref() == Some(out));
+            if !ours || !step.has_force {
+                bail!(
+                    "{}:{}: step `{}`: its output {} already exists and was not written by this \
+                     step of the recipe (no record in {}); remove it or choose another `out:`",
+                    recipe.file,
+                    step.line,
+                    step.name,
+                    out.display(),
+                    record_path(recipe, &step.name).display()
+                );
+            }
             extra.push("--force".into());
             // Checkpoints of an earlier run with other settings must not be resumed later.
             let out = step.out.as_ref().unwrap();

@@ -248,16 +248,35 @@ pub fn heal_with(
     })?
 }
 
-/// Installs a Ctrl-C handler: the first Ctrl-C sets the returned flag (the run checkpoints and
-/// stops after the current step), a second one exits immediately.
+/// Installs the SIGINT/SIGTERM handler of a training run: the first signal sets the returned
+/// flag (the run checkpoints and stops after the current step, exit status 130); a second one
+/// removes unfinished output temporaries and exits at once with status 130.
 pub fn install_ctrlc() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
-    #[cfg(unix)]
-    {
-        use signal_hook::consts::SIGINT;
-        let e = |e: std::io::Error| HealError::Invalid(format!("installing Ctrl-C handler: {e}"));
-        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone()).map_err(e)?;
-        signal_hook::flag::register(SIGINT, flag.clone()).map_err(e)?;
-    }
+    surgeon_formats::output::install_signal_handlers(Some(flag.clone()))
+        .map_err(|e| HealError::Invalid(format!("installing the Ctrl-C handler: {e}")))?;
     Ok(flag)
+}
+
+/// Refuses a healing output that would lose files: an existing `cfg.out` without `--force`
+/// (unless resuming inside it), a folder surgeon did not write, or one that holds or lies inside
+/// an input (the student, the teacher, a `--data` or `--eval-data` file), even with `--force`.
+pub fn check_heal_output(
+    cfg: &HealConfig,
+    student: &surgeon_formats::Plan,
+    teacher: Option<&surgeon_formats::Plan>,
+    resuming_in_out: bool,
+) -> Result<()> {
+    use surgeon_formats::load::input_paths;
+    let mut inputs = input_paths(student);
+    if let Some(t) = teacher {
+        inputs.extend(input_paths(t));
+    }
+    for spec in std::iter::once(&cfg.data).chain(cfg.eval_data.as_ref()) {
+        if let DataSpec::Files(files) = spec {
+            inputs.extend(files.iter().cloned());
+        }
+    }
+    surgeon_formats::output::check_output(&cfg.out, &inputs, cfg.force || resuming_in_out)?;
+    Ok(())
 }

@@ -282,8 +282,12 @@ pub fn check_options(cfg: &HealConfig) -> Result<()> {
     if cfg.seq_len == 0 || cfg.batch == 0 || cfg.grad_accum == 0 {
         return bad("seq_len, batch and grad_accum must be positive".into());
     }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-        return bad(format!("lr must be positive, got {}", cfg.lr));
+    // Beyond ~1 (Adam's step is about lr per weight) training only diverges.
+    if !(cfg.lr.is_finite() && cfg.lr > 0.0 && cfg.lr <= 1.0) {
+        return bad(format!(
+            "lr must be positive and at most 1, in (0, 1], got {}",
+            cfg.lr
+        ));
     }
     if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
         return bad(format!(
@@ -303,12 +307,15 @@ pub fn check_options(cfg: &HealConfig) -> Result<()> {
             cfg.aux_coef
         ));
     }
-    if cfg.weight_decay < 0.0 {
-        return bad("weight_decay must not be negative".into());
+    if !(cfg.weight_decay.is_finite() && (0.0..=1.0).contains(&cfg.weight_decay)) {
+        return bad(format!(
+            "weight_decay must be in [0, 1], got {}",
+            cfg.weight_decay
+        ));
     }
     if let Some(c) = cfg.clip {
-        if c <= 0.0 {
-            return bad("clip must be positive".into());
+        if !(c.is_finite() && c > 0.0) {
+            return bad(format!("clip must be positive and finite, got {c}"));
         }
     }
     match cfg.budget {

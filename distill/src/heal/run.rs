@@ -3,7 +3,7 @@
 use super::checkpoint::find_checkpoint;
 use super::metrics::{plot_loss, write_csv};
 use super::plan::HealPlan;
-use super::trainer::Trainer;
+use super::trainer::{Diverged, Trainer};
 use super::{io_err, HealConfig, HealError, HealReport, MetricRow, Result};
 use burn::tensor::backend::AutodiffBackend;
 use std::path::{Path, PathBuf};
@@ -51,8 +51,13 @@ fn write_final(plan: &Plan, out: &Path, description: &str) -> Result<()> {
     Ok(())
 }
 
-/// The checkpoint to resume from (if any), after checking that `cfg.out` may be written.
-fn check_output(cfg: &HealConfig, student: &Plan) -> Result<Option<PathBuf>> {
+/// The checkpoint to resume from (if any), after checking that `cfg.out` may be written (see
+/// [`super::check_heal_output`]).
+fn check_output(
+    cfg: &HealConfig,
+    student: &Plan,
+    teacher: Option<&Plan>,
+) -> Result<Option<PathBuf>> {
     let out = &cfg.out;
     let resume_dir = match &cfg.resume {
         Some(d) => Some(find_checkpoint(d)?),
@@ -61,14 +66,26 @@ fn check_output(cfg: &HealConfig, student: &Plan) -> Result<Option<PathBuf>> {
     let resuming_in_out = resume_dir
         .as_ref()
         .is_some_and(|d| d.starts_with(out) || d.canonicalize().ok() == out.canonicalize().ok());
-    if out.exists() && !cfg.force && !resuming_in_out {
-        return Err(HealError::Invalid(format!(
-            "{} already exists (use --force to replace it)",
-            out.display()
-        )));
-    }
-    surgeon_formats::writer::check_output(student, out, true)?;
+    super::check_heal_output(cfg, student, teacher, resuming_in_out)?;
     Ok(resume_dir)
+}
+
+/// The error for a diverged step: nothing is written, the last good checkpoint (if any) stays
+/// for `--resume`.
+fn diverged(d: Diverged, last_good: Option<&Path>, out: &Path) -> HealError {
+    let keep = match last_good {
+        Some(p) => format!(
+            "the last good checkpoint is {} (continue with --resume {} and a lower lr)",
+            p.display(),
+            out.display()
+        ),
+        None => "no checkpoint was saved before it (save_every N keeps one)".to_string(),
+    };
+    HealError::Invalid(format!(
+        "step {}: the loss ({}) or gradient norm ({}) is not finite: training diverged and \
+         stopped; no model was written; {keep}",
+        d.step, d.loss, d.grad_norm
+    ))
 }
 
 /// Time and tokens of the steps run in this process (evaluation excluded from throughput).
@@ -96,6 +113,7 @@ struct Outcome {
 fn run_loop<B: AutodiffBackend>(
     plan: &HealPlan,
     t: &mut Trainer<'_, B>,
+    resumed_from: Option<&Path>,
     observer: &mut dyn HealObserver,
 ) -> Result<Outcome> {
     let (cfg, total) = (&plan.cfg, plan.total_steps);
@@ -110,7 +128,14 @@ fn run_loop<B: AutodiffBackend>(
         interrupted: false,
     };
     while !t.done() {
-        let mut row = t.step();
+        let mut row = match t.step() {
+            Ok(row) => row,
+            Err(d) => {
+                write_csv(&cfg.out.join("metrics.csv"), t.metrics())?;
+                let last_good = o.last_checkpoint.as_deref().or(resumed_from);
+                return Err(diverged(d, last_good, &cfg.out));
+            }
+        };
         o.clock.tokens += plan.tokens_per_step;
         let step = row.step;
         let stop_now = cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
@@ -168,7 +193,7 @@ pub fn heal_on<B: AutodiffBackend>(
     observer: &mut dyn HealObserver,
 ) -> Result<HealReport> {
     let sel = HealPlan::validate(cfg, &student, teacher.as_ref())?;
-    let resume = check_output(cfg, &student)?;
+    let resume = check_output(cfg, &student, teacher.as_ref())?;
     let data = super::data::prepare(&student, &cfg.data, cfg.eval_data.as_ref(), cfg.seq_len)?;
     let plan = HealPlan::with_data(cfg, &student, sel, data)?;
     let teacher = teacher.as_ref();
@@ -177,8 +202,8 @@ pub fn heal_on<B: AutodiffBackend>(
         None => Trainer::<B>::start(&plan, &student, teacher, device)?,
     };
     let out = &cfg.out;
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let outcome = run_loop(&plan, &mut trainer, observer)?;
+    surgeon_formats::output::create_output_dir(out, &plan.history_line)?;
+    let outcome = run_loop(&plan, &mut trainer, resume.as_deref(), observer)?;
     let mut report = report(&plan, &trainer, &outcome);
     if outcome.interrupted {
         write_csv(&out.join("metrics.csv"), &report.metrics)?;

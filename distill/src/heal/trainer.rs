@@ -22,6 +22,14 @@ pub use super::checkpoint::{find_checkpoint, STATE_DIR};
 pub use super::plan::model_fingerprint;
 pub use crate::model::param_id_for;
 
+/// A step whose loss or gradient norm was not finite (the update was not applied).
+#[derive(Clone, Copy, Debug)]
+pub struct Diverged {
+    pub step: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+}
+
 fn batch_tensor<B: Backend>(seqs: &[&Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
     let l = seqs[0].len();
     let flat: Vec<i64> = seqs
@@ -444,7 +452,12 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
 
     /// Masks frozen rows, clips to the global norm and applies AdamW (then restores frozen rows).
     /// Returns the gradient norm before clipping.
-    fn optimize(&mut self, mut grads: GradientsParams, lr: f64) -> f64 {
+    fn optimize(
+        &mut self,
+        mut grads: GradientsParams,
+        lr: f64,
+        loss: f64,
+    ) -> Result<f64, Diverged> {
         if let Some(r) = &self.rows {
             r.mask_grads(&mut grads);
         }
@@ -462,6 +475,14 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
                 }
             }
         }
+        // A non-finite loss or gradient would poison every weight: stop before the update.
+        if !(loss.is_finite() && norm.is_finite()) {
+            return Err(Diverged {
+                step: self.state.step + 1,
+                loss,
+                grad_norm: norm,
+            });
+        }
         let model = self
             .model
             .take()
@@ -471,27 +492,28 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
             model = model.map(&mut r.clone());
         }
         self.model = Some(model);
-        norm
+        Ok(norm)
     }
 
     /// One optimizer step at the schedule's learning rate; the returned row (not yet recorded,
-    /// no evaluation) describes it.
-    pub fn step(&mut self) -> MetricRow {
+    /// no evaluation) describes it. A non-finite loss or gradient norm stops before the update
+    /// and leaves the model as it was.
+    pub fn step(&mut self) -> Result<MetricRow, Diverged> {
         let plan = self.plan;
         let cfg = &plan.cfg;
         let total = plan.total_steps;
         let lr = lr_at(cfg.schedule, cfg.lr, cfg.warmup, total, self.state.step);
         let (grads, loss) = self.accumulate();
-        let grad_norm = self.optimize(grads, lr);
+        let grad_norm = self.optimize(grads, lr, loss)?;
         self.state.step += 1;
-        MetricRow {
+        Ok(MetricRow {
             step: self.state.step,
             tokens: self.state.step * plan.tokens_per_step,
             loss,
             lr,
             grad_norm,
             eval_ppl: None,
-        }
+        })
     }
 
     /// Saves a checkpoint into `out/checkpoints/step-N` (and the metrics so far into

@@ -272,13 +272,52 @@ impl LlamaHyper {
                 file: f.label(),
                 key: k("attention.layer_norm_rms_epsilon"),
             })?;
+        let bad = |key: String, reason: String| GgufError::BadMetadata {
+            file: f.label(),
+            key,
+            reason,
+        };
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
+            return Err(bad(
+                k("attention.layer_norm_rms_epsilon"),
+                format!("must be in (0, 1), got {rms_norm_eps}"),
+            ));
+        }
+        let rope_freq_base = f.get_f64(&k("rope.freq_base"))?.unwrap_or(10000.0);
+        if !(rope_freq_base.is_finite() && rope_freq_base > 0.0) {
+            return Err(bad(
+                k("rope.freq_base"),
+                format!("must be a positive finite number, got {rope_freq_base}"),
+            ));
+        }
+        let block_count = usize_of(&k("block_count"))?;
+        // Tensors of blocks the count leaves out, or blocks it names that have no tensors:
+        // one message naming the key, not one per tensor.
+        let blocks: std::collections::BTreeSet<usize> = f
+            .tensors()
+            .iter()
+            .filter_map(|t| t.name.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+            .collect();
+        let expected: std::collections::BTreeSet<usize> = (0..block_count).collect();
+        if blocks != expected {
+            let found = match (blocks.first(), blocks.last()) {
+                (Some(a), Some(b)) => {
+                    format!("tensors for {} blocks (blk.{a} .. blk.{b})", blocks.len())
+                }
+                _ => "no block tensors".to_string(),
+            };
+            return Err(bad(
+                k("block_count"),
+                format!("says {block_count} blocks but the file has {found}"),
+            ));
+        }
         Ok(LlamaHyper {
-            block_count: usize_of(&k("block_count"))?,
+            block_count,
             embedding_length,
             feed_forward_length: usize_of(&k("feed_forward_length"))?,
             head_count,
             head_count_kv: opt_usize(&k("attention.head_count_kv"))?.unwrap_or(head_count),
-            rope_freq_base: f.get_f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            rope_freq_base,
             rope_dimension_count: opt_usize(&k("rope.dimension_count"))?
                 .unwrap_or(embedding_length / head_count),
             rms_norm_eps,
