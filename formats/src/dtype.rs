@@ -233,9 +233,9 @@ mod tests {
 
     #[test]
     fn overflow_is_counted_and_saturated() {
-        let v = [1.0f32, 70000.0, -1e6, f32::NAN, 65504.0, 65519.0];
+        let v = [1.0f32, 70000.0, -1e6, f32::NAN, 65504.0, 65530.0];
         let h = from_f32(DType::F16, &v);
-        // 70000, -1e6 and 65519 (rounds up) become infinite; NaN stays NaN.
+        // 70000, -1e6 and 65530 (above the midpoint 65520) become infinite; NaN stays NaN.
         assert_eq!(count_nonfinite(DType::F16, &h), 4);
         let s = from_f32_saturating(DType::F16, &v);
         assert_eq!(count_nonfinite(DType::F16, &s), 1);

@@ -323,12 +323,12 @@ mod tests {
         std::fs::write(data.join("train.txt"), "text").unwrap();
         let file = data.join("train.txt");
         // Holding an input, being one, being inside one: refused even with force.
-        for (out, want) in [
-            (data.clone(), "holds the input"),
-            (file.clone(), "is the input"),
-            (data.join("sub"), "is inside the input"),
+        for (out, input, want) in [
+            (data.clone(), &file, "holds the input"),
+            (file.clone(), &file, "is the input"),
+            (data.join("sub"), &data, "is inside the input"),
         ] {
-            let e = check_output(&out, std::slice::from_ref(&file), true)
+            let e = check_output(&out, std::slice::from_ref(input), true)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{out:?}: {e}");

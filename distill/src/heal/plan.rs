@@ -291,7 +291,7 @@ pub fn check_options(cfg: &HealConfig) -> Result<()> {
     }
     if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
         return bad(format!(
-            "temperature must be positive, got {}",
+            "temperature must be positive and finite, got {}",
             cfg.temperature
         ));
     }
@@ -495,8 +495,12 @@ mod tests {
         let out = dir.path();
         assert!(find_checkpoint(out).is_err());
         for (step, complete) in [(2, true), (10, true), (11, false)] {
-            let sd = checkpoint_dir(out, step).join(STATE_DIR);
+            let ck = checkpoint_dir(out, step);
+            let sd = ck.join(STATE_DIR);
             std::fs::create_dir_all(&sd).unwrap();
+            std::fs::write(ck.join("config.json"), "{}").unwrap();
+            std::fs::write(ck.join("model.safetensors"), "x").unwrap();
+            std::fs::write(sd.join("optimizer.bin"), "x").unwrap();
             if complete {
                 std::fs::write(sd.join("state.json"), "{}").unwrap();
             }
