@@ -64,6 +64,29 @@ fn tensor_source(file: &Arc<SourceFile>, t: &GgufTensorInfo) -> Result<Source> {
 pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
     let g = GgufFile::open(path).map_err(gguf_err)?;
     let hyper = gguf::LlamaHyper::from_gguf(&g).map_err(gguf_err)?;
+    check_full_rotary(path, &hyper)?;
+    let file = Arc::new(SourceFile::open(path)?);
+    let mut tensors = BTreeMap::new();
+    let mut quant_types: BTreeMap<String, usize> = BTreeMap::new();
+    for t in g.tensors() {
+        *quant_types
+            .entry(format!("{:?}", t.ggml_type).to_lowercase())
+            .or_default() += 1;
+        import_tensor(path, &file, &hyper, t, &mut tensors)?;
+    }
+    let arch = arch_from_hyper(path, &hyper, &tensors, &quant_types)?;
+    let plan = Plan {
+        arch,
+        tensors,
+        files: tokenizer_files(&g)?,
+        origin: path.display().to_string(),
+    };
+    plan.validate()?;
+    Ok(plan)
+}
+
+/// Partial rotary embeddings (RoPE over part of each head) have no HF Llama equivalent.
+fn check_full_rotary(path: &Path, hyper: &gguf::LlamaHyper) -> Result<()> {
     if hyper.rope_dimension_count != hyper.head_dim() {
         return Err(Error::config(
             path,
@@ -75,48 +98,61 @@ pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
             ),
         ));
     }
-    let file = Arc::new(SourceFile::open(path)?);
-    let mut tensors = BTreeMap::new();
-    let mut quant_types: BTreeMap<String, usize> = BTreeMap::new();
-    for t in g.tensors() {
-        let hf = gguf::hf_tensor_name(&t.name)
-            .map_err(|e| Error::tensor(path, &t.name, e.to_string()))?;
-        *quant_types
-            .entry(format!("{:?}", t.ggml_type).to_lowercase())
-            .or_default() += 1;
-        let mut src = tensor_source(&file, t)?;
-        if let Some(n_head) = hf.rope_heads(&hyper) {
-            let rows = t.hf_shape()[0];
-            if n_head == 0 || rows % (2 * n_head) != 0 {
-                return Err(Error::tensor(
-                    path,
-                    &t.name,
-                    format!("{rows} rows cannot be split into {n_head} rotary heads"),
-                ));
-            }
-            src = src.rows(gguf::names::rope_row_order(rows, n_head), "unpermute rope");
-        }
-        if hf.stacked_experts {
-            let shape = t.hf_shape();
-            let (experts, inner) = (shape[0], shape[1..].to_vec());
-            for e in 0..experts {
-                let one = Source::op(Op::Reshape {
-                    input: src.clone().rows(vec![e], format!("expert {e}")),
-                    shape: inner.clone(),
-                });
-                tensors.insert(hf.expert(e), TensorEntry::new(one));
-            }
-        } else {
-            tensors.insert(hf.name.clone(), TensorEntry::new(src));
-        }
-    }
+    Ok(())
+}
 
+/// Adds GGUF tensor `t` to `tensors` under its HF name: q/k rows un-permuted, and a stacked expert
+/// tensor split into one entry per expert (HF stores experts separately).
+fn import_tensor(
+    path: &Path,
+    file: &Arc<SourceFile>,
+    hyper: &gguf::LlamaHyper,
+    t: &GgufTensorInfo,
+    tensors: &mut BTreeMap<String, TensorEntry>,
+) -> Result<()> {
+    let hf =
+        gguf::hf_tensor_name(&t.name).map_err(|e| Error::tensor(path, &t.name, e.to_string()))?;
+    let mut src = tensor_source(file, t)?;
+    if let Some(n_head) = hf.rope_heads(hyper) {
+        src = unpermute_rope(path, t, src, n_head)?;
+    }
+    if hf.stacked_experts {
+        let shape = t.hf_shape();
+        let (experts, inner) = (shape[0], shape[1..].to_vec());
+        for e in 0..experts {
+            let one = Source::op(Op::Reshape {
+                input: src.clone().rows(vec![e], format!("expert {e}")),
+                shape: inner.clone(),
+            });
+            tensors.insert(hf.expert(e), TensorEntry::new(one));
+        }
+    } else {
+        tensors.insert(hf.name.clone(), TensorEntry::new(src));
+    }
+    Ok(())
+}
+
+/// Undoes llama.cpp's interleaving of q/k rows for its RoPE layout, as a row selection.
+fn unpermute_rope(path: &Path, t: &GgufTensorInfo, src: Source, n_head: usize) -> Result<Source> {
+    let rows = t.hf_shape()[0];
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+        return Err(Error::tensor(
+            path,
+            &t.name,
+            format!("{rows} rows cannot be split into {n_head} rotary heads"),
+        ));
+    }
+    Ok(src.rows(gguf::names::rope_row_order(rows, n_head), "unpermute rope"))
+}
+
+/// Attention and MLP of every layer: Mixtral MoE when the file has more than one expert, else dense.
+fn layer_from_hyper(hyper: &gguf::LlamaHyper, qkv_bias: bool) -> (Family, Layer) {
     let attention = Attention {
         kind: AttentionKind::Softmax,
         num_heads: hyper.head_count,
         num_kv_heads: hyper.head_count_kv,
         head_dim: hyper.head_dim(),
-        qkv_bias: tensors.contains_key("model.layers.0.self_attn.q_proj.bias"),
+        qkv_bias,
     };
     let (family, mlp) = match (hyper.expert_count, hyper.expert_used_count) {
         (Some(e), Some(k)) if e > 1 => (
@@ -135,7 +171,20 @@ pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
             },
         ),
     };
-    if attention.qkv_bias {
+    (family, Layer { attention, mlp })
+}
+
+/// The HF architecture described by the GGUF hyperparameters, with a history line naming the file
+/// and its quantisation types.
+fn arch_from_hyper(
+    path: &Path,
+    hyper: &gguf::LlamaHyper,
+    tensors: &BTreeMap<String, TensorEntry>,
+    quant_types: &BTreeMap<String, usize>,
+) -> Result<ModelArch> {
+    let qkv_bias = tensors.contains_key("model.layers.0.self_attn.q_proj.bias");
+    let (family, layer) = layer_from_hyper(hyper, qkv_bias);
+    if qkv_bias {
         return Err(Error::format(
             path,
             "q/k/v biases in a llama GGUF are not supported",
@@ -150,11 +199,11 @@ pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let arch = ModelArch {
+    Ok(ModelArch {
         family,
         hidden_size: hyper.embedding_length,
         vocab_size: hyper.vocab_size,
-        layers: vec![Layer { attention, mlp }; hyper.block_count],
+        layers: vec![layer; hyper.block_count],
         rms_norm_eps: hyper.rms_norm_eps,
         rope_theta: hyper.rope_freq_base,
         rope_scaling: None,
@@ -173,11 +222,14 @@ pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
             ..Default::default()
         },
         extra: Default::default(),
-    };
+    })
+}
 
+/// tokenizer.json and friends rebuilt from the GGUF's `tokenizer.ggml.*` metadata, when it has any.
+fn tokenizer_files(g: &GgufFile) -> Result<BTreeMap<String, AuxFile>> {
     let mut files = BTreeMap::new();
     if g.get("tokenizer.ggml.model").is_some() {
-        let tok = gguf::build_hf_tokenizer(&g).map_err(gguf_err)?;
+        let tok = gguf::build_hf_tokenizer(g).map_err(gguf_err)?;
         for (n, text) in [
             ("tokenizer.json", tok.tokenizer_json),
             ("tokenizer_config.json", tok.tokenizer_config_json),
@@ -186,14 +238,7 @@ pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
             files.insert(n.to_string(), AuxFile::Bytes(Arc::new(text.into_bytes())));
         }
     }
-    let plan = Plan {
-        arch,
-        tensors,
-        files,
-        origin: path.display().to_string(),
-    };
-    plan.validate()?;
-    Ok(plan)
+    Ok(files)
 }
 
 #[cfg(test)]

@@ -294,70 +294,14 @@ impl Source {
 impl Op {
     fn eval(&self) -> Result<HostTensor> {
         match self {
-            Op::Rows { input, indices, .. } => {
-                let t = input.eval()?;
-                let row = row_bytes(&t);
-                let rows = t.shape.first().copied().unwrap_or(0);
-                let mut data = Vec::with_capacity(row * indices.len());
-                for &i in indices.iter() {
-                    if i >= rows {
-                        return Err(Error::invalid(format!(
-                            "row {i} out of range for a tensor of {rows} rows"
-                        )));
-                    }
-                    data.extend_from_slice(&t.data[i * row..(i + 1) * row]);
-                }
-                let mut shape = t.shape.clone();
-                shape[0] = indices.len();
-                Ok(HostTensor {
-                    dtype: t.dtype,
-                    shape,
-                    data,
-                })
-            }
-            Op::Cols { input, indices, .. } => {
-                let t = input.eval()?;
-                let cols = *t.shape.last().unwrap_or(&0);
-                let es = t.dtype.size();
-                let nrows = t.numel().checked_div(cols).unwrap_or(0);
-                if let Some(&bad) = indices.iter().find(|&&i| i >= cols) {
-                    return Err(Error::invalid(format!(
-                        "column {bad} out of range for a tensor of {cols} columns"
-                    )));
-                }
-                let mut data = Vec::with_capacity(nrows * indices.len() * es);
-                for r in 0..nrows {
-                    let base = r * cols * es;
-                    for &c in indices.iter() {
-                        data.extend_from_slice(&t.data[base + c * es..base + (c + 1) * es]);
-                    }
-                }
-                let mut shape = t.shape.clone();
-                *shape.last_mut().unwrap() = indices.len();
-                Ok(HostTensor {
-                    dtype: t.dtype,
-                    shape,
-                    data,
-                })
-            }
+            Op::Rows { input, indices, .. } => select_rows(input.eval()?, indices),
+            Op::Cols { input, indices, .. } => select_cols(input.eval()?, indices),
             Op::Concat { inputs, dim } => {
                 let parts = inputs
                     .iter()
                     .map(Source::eval)
                     .collect::<Result<Vec<_>>>()?;
-                let dtype = self_dtype(&parts);
-                let parts: Vec<HostTensor> = parts.into_iter().map(|p| p.cast(dtype)).collect();
-                let outer: usize = parts[0].shape[..*dim].iter().product();
-                let mut shape = parts[0].shape.clone();
-                shape[*dim] = parts.iter().map(|p| p.shape[*dim]).sum();
-                let mut data = Vec::with_capacity(shape.iter().product::<usize>() * dtype.size());
-                for o in 0..outer {
-                    for p in &parts {
-                        let chunk = p.data.len() / outer.max(1);
-                        data.extend_from_slice(&p.data[o * chunk..(o + 1) * chunk]);
-                    }
-                }
-                Ok(HostTensor { dtype, shape, data })
+                Ok(concat(parts, *dim))
             }
             Op::Reshape { input, shape } => {
                 let mut t = input.eval()?;
@@ -375,33 +319,102 @@ impl Op {
                 let v: Vec<f32> = t.to_f32().iter().map(|x| x * factor).collect();
                 Ok(HostTensor::from_f32(t.shape, &v))
             }
-            Op::MeanRows { input, groups, .. } => {
-                let t = input.eval()?;
-                let v = t.to_f32();
-                let cols: usize = t.shape[1..].iter().product();
-                let mut out = Vec::with_capacity(groups.len() * cols);
-                let mut acc = vec![0f64; cols];
-                for g in groups.iter() {
-                    if g.is_empty() {
-                        return Err(Error::invalid("mean over an empty set of rows"));
-                    }
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    for &r in g {
-                        let row = v.get(r * cols..(r + 1) * cols).ok_or_else(|| {
-                            Error::invalid(format!("row {r} out of range for a mean"))
-                        })?;
-                        for (a, x) in acc.iter_mut().zip(row) {
-                            *a += *x as f64;
-                        }
-                    }
-                    out.extend(acc.iter().map(|a| (a / g.len() as f64) as f32));
-                }
-                let mut shape = t.shape.clone();
-                shape[0] = groups.len();
-                Ok(HostTensor::from_f32(shape, &out))
-            }
+            Op::MeanRows { input, groups, .. } => mean_rows(input.eval()?, groups),
         }
     }
+}
+
+/// Rows `indices` of `t` along dim 0, in that order (repeats allowed), in `t`'s dtype.
+fn select_rows(t: HostTensor, indices: &[usize]) -> Result<HostTensor> {
+    let row = row_bytes(&t);
+    let rows = t.shape.first().copied().unwrap_or(0);
+    let mut data = Vec::with_capacity(row * indices.len());
+    for &i in indices {
+        if i >= rows {
+            return Err(Error::invalid(format!(
+                "row {i} out of range for a tensor of {rows} rows"
+            )));
+        }
+        data.extend_from_slice(&t.data[i * row..(i + 1) * row]);
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = indices.len();
+    Ok(HostTensor {
+        dtype: t.dtype,
+        shape,
+        data,
+    })
+}
+
+/// Columns `indices` (last dim) of `t`, in that order, in `t`'s dtype.
+fn select_cols(t: HostTensor, indices: &[usize]) -> Result<HostTensor> {
+    let cols = *t.shape.last().unwrap_or(&0);
+    let es = t.dtype.size();
+    let nrows = t.numel().checked_div(cols).unwrap_or(0);
+    if let Some(&bad) = indices.iter().find(|&&i| i >= cols) {
+        return Err(Error::invalid(format!(
+            "column {bad} out of range for a tensor of {cols} columns"
+        )));
+    }
+    let mut data = Vec::with_capacity(nrows * indices.len() * es);
+    for r in 0..nrows {
+        let base = r * cols * es;
+        for &c in indices {
+            data.extend_from_slice(&t.data[base + c * es..base + (c + 1) * es]);
+        }
+    }
+    let mut shape = t.shape.clone();
+    *shape.last_mut().unwrap() = indices.len();
+    Ok(HostTensor {
+        dtype: t.dtype,
+        shape,
+        data,
+    })
+}
+
+/// `parts` joined along `dim`, all cast to the dtype [`self_dtype`] picks for them.
+fn concat(parts: Vec<HostTensor>, dim: usize) -> HostTensor {
+    let dtype = self_dtype(&parts);
+    let parts: Vec<HostTensor> = parts.into_iter().map(|p| p.cast(dtype)).collect();
+    // Each part is `outer` contiguous chunks (one per index of the dims before `dim`); the
+    // result interleaves them chunk by chunk.
+    let outer: usize = parts[0].shape[..dim].iter().product();
+    let mut shape = parts[0].shape.clone();
+    shape[dim] = parts.iter().map(|p| p.shape[dim]).sum();
+    let mut data = Vec::with_capacity(shape.iter().product::<usize>() * dtype.size());
+    for o in 0..outer {
+        for p in &parts {
+            let chunk = p.data.len() / outer.max(1);
+            data.extend_from_slice(&p.data[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    HostTensor { dtype, shape, data }
+}
+
+/// Output row g is the mean of the rows `groups[g]` of `t`, accumulated in f64 (f32 result).
+fn mean_rows(t: HostTensor, groups: &[Vec<usize>]) -> Result<HostTensor> {
+    let v = t.to_f32();
+    let cols: usize = t.shape[1..].iter().product();
+    let mut out = Vec::with_capacity(groups.len() * cols);
+    let mut acc = vec![0f64; cols];
+    for g in groups {
+        if g.is_empty() {
+            return Err(Error::invalid("mean over an empty set of rows"));
+        }
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for &r in g {
+            let row = v
+                .get(r * cols..(r + 1) * cols)
+                .ok_or_else(|| Error::invalid(format!("row {r} out of range for a mean")))?;
+            for (a, x) in acc.iter_mut().zip(row) {
+                *a += *x as f64;
+            }
+        }
+        out.extend(acc.iter().map(|a| (a / g.len() as f64) as f32));
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = groups.len();
+    Ok(HostTensor::from_f32(shape, &out))
 }
 
 /// `n` normal values with standard deviation `std`, fully determined by `seed` (splitmix64 +

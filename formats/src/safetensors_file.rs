@@ -69,6 +69,32 @@ pub struct Header {
 /// Parses and validates the header of a safetensors file held in `bytes`.
 /// `path` is used in error messages only.
 pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
+    let (json, data_start) = header_json(path, bytes)?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| Error::format(path, "header is not a JSON object"))?;
+    let data_len = bytes.len() - data_start;
+    let mut header = Header {
+        data_start,
+        ..Default::default()
+    };
+    for (name, info) in obj {
+        if name == "__metadata__" {
+            read_metadata(info, &mut header.metadata);
+            continue;
+        }
+        header
+            .tensors
+            .push(tensor_entry(path, name, info, data_start, data_len)?);
+    }
+    check_no_overlap(path, &header.tensors)?;
+    header.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(header)
+}
+
+/// The header's JSON and where the data section starts (8 + header length), after checking that the
+/// length fits in the file and under [`MAX_HEADER`].
+fn header_json(path: &Path, bytes: &[u8]) -> Result<(serde_json::Value, usize)> {
     let fail = |m: String| Error::format(path, m);
     if bytes.len() < 8 {
         return Err(fail(format!(
@@ -91,83 +117,88 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     }
     let text = std::str::from_utf8(&bytes[8..8 + n])
         .map_err(|e| fail(format!("header is not UTF-8: {e}")))?;
-    let json: serde_json::Value = serde_json::from_str(text.trim_end_matches(' '))
+    // Writers pad the header with trailing spaces to align the data section.
+    let json = serde_json::from_str(text.trim_end_matches(' '))
         .map_err(|e| fail(format!("header is not JSON: {e}")))?;
-    let obj = json
-        .as_object()
-        .ok_or_else(|| fail("header is not a JSON object".into()))?;
-    let data_start = 8 + n;
-    let data_len = bytes.len() - data_start;
-    let mut header = Header {
-        data_start,
-        ..Default::default()
-    };
-    for (name, info) in obj {
-        if name == "__metadata__" {
-            if let Some(m) = info.as_object() {
-                for (k, v) in m {
-                    let v = v
-                        .as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string());
-                    header.metadata.insert(k.clone(), v);
-                }
-            }
-            continue;
+    Ok((json, 8 + n))
+}
+
+/// The `__metadata__` entries; non-string values are kept as their JSON text.
+fn read_metadata(info: &serde_json::Value, metadata: &mut BTreeMap<String, String>) {
+    if let Some(m) = info.as_object() {
+        for (k, v) in m {
+            let v = v
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            metadata.insert(k.clone(), v);
         }
-        let bad = |m: String| Error::tensor(path, name, m);
-        let dtype_name = info
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .ok_or_else(|| bad("header entry has no dtype".into()))?;
-        let dtype = DType::from_safetensors_name(dtype_name).ok_or_else(|| {
-            bad(format!(
-                "unsupported dtype {dtype_name} (supported: F32, F16, BF16)"
-            ))
-        })?;
-        let shape = info
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| bad("header entry has no shape".into()))?
-            .iter()
-            .map(|d| d.as_u64().map(|d| d as usize))
-            .collect::<Option<Vec<usize>>>()
-            .ok_or_else(|| bad("shape is not a list of non-negative integers".into()))?;
-        let offsets = info
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .filter(|a| a.len() == 2)
-            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
-            .ok_or_else(|| bad("data_offsets is not a pair of integers".into()))?;
-        let (begin, end) = offsets;
-        if end < begin || end > data_len as u64 {
-            return Err(bad(format!(
-                "data offsets {begin}..{end} are out of range (data section holds {data_len} bytes)"
-            )));
-        }
-        let numel = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
-        let want = numel
-            .checked_mul(dtype.size())
-            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
-        if (end - begin) as usize != want {
-            return Err(bad(format!(
-                "data offsets {begin}..{end} hold {} bytes but shape {shape:?} in {dtype} needs {want}",
-                end - begin
-            )));
-        }
-        header.tensors.push(StoredTensor {
-            name: name.clone(),
-            dtype,
-            shape,
-            offset: data_start + begin as usize,
-            len: want,
-        });
     }
-    // Tensors must not share bytes (a writer bug or a hand-crafted file).
-    let mut spans: Vec<&StoredTensor> = header.tensors.iter().filter(|t| t.len > 0).collect();
+}
+
+/// One tensor's header entry, checked: a supported dtype, a shape, and data offsets inside the data
+/// section (`data_len` bytes from `data_start`) spanning exactly the bytes the shape needs.
+fn tensor_entry(
+    path: &Path,
+    name: &str,
+    info: &serde_json::Value,
+    data_start: usize,
+    data_len: usize,
+) -> Result<StoredTensor> {
+    let bad = |m: String| Error::tensor(path, name, m);
+    let dtype_name = info
+        .get("dtype")
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| bad("header entry has no dtype".into()))?;
+    let dtype = DType::from_safetensors_name(dtype_name).ok_or_else(|| {
+        bad(format!(
+            "unsupported dtype {dtype_name} (supported: F32, F16, BF16)"
+        ))
+    })?;
+    let shape = info
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .ok_or_else(|| bad("header entry has no shape".into()))?
+        .iter()
+        .map(|d| d.as_u64().map(|d| d as usize))
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| bad("shape is not a list of non-negative integers".into()))?;
+    let (begin, end) = info
+        .get("data_offsets")
+        .and_then(|s| s.as_array())
+        .filter(|a| a.len() == 2)
+        .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
+        .ok_or_else(|| bad("data_offsets is not a pair of integers".into()))?;
+    if end < begin || end > data_len as u64 {
+        return Err(bad(format!(
+            "data offsets {begin}..{end} are out of range (data section holds {data_len} bytes)"
+        )));
+    }
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+    let want = numel
+        .checked_mul(dtype.size())
+        .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+    if (end - begin) as usize != want {
+        return Err(bad(format!(
+            "data offsets {begin}..{end} hold {} bytes but shape {shape:?} in {dtype} needs {want}",
+            end - begin
+        )));
+    }
+    Ok(StoredTensor {
+        name: name.to_string(),
+        dtype,
+        shape,
+        offset: data_start + begin as usize,
+        len: want,
+    })
+}
+
+/// Tensors must not share bytes (a writer bug or a hand-crafted file).
+fn check_no_overlap(path: &Path, tensors: &[StoredTensor]) -> Result<()> {
+    let mut spans: Vec<&StoredTensor> = tensors.iter().filter(|t| t.len > 0).collect();
     spans.sort_by_key(|t| t.offset);
     for w in spans.windows(2) {
         if w[0].offset + w[0].len > w[1].offset {
@@ -178,8 +209,7 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
             ));
         }
     }
-    header.tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(header)
+    Ok(())
 }
 
 #[cfg(test)]

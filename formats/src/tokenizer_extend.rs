@@ -388,12 +388,50 @@ pub fn learn_merges(
     let style = style_of(&v)?;
     let old = load(json)?;
     let (next, ids) = old_ids(&v)?;
-    let model = old.get_model();
 
+    let word_list = corpus_word_counts(&old, style, corpus)?;
+    let mut symbols = Symbols::of(&old);
+    let policy = MergePolicy::of(&v, style, &symbols);
+    let mut stats = PairStats::new(encode_words(&old, &word_list)?);
+    let mut learned = Learned {
+        tokens: vec![],
+        merges: vec![],
+        next_id: next,
+    };
+    while learned.tokens.len() < n {
+        let Some((a, b)) = stats.best(min_frequency.max(1), |a, b| policy.allows(a, b, &symbols))
+        else {
+            return Err(too_few_tokens(learned.tokens.len(), n, min_frequency));
+        };
+        let c = learned.token_for(&old, &mut symbols, a, b)?;
+        stats.merge((a, b), c);
+    }
+
+    pin_added_tokens(&mut v);
+    append_learned(&mut v, &learned, policy.merges_as_pairs)?;
+    let bytes = to_bytes(&v)?;
+    verify(&old, &bytes, &ids, &learned.tokens)?;
+    Ok(Extension {
+        style,
+        old_len: next,
+        merges_added: learned.merges.len(),
+        tokens: learned.tokens,
+        skipped: vec![],
+        tokenizer_json: bytes,
+    })
+}
+
+/// Frequency of every pre-tokenised word of the non-blank corpus texts, sorted by word so that the
+/// learning below does not depend on hash order.
+fn corpus_word_counts(
+    old: &Tokenizer,
+    style: TokenizerStyle,
+    corpus: &[String],
+) -> Result<Vec<(String, u64)>> {
     let mut counts: HashMap<String, u64> = HashMap::new();
     for text in corpus {
         if !text.trim().is_empty() {
-            words(&old, style, text, &mut counts)?;
+            words(old, style, text, &mut counts)?;
         }
     }
     if counts.is_empty() {
@@ -401,139 +439,235 @@ pub fn learn_merges(
     }
     let mut word_list: Vec<(String, u64)> = counts.into_iter().collect();
     word_list.sort();
+    Ok(word_list)
+}
 
-    // Symbol strings by id: old vocabulary, then new tokens.
-    let mut strings: HashMap<u32, String> =
-        model.get_vocab().into_iter().map(|(s, i)| (i, s)).collect();
-    let mut by_string: HashMap<String, u32> =
-        strings.iter().map(|(i, s)| (s.clone(), *i)).collect();
-    let unk: Option<u32> = v["model"]["unk_token"]
-        .as_str()
-        .and_then(|u| by_string.get(u).copied());
-    let frozen = |id: u32, strings: &HashMap<u32, String>| {
-        Some(id) == unk || strings.get(&id).is_none_or(|s| is_byte_piece(s))
-    };
-    let merges_as_pairs = v["model"]["merges"]
-        .as_array()
-        .and_then(|m| m.first())
-        .is_none_or(Value::is_array);
-
+/// Each word as its ids under the old tokenizer (the state before any new merge), with its frequency.
+fn encode_words(old: &Tokenizer, word_list: &[(String, u64)]) -> Result<Vec<(Vec<u32>, u64)>> {
+    let model = old.get_model();
     let mut words: Vec<(Vec<u32>, u64)> = Vec::with_capacity(word_list.len());
-    for (w, f) in &word_list {
+    for (w, f) in word_list {
         let toks = model
             .tokenize(w)
             .map_err(|e| invalid(format!("encoding corpus word {w:?}: {e}")))?;
         words.push((toks.iter().map(|t| t.id).collect(), *f));
     }
+    Ok(words)
+}
 
-    let allowed = |a: u32, b: u32, strings: &HashMap<u32, String>| -> bool {
-        if frozen(a, strings) || frozen(b, strings) {
-            return false;
-        }
-        let (sa, sb) = (&strings[&a], &strings[&b]);
-        if style == TokenizerStyle::SentencePiece && sb.starts_with('▁') {
-            return false;
-        }
-        merges_as_pairs || !(sa.contains(' ') || sb.contains(' '))
-    };
+fn too_few_tokens(found: usize, n: usize, min_frequency: u64) -> Error {
+    invalid(format!(
+        "the corpus yields only {} new token{} (merges of pairs seen at least {} times), fewer than the {n} asked for",
+        found,
+        if found == 1 { "" } else { "s" },
+        min_frequency.max(1)
+    ))
+}
 
-    let mut pair_counts: HashMap<(u32, u32), u64> = HashMap::new();
-    let mut where_: HashMap<(u32, u32), HashSet<usize>> = HashMap::new();
-    for (wi, (syms, f)) in words.iter().enumerate() {
-        for p in syms.windows(2) {
-            *pair_counts.entry((p[0], p[1])).or_default() += f;
-            where_.entry((p[0], p[1])).or_default().insert(wi);
+/// Symbol strings by id and back: the old vocabulary, then each new token as it is learned.
+struct Symbols {
+    strings: HashMap<u32, String>,
+    by_string: HashMap<String, u32>,
+}
+
+impl Symbols {
+    fn of(old: &Tokenizer) -> Self {
+        let strings: HashMap<u32, String> = old
+            .get_model()
+            .get_vocab()
+            .into_iter()
+            .map(|(s, i)| (i, s))
+            .collect();
+        let by_string = strings.iter().map(|(i, s)| (s.clone(), *i)).collect();
+        Symbols { strings, by_string }
+    }
+}
+
+/// Which adjacent pairs may be merged.
+struct MergePolicy {
+    style: TokenizerStyle,
+    unk: Option<u32>,
+    /// `model.merges` holds `[a, b]` lists (newer format) rather than `"a b"` strings; with strings a
+    /// piece containing a space cannot be written as a merge.
+    merges_as_pairs: bool,
+}
+
+impl MergePolicy {
+    fn of(v: &Value, style: TokenizerStyle, symbols: &Symbols) -> Self {
+        let unk = v["model"]["unk_token"]
+            .as_str()
+            .and_then(|u| symbols.by_string.get(u).copied());
+        let merges_as_pairs = v["model"]["merges"]
+            .as_array()
+            .and_then(|m| m.first())
+            .is_none_or(Value::is_array);
+        MergePolicy {
+            style,
+            unk,
+            merges_as_pairs,
         }
     }
 
-    let mut new_tokens: Vec<NewToken> = vec![];
-    let mut new_merges: Vec<(String, String)> = vec![];
-    let mut next_id = next;
-    while new_tokens.len() < n {
-        let best = pair_counts
-            .iter()
-            .filter(|(p, &c)| c >= min_frequency.max(1) && allowed(p.0, p.1, &strings))
-            .max_by(|(pa, ca), (pb, cb)| ca.cmp(cb).then(pb.cmp(pa)))
-            .map(|(p, _)| *p);
-        let Some((a, b)) = best else {
-            return Err(invalid(format!(
-                "the corpus yields only {} new token{} (merges of pairs seen at least {} times), fewer than the {n} asked for",
-                new_tokens.len(),
-                if new_tokens.len() == 1 { "" } else { "s" },
-                min_frequency.max(1)
-            )));
+    /// The unknown token, byte-fallback pieces and ids without a string never take part in a merge.
+    fn frozen(&self, id: u32, symbols: &Symbols) -> bool {
+        Some(id) == self.unk || symbols.strings.get(&id).is_none_or(|s| is_byte_piece(s))
+    }
+
+    fn allows(&self, a: u32, b: u32, symbols: &Symbols) -> bool {
+        if self.frozen(a, symbols) || self.frozen(b, symbols) {
+            return false;
+        }
+        let (sa, sb) = (&symbols.strings[&a], &symbols.strings[&b]);
+        // A SentencePiece word start `▁` never joins the piece before it (that would cross a word).
+        if self.style == TokenizerStyle::SentencePiece && sb.starts_with('▁') {
+            return false;
+        }
+        self.merges_as_pairs || !(sa.contains(' ') || sb.contains(' '))
+    }
+}
+
+/// The corpus words as symbol sequences, with the weighted count of every adjacent pair and the words
+/// it occurs in (an index may list words that no longer hold the pair; merging rechecks).
+struct PairStats {
+    words: Vec<(Vec<u32>, u64)>,
+    counts: HashMap<(u32, u32), u64>,
+    where_: HashMap<(u32, u32), HashSet<usize>>,
+}
+
+impl PairStats {
+    fn new(words: Vec<(Vec<u32>, u64)>) -> Self {
+        let mut stats = PairStats {
+            words,
+            counts: HashMap::new(),
+            where_: HashMap::new(),
         };
-        let merged = format!("{}{}", strings[&a], strings[&b]);
-        let c = match by_string.get(&merged) {
+        for wi in 0..stats.words.len() {
+            stats.add_pairs_of(wi);
+        }
+        stats
+    }
+
+    fn add_pairs_of(&mut self, wi: usize) {
+        let (syms, f) = &self.words[wi];
+        for p in syms.windows(2) {
+            *self.counts.entry((p[0], p[1])).or_default() += f;
+            self.where_.entry((p[0], p[1])).or_default().insert(wi);
+        }
+    }
+
+    /// The most frequent allowed pair seen at least `min_count` times; ties go to the smaller ids.
+    fn best(&self, min_count: u64, allowed: impl Fn(u32, u32) -> bool) -> Option<(u32, u32)> {
+        self.counts
+            .iter()
+            .filter(|(p, &c)| c >= min_count && allowed(p.0, p.1))
+            .max_by(|(pa, ca), (pb, cb)| ca.cmp(cb).then(pb.cmp(pa)))
+            .map(|(p, _)| *p)
+    }
+
+    /// Replaces every occurrence of `pair` by `c` in the words that hold it, updating the statistics.
+    fn merge(&mut self, pair: (u32, u32), c: u32) {
+        let mut affected: Vec<usize> = self
+            .where_
+            .remove(&pair)
+            .map(|s| s.into_iter().collect())
+            .unwrap_or_default();
+        affected.sort_unstable();
+        self.counts.remove(&pair);
+        for wi in affected {
+            self.remove_pairs_of(wi, pair);
+            let syms = &mut self.words[wi].0;
+            *syms = merge_in_word(syms, pair, c);
+            self.add_pairs_of(wi);
+        }
+    }
+
+    /// Subtracts the word's pairs (other than `merged`, already dropped) from the counts.
+    fn remove_pairs_of(&mut self, wi: usize, merged: (u32, u32)) {
+        let (syms, f) = &self.words[wi];
+        for p in syms.windows(2) {
+            if (p[0], p[1]) == merged {
+                continue;
+            }
+            if let Some(cnt) = self.counts.get_mut(&(p[0], p[1])) {
+                *cnt -= *f;
+                if *cnt == 0 {
+                    self.counts.remove(&(p[0], p[1]));
+                }
+            }
+        }
+    }
+}
+
+/// `syms` with each non-overlapping occurrence of `(a, b)`, left to right, replaced by `c`.
+fn merge_in_word(syms: &[u32], (a, b): (u32, u32), c: u32) -> Vec<u32> {
+    let mut out = Vec::with_capacity(syms.len());
+    let mut i = 0;
+    while i < syms.len() {
+        if i + 1 < syms.len() && syms[i] == a && syms[i + 1] == b {
+            out.push(c);
+            i += 2;
+        } else {
+            out.push(syms[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The new tokens and merges learned so far, and the id the next new token gets.
+struct Learned {
+    tokens: Vec<NewToken>,
+    merges: Vec<(String, String)>,
+    next_id: u32,
+}
+
+impl Learned {
+    /// Records the merge `a b` and returns the id of its result: an existing token when the string is
+    /// already in the vocabulary (the merge adds no token), otherwise a new token with the next id.
+    fn token_for(&mut self, old: &Tokenizer, symbols: &mut Symbols, a: u32, b: u32) -> Result<u32> {
+        let merged = format!("{}{}", symbols.strings[&a], symbols.strings[&b]);
+        let c = match symbols.by_string.get(&merged) {
             Some(&c) => c,
             None => {
-                let c = next_id;
-                next_id += 1;
-                strings.insert(c, merged.clone());
-                by_string.insert(merged.clone(), c);
-                let old_enc = model
-                    .tokenize(&merged)
-                    .map_err(|e| invalid(format!("encoding {merged:?}: {e}")))?;
-                new_tokens.push(NewToken {
-                    id: c,
-                    content: merged.clone(),
-                    text: old
-                        .decode(&old_enc.iter().map(|t| t.id).collect::<Vec<_>>(), false)
-                        .unwrap_or_else(|_| merged.clone()),
-                    old_ids: old_enc.iter().map(|t| t.id).collect(),
-                });
+                let c = self.next_id;
+                self.next_id += 1;
+                symbols.strings.insert(c, merged.clone());
+                symbols.by_string.insert(merged.clone(), c);
+                self.tokens.push(new_token(old, c, merged)?);
                 c
             }
         };
-        new_merges.push((strings[&a].clone(), strings[&b].clone()));
-        // Rewrite the words that contain the pair, updating pair statistics.
-        let affected: Vec<usize> = where_
-            .remove(&(a, b))
-            .map(|s| {
-                let mut v: Vec<usize> = s.into_iter().collect();
-                v.sort_unstable();
-                v
-            })
-            .unwrap_or_default();
-        pair_counts.remove(&(a, b));
-        for wi in affected {
-            let (syms, f) = &mut words[wi];
-            for p in syms.windows(2) {
-                if (p[0], p[1]) == (a, b) {
-                    continue;
-                }
-                if let Some(cnt) = pair_counts.get_mut(&(p[0], p[1])) {
-                    *cnt -= *f;
-                    if *cnt == 0 {
-                        pair_counts.remove(&(p[0], p[1]));
-                    }
-                }
-            }
-            let mut out = Vec::with_capacity(syms.len());
-            let mut i = 0;
-            while i < syms.len() {
-                if i + 1 < syms.len() && syms[i] == a && syms[i + 1] == b {
-                    out.push(c);
-                    i += 2;
-                } else {
-                    out.push(syms[i]);
-                    i += 1;
-                }
-            }
-            *syms = out;
-            for p in syms.windows(2) {
-                *pair_counts.entry((p[0], p[1])).or_default() += *f;
-                where_.entry((p[0], p[1])).or_default().insert(wi);
-            }
-        }
+        self.merges
+            .push((symbols.strings[&a].clone(), symbols.strings[&b].clone()));
+        Ok(c)
     }
+}
 
-    pin_added_tokens(&mut v);
+/// A learned token with its text and its ids under the old tokenizer (for zip-tie initialisation).
+fn new_token(old: &Tokenizer, id: u32, merged: String) -> Result<NewToken> {
+    let old_enc = old
+        .get_model()
+        .tokenize(&merged)
+        .map_err(|e| invalid(format!("encoding {merged:?}: {e}")))?;
+    let old_ids: Vec<u32> = old_enc.iter().map(|t| t.id).collect();
+    Ok(NewToken {
+        id,
+        text: old
+            .decode(&old_ids, false)
+            .unwrap_or_else(|_| merged.clone()),
+        content: merged,
+        old_ids,
+    })
+}
+
+/// Adds the learned tokens to `model.vocab` and appends the learned merges after the old ones, in the
+/// format the file already uses.
+fn append_learned(v: &mut Value, learned: &Learned, merges_as_pairs: bool) -> Result<()> {
     let model_v = &mut v["model"];
     let vocab = model_v["vocab"]
         .as_object_mut()
         .expect("checked in old_ids");
-    for t in &new_tokens {
+    for t in &learned.tokens {
         vocab.insert(t.content.clone(), json!(t.id));
     }
     if model_v.get("merges").is_none() {
@@ -542,23 +676,14 @@ pub fn learn_merges(
     let merges = model_v["merges"]
         .as_array_mut()
         .ok_or_else(|| invalid("tokenizer.json: `model.merges` is not a list"))?;
-    for (a, b) in &new_merges {
+    for (a, b) in &learned.merges {
         merges.push(if merges_as_pairs {
             json!([a, b])
         } else {
             json!(format!("{a} {b}"))
         });
     }
-    let bytes = to_bytes(&v)?;
-    verify(&old, &bytes, &ids, &new_tokens)?;
-    Ok(Extension {
-        style,
-        old_len: next,
-        tokens: new_tokens,
-        skipped: vec![],
-        merges_added: new_merges.len(),
-        tokenizer_json: bytes,
-    })
+    Ok(())
 }
 
 /// Tokens per character of `texts` (each encoded without special tokens): the compression measure used

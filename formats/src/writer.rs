@@ -313,16 +313,38 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
 /// other tensors are materialised in parallel within a window of `window` bytes. Returns the bytes
 /// copied file-to-file.
 fn write_shard(ctx: &ShardContext, shard: &Shard) -> Result<u64> {
-    let ShardContext {
-        plan,
-        dir,
-        prov,
-        window,
-        bar,
-        ..
-    } = *ctx;
-    let path = dir.join(&shard.file_name);
+    let path = ctx.dir.join(&shard.file_name);
     // Header first: shapes and dtypes are known without touching data.
+    let header_bytes = shard_header(shard, ctx.prov);
+    let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+    let mut w = BufWriter::with_capacity(8 << 20, file);
+    let io = |e| Error::io(&path, e);
+    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&header_bytes).map_err(io)?;
+
+    let mut sources: HashMap<PathBuf, File> = HashMap::new();
+    let mut copied = 0u64;
+    let mut i = 0;
+    while i < shard.tensors.len() {
+        if is_passthrough(shard.tensors[i].1) {
+            let (next, n) = copy_passthrough_run(ctx, shard, i, &mut sources, &mut w, &path)?;
+            copied += n;
+            i = next;
+        } else {
+            i = write_computed_window(ctx, shard, i, &mut w, &path)?;
+        }
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(&path, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(&path, e))?;
+    Ok(copied)
+}
+
+/// The safetensors header of a shard (metadata, then each tensor's dtype, shape and byte range),
+/// padded with spaces to a multiple of 8 bytes so that the data section is aligned.
+fn shard_header(shard: &Shard, prov: &str) -> Vec<u8> {
     let mut header = Map::new();
     header.insert(
         "__metadata__".into(),
@@ -340,91 +362,96 @@ fn write_shard(ctx: &ShardContext, shard: &Shard) -> Result<u64> {
     while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
-    let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-    let mut w = BufWriter::with_capacity(8 << 20, file);
-    let io = |e| Error::io(&path, e);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&header_bytes).map_err(io)?;
+    header_bytes
+}
 
-    let mut sources: HashMap<PathBuf, File> = HashMap::new();
-    let mut copied = 0u64;
-    let mut i = 0;
-    while i < shard.tensors.len() {
-        let (name, t, _) = shard.tensors[i];
-        if let Some((src, off, len, _)) = passthrough_span(t) {
-            // Extend over the following tensors that continue this byte range.
-            let mut end = off + len;
-            let mut j = i + 1;
-            while let Some((s2, o2, l2, _)) = shard
-                .tensors
-                .get(j)
-                .and_then(|(_, t2, _)| passthrough_span(t2))
-            {
-                if s2.path != src.path || o2 != end {
-                    break;
-                }
-                end += l2;
-                j += 1;
-            }
-            let f = match sources.get_mut(&src.path) {
-                Some(f) => f,
-                None => {
-                    let f = File::open(&src.path).map_err(|e| Error::io(&src.path, e))?;
-                    sources.entry(src.path.clone()).or_insert(f)
-                }
-            };
-            f.seek(SeekFrom::Start(off as u64))
-                .map_err(|e| Error::io(&src.path, e))?;
-            let want = (end - off) as u64;
-            let n = std::io::copy(&mut f.take(want), &mut w).map_err(io)?;
-            if n != want {
-                return Err(Error::tensor(&src.path, name, "source file is truncated"));
-            }
-            copied += n;
-            bar.inc(n);
-            i = j;
-            continue;
+/// Copies passthrough tensor `i` and the following ones that continue its byte range in the same
+/// source file with one copy. Returns the index after the run and the bytes copied.
+fn copy_passthrough_run(
+    ctx: &ShardContext,
+    shard: &Shard,
+    i: usize,
+    sources: &mut HashMap<PathBuf, File>,
+    w: &mut BufWriter<File>,
+    path: &Path,
+) -> Result<(usize, u64)> {
+    let (name, t, _) = shard.tensors[i];
+    let (src, off, len, _) = passthrough_span(t).expect("caller checked is_passthrough");
+    // Extend over the following tensors that continue this byte range.
+    let mut end = off + len;
+    let mut j = i + 1;
+    while let Some((s2, o2, l2, _)) = shard
+        .tensors
+        .get(j)
+        .and_then(|(_, t2, _)| passthrough_span(t2))
+    {
+        if s2.path != src.path || o2 != end {
+            break;
         }
-        let mut j = i;
-        let mut used = 0usize;
-        while j < shard.tensors.len()
-            && (j == i || used + shard.tensors[j].2 <= window)
-            && !is_passthrough(shard.tensors[j].1)
-        {
-            used += shard.tensors[j].2;
-            j += 1;
-        }
-        let done: Vec<Result<HostTensor>> = shard.tensors[i..j]
-            .par_iter()
-            .map(|(name, t, _)| {
-                let h = materialize_checked(ctx, name, t)?;
-                if h.shape != t.shape() {
-                    return Err(Error::tensor(
-                        &plan.origin,
-                        *name,
-                        format!(
-                            "computed shape {:?} differs from planned {:?}",
-                            h.shape,
-                            t.shape()
-                        ),
-                    ));
-                }
-                Ok(h)
-            })
-            .collect();
-        for h in done {
-            let h = h?;
-            w.write_all(&h.data).map_err(io)?;
-            bar.inc(h.data.len() as u64);
-        }
-        i = j;
+        end += l2;
+        j += 1;
     }
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::io(&path, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(&path, e))?;
-    Ok(copied)
+    let f = match sources.get_mut(&src.path) {
+        Some(f) => f,
+        None => {
+            let f = File::open(&src.path).map_err(|e| Error::io(&src.path, e))?;
+            sources.entry(src.path.clone()).or_insert(f)
+        }
+    };
+    f.seek(SeekFrom::Start(off as u64))
+        .map_err(|e| Error::io(&src.path, e))?;
+    let want = (end - off) as u64;
+    let n = std::io::copy(&mut f.take(want), w).map_err(|e| Error::io(path, e))?;
+    if n != want {
+        return Err(Error::tensor(&src.path, name, "source file is truncated"));
+    }
+    ctx.bar.inc(n);
+    Ok((j, n))
+}
+
+/// Materialises the computed tensors from `i` on (at least one, then as many as fit in the
+/// `window` bytes, stopping at a passthrough tensor) in parallel and writes them in order.
+/// Returns the index after the window.
+fn write_computed_window(
+    ctx: &ShardContext,
+    shard: &Shard,
+    i: usize,
+    w: &mut BufWriter<File>,
+    path: &Path,
+) -> Result<usize> {
+    let mut j = i;
+    let mut used = 0usize;
+    while j < shard.tensors.len()
+        && (j == i || used + shard.tensors[j].2 <= ctx.window)
+        && !is_passthrough(shard.tensors[j].1)
+    {
+        used += shard.tensors[j].2;
+        j += 1;
+    }
+    let done: Vec<Result<HostTensor>> = shard.tensors[i..j]
+        .par_iter()
+        .map(|(name, t, _)| {
+            let h = materialize_checked(ctx, name, t)?;
+            if h.shape != t.shape() {
+                return Err(Error::tensor(
+                    &ctx.plan.origin,
+                    *name,
+                    format!(
+                        "computed shape {:?} differs from planned {:?}",
+                        h.shape,
+                        t.shape()
+                    ),
+                ));
+            }
+            Ok(h)
+        })
+        .collect();
+    for h in done {
+        let h = h?;
+        w.write_all(&h.data).map_err(|e| Error::io(path, e))?;
+        ctx.bar.inc(h.data.len() as u64);
+    }
+    Ok(j)
 }
 
 /// What every shard writer shares.

@@ -242,17 +242,6 @@ impl LlamaHyper {
         let opt_usize = |key: &str| -> Result<Option<usize>, GgufError> {
             Ok(f.get_u64(key)?.map(|v| v as usize))
         };
-        let opt_u32 = |key: &str| -> Result<Option<u32>, GgufError> {
-            f.get_u64(key)?
-                .map(|v| {
-                    u32::try_from(v).map_err(|_| GgufError::BadMetadata {
-                        file: f.label(),
-                        key: key.to_string(),
-                        reason: format!("{v} does not fit a token id"),
-                    })
-                })
-                .transpose()
-        };
         let head_count = usize_of(&k("attention.head_count"))?;
         let embedding_length = usize_of(&k("embedding_length"))?;
         if head_count == 0 {
@@ -266,51 +255,10 @@ impl LlamaHyper {
             Some(a) => a.len(),
             None => usize_of(&k("vocab_size"))?,
         };
-        let rms_norm_eps = f
-            .get_f64(&k("attention.layer_norm_rms_epsilon"))?
-            .ok_or_else(|| GgufError::MissingKey {
-                file: f.label(),
-                key: k("attention.layer_norm_rms_epsilon"),
-            })?;
-        let bad = |key: String, reason: String| GgufError::BadMetadata {
-            file: f.label(),
-            key,
-            reason,
-        };
-        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
-            return Err(bad(
-                k("attention.layer_norm_rms_epsilon"),
-                format!("must be in (0, 1), got {rms_norm_eps}"),
-            ));
-        }
-        let rope_freq_base = f.get_f64(&k("rope.freq_base"))?.unwrap_or(10000.0);
-        if !(rope_freq_base.is_finite() && rope_freq_base > 0.0) {
-            return Err(bad(
-                k("rope.freq_base"),
-                format!("must be a positive finite number, got {rope_freq_base}"),
-            ));
-        }
+        let rms_norm_eps = rms_norm_eps(f, &k("attention.layer_norm_rms_epsilon"))?;
+        let rope_freq_base = rope_freq_base(f, &k("rope.freq_base"))?;
         let block_count = usize_of(&k("block_count"))?;
-        // Tensors of blocks the count leaves out, or blocks it names that have no tensors:
-        // one message naming the key, not one per tensor.
-        let blocks: std::collections::BTreeSet<usize> = f
-            .tensors()
-            .iter()
-            .filter_map(|t| t.name.strip_prefix("blk.")?.split('.').next()?.parse().ok())
-            .collect();
-        let expected: std::collections::BTreeSet<usize> = (0..block_count).collect();
-        if blocks != expected {
-            let found = match (blocks.first(), blocks.last()) {
-                (Some(a), Some(b)) => {
-                    format!("tensors for {} blocks (blk.{a} .. blk.{b})", blocks.len())
-                }
-                _ => "no block tensors".to_string(),
-            };
-            return Err(bad(
-                k("block_count"),
-                format!("says {block_count} blocks but the file has {found}"),
-            ));
-        }
+        check_block_count(f, &k("block_count"), block_count)?;
         Ok(LlamaHyper {
             block_count,
             embedding_length,
@@ -323,10 +271,10 @@ impl LlamaHyper {
             rms_norm_eps,
             context_length: opt_usize(&k("context_length"))?,
             vocab_size,
-            bos_token_id: opt_u32("tokenizer.ggml.bos_token_id")?,
-            eos_token_id: opt_u32("tokenizer.ggml.eos_token_id")?,
-            pad_token_id: opt_u32("tokenizer.ggml.padding_token_id")?,
-            unk_token_id: opt_u32("tokenizer.ggml.unknown_token_id")?,
+            bos_token_id: opt_token_id(f, "tokenizer.ggml.bos_token_id")?,
+            eos_token_id: opt_token_id(f, "tokenizer.ggml.eos_token_id")?,
+            pad_token_id: opt_token_id(f, "tokenizer.ggml.padding_token_id")?,
+            unk_token_id: opt_token_id(f, "tokenizer.ggml.unknown_token_id")?,
             expert_count: opt_usize(&k("expert_count"))?,
             expert_used_count: opt_usize(&k("expert_used_count"))?,
             tie_word_embeddings: f.tensor("output.weight").is_none(),
@@ -338,6 +286,78 @@ impl LlamaHyper {
     pub fn head_dim(&self) -> usize {
         self.embedding_length / self.head_count
     }
+}
+
+/// The RMS norm epsilon at `key`: required, and in (0, 1) (anything else is a corrupt file).
+fn rms_norm_eps(f: &GgufFile, key: &str) -> Result<f64, GgufError> {
+    let eps = f.get_f64(key)?.ok_or_else(|| GgufError::MissingKey {
+        file: f.label(),
+        key: key.to_string(),
+    })?;
+    if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+        return Err(GgufError::BadMetadata {
+            file: f.label(),
+            key: key.to_string(),
+            reason: format!("must be in (0, 1), got {eps}"),
+        });
+    }
+    Ok(eps)
+}
+
+/// The RoPE base at `key`: 10000 only when absent, else a positive finite number.
+fn rope_freq_base(f: &GgufFile, key: &str) -> Result<f64, GgufError> {
+    let base = f.get_f64(key)?.unwrap_or(10000.0);
+    if !(base.is_finite() && base > 0.0) {
+        return Err(GgufError::BadMetadata {
+            file: f.label(),
+            key: key.to_string(),
+            reason: format!("must be a positive finite number, got {base}"),
+        });
+    }
+    Ok(base)
+}
+
+/// Checks that the `blk.N.*` tensors cover exactly blocks `0..block_count`. Tensors of blocks the
+/// count leaves out, or blocks it names that have no tensors: one message naming the key, not one
+/// per tensor.
+fn check_block_count(f: &GgufFile, key: &str, block_count: usize) -> Result<(), GgufError> {
+    let blocks: std::collections::BTreeSet<usize> = f
+        .tensors()
+        .iter()
+        .filter_map(|t| t.name.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+        .collect();
+    // `blocks` holds distinct indices, so it is exactly 0..block_count when it has block_count of
+    // them and the largest is block_count - 1. (Never build 0..block_count itself: a corrupt count
+    // of billions would allocate gigabytes.)
+    let exact =
+        blocks.len() == block_count && blocks.last().is_none_or(|&last| last == block_count - 1);
+    if !exact {
+        let found = match (blocks.first(), blocks.last()) {
+            (Some(a), Some(b)) => {
+                format!("tensors for {} blocks (blk.{a} .. blk.{b})", blocks.len())
+            }
+            _ => "no block tensors".to_string(),
+        };
+        return Err(GgufError::BadMetadata {
+            file: f.label(),
+            key: key.to_string(),
+            reason: format!("says {block_count} blocks but the file has {found}"),
+        });
+    }
+    Ok(())
+}
+
+/// An optional token id at `key`; a value beyond `u32` is an error, not a silent truncation.
+fn opt_token_id(f: &GgufFile, key: &str) -> Result<Option<u32>, GgufError> {
+    f.get_u64(key)?
+        .map(|v| {
+            u32::try_from(v).map_err(|_| GgufError::BadMetadata {
+                file: f.label(),
+                key: key.to_string(),
+                reason: format!("{v} does not fit a token id"),
+            })
+        })
+        .transpose()
 }
 
 /// Opens the real test model, SmolLM2-135M-Instruct, from [`smollm2_gguf_path`]. The error says how

@@ -761,17 +761,35 @@ fn parse_header(bytes: &[u8], file: &str) -> Result<Header, GgufError> {
         pos: 0,
         file,
     };
+    let (version, n_tensors, n_kv) = read_preamble(&mut c)?;
+    let metadata = read_metadata(&mut c, n_kv)?;
+    let alignment = alignment_of(&metadata, file)?;
+    let infos = read_tensor_infos(&mut c, n_tensors, alignment)?;
+    let data_start = data_section_start(&c, alignment, !infos.is_empty())?;
+    let tensors = place_tensors(infos, data_start, bytes.len() as u64, file)?;
+    Ok(Header {
+        version,
+        alignment,
+        data_start,
+        metadata,
+        tensors,
+    })
+}
+
+/// Magic, version and the two counts: `(version, tensor count, metadata count)`, the counts checked
+/// against the bytes left so that a corrupt count cannot make us allocate absurdly.
+fn read_preamble(c: &mut Cursor<'_>) -> Result<(u32, usize, usize), GgufError> {
     let magic: [u8; 4] = c.array(&|| "magic".to_string())?;
     if magic != GGUF_MAGIC {
         return Err(GgufError::BadMagic {
-            file: file.to_string(),
+            file: c.file.to_string(),
             found: magic,
         });
     }
     let version = c.u32(&|| "version".to_string())?;
     if version != 2 && version != 3 {
         return Err(GgufError::UnsupportedVersion {
-            file: file.to_string(),
+            file: c.file.to_string(),
             version,
         });
     }
@@ -780,8 +798,14 @@ fn parse_header(bytes: &[u8], file: &str) -> Result<Header, GgufError> {
     // A metadata pair takes at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at least
     // 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset) bytes.
     let n_kv = c.check_count(n_kv, 13, &|| "metadata count".to_string())?;
-    let n_tensors_checked = c.check_count(n_tensors, 24, &|| "tensor count".to_string())?;
+    let n_tensors = c.check_count(n_tensors, 24, &|| "tensor count".to_string())?;
+    Ok((version, n_tensors, n_kv))
+}
 
+fn read_metadata(
+    c: &mut Cursor<'_>,
+    n_kv: usize,
+) -> Result<BTreeMap<String, GgufValue>, GgufError> {
     let mut metadata = BTreeMap::new();
     for i in 0..n_kv {
         let key = c.string(&|| format!("key of metadata pair #{i}"))?;
@@ -789,103 +813,153 @@ fn parse_header(bytes: &[u8], file: &str) -> Result<Header, GgufError> {
         let value = c.value(type_id, 0, &key)?;
         if metadata.contains_key(&key) {
             return Err(GgufError::DuplicateKey {
-                file: file.to_string(),
+                file: c.file.to_string(),
                 key,
             });
         }
         metadata.insert(key, value);
     }
+    Ok(metadata)
+}
 
-    let alignment = match metadata.get("general.alignment") {
-        None => DEFAULT_ALIGNMENT,
+/// `general.alignment` (a power of two up to 2^30), or the GGUF default when absent.
+fn alignment_of(metadata: &BTreeMap<String, GgufValue>, file: &str) -> Result<u64, GgufError> {
+    match metadata.get("general.alignment") {
+        None => Ok(DEFAULT_ALIGNMENT),
         Some(v) => match v.as_u64() {
-            Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 30 => a,
-            _ => {
-                return Err(GgufError::InvalidValue {
-                    file: file.to_string(),
-                    key: "general.alignment".to_string(),
-                    reason: format!("{v:?} is not a power of two"),
-                })
-            }
+            Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 30 => Ok(a),
+            _ => Err(GgufError::InvalidValue {
+                file: file.to_string(),
+                key: "general.alignment".to_string(),
+                reason: format!("{v:?} is not a power of two"),
+            }),
         },
-    };
+    }
+}
 
-    // Tensor infos: relative offsets first; bounds are checked once the data section start is known.
-    let n_tensors = n_tensors_checked;
-    let mut infos: Vec<(String, Vec<u64>, GgmlType, u64, u64)> = Vec::with_capacity(n_tensors);
+/// A tensor info as read, its offset still relative to the data section (not yet bounds-checked).
+struct RelativeTensor {
+    name: String,
+    dims: Vec<u64>,
+    ggml_type: GgmlType,
+    rel_offset: u64,
+    byte_len: u64,
+}
+
+/// Tensor infos: relative offsets first; bounds are checked once the data section start is known.
+fn read_tensor_infos(
+    c: &mut Cursor<'_>,
+    n_tensors: usize,
+    alignment: u64,
+) -> Result<Vec<RelativeTensor>, GgufError> {
+    let mut infos = Vec::with_capacity(n_tensors);
     let mut seen = std::collections::HashSet::with_capacity(n_tensors);
     for i in 0..n_tensors {
-        let name = c.string(&|| format!("name of tensor #{i}"))?;
-        let bad = |reason: String| GgufError::BadTensor {
-            file: file.to_string(),
-            tensor: name.clone(),
-            reason,
-        };
-        let n_dims = c.u32(&|| format!("dimension count of tensor `{name}`"))?;
-        if n_dims > MAX_DIMS {
-            return Err(bad(format!(
-                "{n_dims} dimensions (ggml supports at most {MAX_DIMS})"
-            )));
-        }
-        let mut dims = Vec::with_capacity(n_dims as usize);
-        for d in 0..n_dims {
-            dims.push(c.u64(&|| format!("dimension {d} of tensor `{name}`"))?);
-        }
-        let type_id = c.u32(&|| format!("type of tensor `{name}`"))?;
-        let offset = c.u64(&|| format!("offset of tensor `{name}`"))?;
-        let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnknownGgmlType {
-            file: file.to_string(),
-            tensor: name.clone(),
-            type_id,
-        })?;
-        let n_elements = dims
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .filter(|&n| n <= i64::MAX as u64)
-            .ok_or_else(|| bad(format!("element count of dims {dims:?} overflows")))?;
-        let (block, _) = ggml_type.block_layout();
-        let ne0 = dims.first().copied().unwrap_or(1);
-        if !ne0.is_multiple_of(block as u64) {
-            return Err(bad(format!(
-                "innermost dimension {ne0} is not a multiple of the {ggml_type} block size {block}"
-            )));
-        }
-        let byte_len = ggml_type.byte_len(n_elements).ok_or_else(|| {
-            bad(format!(
-                "byte size of {n_elements} {ggml_type} elements overflows"
-            ))
-        })?;
-        if offset % alignment != 0 {
-            return Err(GgufError::MisalignedOffset {
-                file: file.to_string(),
-                tensor: name,
-                offset,
-                alignment,
-            });
-        }
-        if !seen.insert(name.clone()) {
+        let info = read_tensor_info(c, i, alignment)?;
+        if !seen.insert(info.name.clone()) {
             return Err(GgufError::DuplicateTensor {
-                file: file.to_string(),
-                tensor: name,
+                file: c.file.to_string(),
+                tensor: info.name,
             });
         }
-        infos.push((name, dims, ggml_type, offset, byte_len));
+        infos.push(info);
     }
+    Ok(infos)
+}
 
+/// Tensor info #`i`: name, dims, type and offset, with its shape checked against the type's block
+/// size and its byte size computed without overflow.
+fn read_tensor_info(
+    c: &mut Cursor<'_>,
+    i: usize,
+    alignment: u64,
+) -> Result<RelativeTensor, GgufError> {
+    let file = c.file;
+    let name = c.string(&|| format!("name of tensor #{i}"))?;
+    let bad = |reason: String| GgufError::BadTensor {
+        file: file.to_string(),
+        tensor: name.clone(),
+        reason,
+    };
+    let n_dims = c.u32(&|| format!("dimension count of tensor `{name}`"))?;
+    if n_dims > MAX_DIMS {
+        return Err(bad(format!(
+            "{n_dims} dimensions (ggml supports at most {MAX_DIMS})"
+        )));
+    }
+    let mut dims = Vec::with_capacity(n_dims as usize);
+    for d in 0..n_dims {
+        dims.push(c.u64(&|| format!("dimension {d} of tensor `{name}`"))?);
+    }
+    let type_id = c.u32(&|| format!("type of tensor `{name}`"))?;
+    let offset = c.u64(&|| format!("offset of tensor `{name}`"))?;
+    let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnknownGgmlType {
+        file: file.to_string(),
+        tensor: name.clone(),
+        type_id,
+    })?;
+    let n_elements = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64)
+        .ok_or_else(|| bad(format!("element count of dims {dims:?} overflows")))?;
+    let (block, _) = ggml_type.block_layout();
+    let ne0 = dims.first().copied().unwrap_or(1);
+    if !ne0.is_multiple_of(block as u64) {
+        return Err(bad(format!(
+            "innermost dimension {ne0} is not a multiple of the {ggml_type} block size {block}"
+        )));
+    }
+    let byte_len = ggml_type.byte_len(n_elements).ok_or_else(|| {
+        bad(format!(
+            "byte size of {n_elements} {ggml_type} elements overflows"
+        ))
+    })?;
+    if offset % alignment != 0 {
+        return Err(GgufError::MisalignedOffset {
+            file: file.to_string(),
+            tensor: name,
+            offset,
+            alignment,
+        });
+    }
+    Ok(RelativeTensor {
+        name,
+        dims,
+        ggml_type,
+        rel_offset: offset,
+        byte_len,
+    })
+}
+
+/// Where the tensor data starts: the header end rounded up to `alignment`, which must lie inside the
+/// file when there is any tensor.
+fn data_section_start(c: &Cursor<'_>, alignment: u64, has_tensors: bool) -> Result<u64, GgufError> {
     let pos = c.pos as u64;
     let data_start = pos.div_ceil(alignment) * alignment;
-    let file_len = bytes.len() as u64;
-    if data_start > file_len && !infos.is_empty() {
+    let file_len = c.bytes.len() as u64;
+    if data_start > file_len && has_tensors {
         return Err(GgufError::Truncated {
-            file: file.to_string(),
+            file: c.file.to_string(),
             what: "padding before the tensor data".to_string(),
             offset: pos,
             needed: data_start - pos,
             available: file_len - pos,
         });
     }
+    Ok(data_start)
+}
+
+/// Makes the offsets absolute, checking that every tensor's bytes lie inside the file.
+fn place_tensors(
+    infos: Vec<RelativeTensor>,
+    data_start: u64,
+    file_len: u64,
+    file: &str,
+) -> Result<Vec<GgufTensorInfo>, GgufError> {
     let mut tensors = Vec::with_capacity(infos.len());
-    for (name, dims, ggml_type, rel, byte_len) in infos {
+    for t in infos {
+        let (rel, byte_len) = (t.rel_offset, t.byte_len);
         let end = data_start
             .checked_add(rel)
             .and_then(|s| s.checked_add(byte_len));
@@ -894,7 +968,7 @@ fn parse_header(bytes: &[u8], file: &str) -> Result<Header, GgufError> {
             _ => {
                 return Err(GgufError::TensorOutOfBounds {
                     file: file.to_string(),
-                    tensor: name,
+                    tensor: t.name,
                     offset: rel,
                     byte_len,
                     data_len: file_len.saturating_sub(data_start),
@@ -902,18 +976,12 @@ fn parse_header(bytes: &[u8], file: &str) -> Result<Header, GgufError> {
             }
         }
         tensors.push(GgufTensorInfo {
-            name,
-            dims,
-            ggml_type,
+            name: t.name,
+            dims: t.dims,
+            ggml_type: t.ggml_type,
             offset: data_start + rel,
             byte_len,
         });
     }
-    Ok(Header {
-        version,
-        alignment,
-        data_start,
-        metadata,
-        tensors,
-    })
+    Ok(tensors)
 }

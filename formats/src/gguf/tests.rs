@@ -949,6 +949,35 @@ fn llama_with_blocks(block_count: u32, blocks: &[u32], eps: f32) -> GgufFile {
     GgufFile::parse(&b.build()).unwrap()
 }
 
+/// Fuzzing found this: a corrupt `block_count` of billions made the check build the set
+/// 0..block_count and abort on a 34 GB allocation. Now it is the usual one-line error.
+#[test]
+fn absurd_block_count_is_an_error_not_an_allocation() {
+    let e = LlamaHyper::from_gguf(&llama_with_blocks(u32::MAX, &[0, 1], 1e-5))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "<memory>: metadata key `llama.block_count`: says 4294967295 blocks but the file has \
+         tensors for 2 blocks (blk.0 .. blk.1)"
+    );
+    // Right count, wrong blocks: two blocks, but blk.0 and blk.2.
+    let e = LlamaHyper::from_gguf(&llama_with_blocks(2, &[0, 2], 1e-5))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.ends_with("says 2 blocks but the file has tensors for 2 blocks (blk.0 .. blk.2)"),
+        "{e}"
+    );
+    let e = LlamaHyper::from_gguf(&llama_with_blocks(1, &[], 1e-5))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.ends_with("says 1 blocks but the file has no block tensors"),
+        "{e}"
+    );
+}
+
 #[test]
 fn block_count_mismatch_is_one_line_naming_the_key() {
     let e = LlamaHyper::from_gguf(&llama_with_blocks(1000, &[0, 1], 1e-5))

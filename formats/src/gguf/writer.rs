@@ -347,13 +347,48 @@ fn read_json(plan: &Plan, name: &str) -> Result<Option<Value>> {
         .map_err(|e| Error::invalid(format!("{}: {name}: not valid JSON: {e}", plan.origin)))
 }
 
+/// GGUF metadata pairs, in the order they are written.
+type MetadataPairs = Vec<(String, GgufValue)>;
+
 /// `tokenizer.ggml.*` and `tokenizer.chat_template` from the plan's tokenizer files.
 fn tokenizer_metadata(
     plan: &Plan,
     opts: &ExportOptions,
     notes: &mut Vec<String>,
-) -> Result<(Vec<(String, GgufValue)>, Option<String>)> {
-    let bad = |m: String| Error::invalid(format!("{}: tokenizer.json: {m}", plan.origin));
+) -> Result<(MetadataPairs, Option<String>)> {
+    let tok = read_bpe_tokenizer(plan)?;
+    let (tokens, types) = token_table(plan, &tok, notes)?;
+    let merges = merge_strings(plan, &tok["model"])?;
+    let pre = pre_tokenizer_name(opts, &tok, notes);
+    let mut m = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            GgufValue::String("gpt2".into()),
+        ),
+        ("tokenizer.ggml.pre".into(), GgufValue::String(pre.clone())),
+        ("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), GgufValue::Array(merges)),
+    ];
+    let cfg = read_json(plan, "tokenizer_config.json")?.unwrap_or(Value::Null);
+    m.extend(special_token_metadata(plan, &tok, &cfg));
+    match chat_template(plan, &cfg)? {
+        Some(t) => m.push(("tokenizer.chat_template".into(), GgufValue::String(t))),
+        None => notes.push("no chat template".into()),
+    }
+    Ok((m, Some(pre)))
+}
+
+/// An error about the plan's tokenizer.json.
+fn bad_tokenizer(plan: &Plan, m: String) -> Error {
+    Error::invalid(format!("{}: tokenizer.json: {m}", plan.origin))
+}
+
+/// The plan's tokenizer.json, checked to be a byte-level BPE (the only kind exported so far).
+fn read_bpe_tokenizer(plan: &Plan) -> Result<Value> {
     let tok = read_json(plan, "tokenizer.json")?.ok_or_else(|| {
         unsupported(
             plan,
@@ -362,14 +397,29 @@ fn tokenizer_metadata(
     })?;
     let model = &tok["model"];
     if model["type"].as_str().unwrap_or("BPE") != "BPE" || model.get("merges").is_none() {
-        return Err(bad("only BPE tokenizers are exported".into()));
+        return Err(bad_tokenizer(
+            plan,
+            "only BPE tokenizers are exported".into(),
+        ));
     }
     if model["byte_fallback"].as_bool() == Some(true) {
-        return Err(bad(
+        return Err(bad_tokenizer(
+            plan,
             "SentencePiece-style BPE (byte fallback) is not exported yet; byte-level BPE is".into(),
         ));
     }
-    // Tokens by id: the BPE vocabulary, then added tokens, padded to the embedding rows.
+    Ok(tok)
+}
+
+/// Token strings and llama.cpp token types by id: the BPE vocabulary (NORMAL), then added tokens
+/// (CONTROL when special, else USER_DEFINED), padded to the embedding rows with `[PAD<id>]` (UNUSED),
+/// because llama.cpp wants one token per embedding row.
+fn token_table(
+    plan: &Plan,
+    tok: &Value,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<GgufValue>, Vec<i32>)> {
+    let bad = |m: String| bad_tokenizer(plan, m);
     let n = plan.arch.vocab_size;
     let mut tokens: Vec<Option<String>> = vec![None; n];
     let mut types = vec![1i32; n];
@@ -384,7 +434,7 @@ fn tokenizer_metadata(
         types[i] = ty;
         Ok(())
     };
-    for (t, id) in model["vocab"]
+    for (t, id) in tok["model"]["vocab"]
         .as_object()
         .ok_or_else(|| bad("no vocab".into()))?
     {
@@ -418,7 +468,13 @@ fn tokenizer_metadata(
             "{padded} embedding rows without a token are named [PAD<id>]"
         ));
     }
-    let merges: Vec<GgufValue> = model["merges"]
+    Ok((tokens, types))
+}
+
+/// The BPE merges as llama.cpp's `"a b"` strings, whichever of the two tokenizer.json formats
+/// (`"a b"` or `["a", "b"]`) the file uses.
+fn merge_strings(plan: &Plan, model: &Value) -> Result<Vec<GgufValue>> {
+    model["merges"]
         .as_array()
         .into_iter()
         .flatten()
@@ -429,11 +485,15 @@ fn tokenizer_metadata(
                 p[0].as_str().unwrap_or_default(),
                 p[1].as_str().unwrap_or_default()
             )),
-            other => Err(bad(format!("bad merge {other}"))),
+            other => Err(bad_tokenizer(plan, format!("bad merge {other}"))),
         })
         .map(|m| m.map(GgufValue::String))
-        .collect::<Result<_>>()?;
-    let pre = match &opts.pre {
+        .collect::<Result<_>>()
+}
+
+/// `--pre`, else the llama.cpp pre-tokenizer recognised from tokenizer.json, else `default` (noted).
+fn pre_tokenizer_name(opts: &ExportOptions, tok: &Value, notes: &mut Vec<String>) -> String {
+    match &opts.pre {
         Some(p) => p.clone(),
         None => match detect_pre(&tok["pre_tokenizer"]) {
             Some(p) => p.to_string(),
@@ -445,23 +505,14 @@ fn tokenizer_metadata(
                 "default".into()
             }
         },
-    };
-    let mut m = vec![
-        (
-            "tokenizer.ggml.model".to_string(),
-            GgufValue::String("gpt2".into()),
-        ),
-        ("tokenizer.ggml.pre".into(), GgufValue::String(pre.clone())),
-        ("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens)),
-        (
-            "tokenizer.ggml.token_type".into(),
-            GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()),
-        ),
-        ("tokenizer.ggml.merges".into(), GgufValue::Array(merges)),
-    ];
-    let cfg = read_json(plan, "tokenizer_config.json")?.unwrap_or(Value::Null);
+    }
+}
+
+/// `tokenizer.ggml.{bos,eos,padding,unknown}_token_id` and `add_{bos,eos}_token`: ids from config.json
+/// where it has them, else the token named in tokenizer_config.json looked up in the tokenizer.
+fn special_token_metadata(plan: &Plan, tok: &Value, cfg: &Value) -> MetadataPairs {
     let a = &plan.arch;
-    let vocab = model["vocab"].as_object();
+    let vocab = tok["model"]["vocab"].as_object();
     let id_of = |key: &str| -> Option<u32> {
         let t = cfg[key].as_str().or_else(|| cfg[key]["content"].as_str())?;
         let from_added = tok["added_tokens"]
@@ -486,6 +537,7 @@ fn tokenizer_metadata(
         ("padding", a.pad_token_id.or_else(|| id_of("pad_token"))),
         ("unknown", id_of("unk_token")),
     ];
+    let mut m = vec![];
     for (k, id) in ids {
         if let Some(id) = id {
             m.push((format!("tokenizer.ggml.{k}_token_id"), GgufValue::U32(id)));
@@ -497,11 +549,7 @@ fn tokenizer_metadata(
     if let Some(b) = cfg["add_eos_token"].as_bool() {
         m.push(("tokenizer.ggml.add_eos_token".into(), GgufValue::Bool(b)));
     }
-    match chat_template(plan, &cfg)? {
-        Some(t) => m.push(("tokenizer.chat_template".into(), GgufValue::String(t))),
-        None => notes.push("no chat template".into()),
-    }
-    Ok((m, Some(pre)))
+    m
 }
 
 /// The chat template: `chat_template.jinja`, else tokenizer_config.json's `chat_template` (a string,
