@@ -116,6 +116,7 @@ pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
         num_heads: hyper.head_count,
         num_kv_heads: hyper.head_count_kv,
         head_dim: hyper.head_dim(),
+        v_head_dim: hyper.head_dim(),
         qkv_bias: tensors.contains_key("model.layers.0.self_attn.q_proj.bias"),
     };
     let (family, mlp) = match (hyper.expert_count, hyper.expert_used_count) {
