@@ -28,9 +28,7 @@ fn main() {
         let t3 = Instant::now();
         // One layer's pieces.
         let e = model.embed(x.clone());
-        let layer = &model.layers[0];
-        let l = layer.attention.as_ref().expect("layer 0 has attention");
-        let ff = layer.feed_forward.as_ref().expect("layer 0 has an MLP");
+        let l = &model.layers[0];
         let t4 = Instant::now();
         let n = l.input_layernorm.forward(e.clone());
         let _ = n.clone().into_data();
@@ -41,7 +39,7 @@ fn main() {
         let _ = a.into_data();
         let t6 = Instant::now();
         let n2 = n.clone();
-        let m = ff.mlp.forward(n);
+        let m = l.mlp.forward(n);
         let _ = m.into_data();
         let t7 = Instant::now();
         // Attention pieces.

@@ -187,10 +187,7 @@ pub struct SelfAttention<B: Backend> {
     pub o_proj: Linear<B>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
-    /// Query/key size per head.
     pub head_dim: usize,
-    /// Value size per head (o_proj reads `num_heads * v_head_dim`).
-    pub v_head_dim: usize,
     /// Sliding window (keys with `q - k >= window` are masked); 0 means none.
     pub sliding_window: usize,
 }
@@ -217,12 +214,7 @@ impl<B: Backend> SelfAttention<B> {
             .forward(x.clone())
             .reshape([b, t, g, d])
             .swap_dims(1, 2);
-        let dv = self.v_head_dim;
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, t, g, dv])
-            .swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, t, g, d]).swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
         let mut k = apply_rope(k, cos, sin);
         let mut v = v;
@@ -242,8 +234,8 @@ impl<B: Backend> SelfAttention<B> {
                 .reshape([b, h, tk, d]);
             let v = v
                 .unsqueeze_dim::<5>(2)
-                .expand([b, g, r, tk, dv])
-                .reshape([b, h, tk, dv]);
+                .expand([b, g, r, tk, d])
+                .reshape([b, h, tk, d]);
             (k, v)
         } else {
             (k, v)
@@ -268,7 +260,7 @@ impl<B: Backend> SelfAttention<B> {
             .mul_scalar(1.0 / (d as f64).sqrt())
             .mask_fill(mask, -1.0e30);
         let y = softmax(scores, 3).matmul(v);
-        let y = y.swap_dims(1, 2).reshape([b, t, h * dv]);
+        let y = y.swap_dims(1, 2).reshape([b, t, h * d]);
         self.o_proj.forward(y)
     }
 }
@@ -357,24 +349,11 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// One pre-norm decoder layer. A skipped (no-op) attention or MLP has neither its norm nor its
-/// projections: `attention` / `feed_forward` is `None` and that half passes its input through.
+/// One pre-norm decoder layer.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
-    pub attention: Option<AttentionBlock<B>>,
-    pub feed_forward: Option<MlpBlock<B>>,
-}
-
-/// `input_layernorm` + `self_attn`.
-#[derive(Module, Debug)]
-pub struct AttentionBlock<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: SelfAttention<B>,
-}
-
-/// `post_attention_layernorm` + `mlp`.
-#[derive(Module, Debug)]
-pub struct MlpBlock<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
     pub mlp: Mlp<B>,
 }
@@ -387,34 +366,11 @@ impl<B: Backend> DecoderLayer<B> {
         sin: &Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let h = self.attention_forward(x, cos, sin, cache);
-        self.mlp_forward(h)
-    }
-
-    /// The attention half: `x + self_attn(input_layernorm(x))`, or `x` when attention is skipped.
-    pub fn attention_forward(
-        &self,
-        x: Tensor<B, 3>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    ) -> Tensor<B, 3> {
-        match &self.attention {
-            Some(a) => {
-                x.clone()
-                    + a.self_attn
-                        .forward(a.input_layernorm.forward(x), cos, sin, cache)
-            }
-            None => x,
-        }
-    }
-
-    /// The MLP half: `h + mlp(post_attention_layernorm(h))`, or `h` when the MLP is skipped.
-    pub fn mlp_forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.feed_forward {
-            Some(f) => h.clone() + f.mlp.forward(f.post_attention_layernorm.forward(h)),
-            None => h,
-        }
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
 
@@ -521,17 +477,13 @@ pub fn check_supported(arch: &ModelArch) -> Result<()> {
     }
     for (i, l) in arch.layers.iter().enumerate() {
         let a = &l.attention;
-        if !matches!(a.kind, AttentionKind::Softmax | AttentionKind::NoOp) {
+        if a.kind != AttentionKind::Softmax {
             return Err(Error::Unsupported(format!(
                 "layer {i}: attention kind {:?} (only softmax)",
                 a.kind
             )));
         }
-        let bad_heads = a.num_kv_heads == 0
-            || a.num_heads % a.num_kv_heads != 0
-            || a.head_dim % 2 != 0
-            || a.v_head_dim == 0;
-        if !a.is_no_op() && bad_heads {
+        if a.num_kv_heads == 0 || a.num_heads % a.num_kv_heads != 0 || a.head_dim % 2 != 0 {
             return Err(Error::Unsupported(format!(
                 "layer {i}: {} query heads, {} kv heads, head_dim {}",
                 a.num_heads, a.num_kv_heads, a.head_dim
@@ -651,47 +603,22 @@ impl<B: Backend> Llama<B> {
             let mut m = load_group(plan, &expected)?;
             let p = format!("model.layers.{i}");
             let a = &l.attention;
-            let attention = (!a.is_no_op()).then(|| AttentionBlock {
-                input_layernorm: take_norm(
-                    &mut m,
-                    &format!("{p}.input_layernorm.weight"),
-                    eps,
-                    device,
-                ),
-                self_attn: SelfAttention {
-                    q_proj: take_linear(
-                        &mut m,
-                        &format!("{p}.self_attn.q_proj"),
-                        a.qkv_bias,
-                        device,
-                    ),
-                    k_proj: take_linear(
-                        &mut m,
-                        &format!("{p}.self_attn.k_proj"),
-                        a.qkv_bias,
-                        device,
-                    ),
-                    v_proj: take_linear(
-                        &mut m,
-                        &format!("{p}.self_attn.v_proj"),
-                        a.qkv_bias,
-                        device,
-                    ),
-                    o_proj: take_linear(&mut m, &format!("{p}.self_attn.o_proj"), false, device),
-                    num_heads: a.num_heads,
-                    num_kv_heads: a.num_kv_heads,
-                    head_dim: a.head_dim,
-                    v_head_dim: a.v_head_dim,
-                    sliding_window: arch.sliding_window.unwrap_or(0),
-                },
-            });
+            let self_attn = SelfAttention {
+                q_proj: take_linear(&mut m, &format!("{p}.self_attn.q_proj"), a.qkv_bias, device),
+                k_proj: take_linear(&mut m, &format!("{p}.self_attn.k_proj"), a.qkv_bias, device),
+                v_proj: take_linear(&mut m, &format!("{p}.self_attn.v_proj"), a.qkv_bias, device),
+                o_proj: take_linear(&mut m, &format!("{p}.self_attn.o_proj"), false, device),
+                num_heads: a.num_heads,
+                num_kv_heads: a.num_kv_heads,
+                head_dim: a.head_dim,
+                sliding_window: arch.sliding_window.unwrap_or(0),
+            };
             let mlp = match &l.mlp {
-                surgeon_formats::Mlp::NoOp => None,
-                surgeon_formats::Mlp::Dense { .. } => Some(Mlp::Dense(SwiGlu {
+                surgeon_formats::Mlp::Dense { .. } => Mlp::Dense(SwiGlu {
                     gate_proj: take_linear(&mut m, &format!("{p}.mlp.gate_proj"), false, device),
                     up_proj: take_linear(&mut m, &format!("{p}.mlp.up_proj"), false, device),
                     down_proj: take_linear(&mut m, &format!("{p}.mlp.down_proj"), false, device),
-                })),
+                }),
                 surgeon_formats::Mlp::Moe {
                     num_experts,
                     top_k,
@@ -699,7 +626,7 @@ impl<B: Backend> Llama<B> {
                     ..
                 } => {
                     let q = format!("{p}.block_sparse_moe");
-                    Some(Mlp::Moe(MoeMlp {
+                    Mlp::Moe(MoeMlp {
                         gate: take_linear(&mut m, &format!("{q}.gate"), false, device),
                         experts: (0..*num_experts)
                             .map(|e| SwiGlu {
@@ -728,10 +655,17 @@ impl<B: Backend> Llama<B> {
                             MoeRouting::Mixtral => 1.0,
                             MoeRouting::Scaled { scale } => *scale,
                         },
-                    }))
+                    })
                 }
             };
-            let feed_forward = mlp.map(|mlp| MlpBlock {
+            layers.push(DecoderLayer {
+                input_layernorm: take_norm(
+                    &mut m,
+                    &format!("{p}.input_layernorm.weight"),
+                    eps,
+                    device,
+                ),
+                self_attn,
                 post_attention_layernorm: take_norm(
                     &mut m,
                     &format!("{p}.post_attention_layernorm.weight"),
@@ -739,10 +673,6 @@ impl<B: Backend> Llama<B> {
                     device,
                 ),
                 mlp,
-            });
-            layers.push(DecoderLayer {
-                attention,
-                feed_forward,
             });
             ropes.push(Rope::new(
                 a.head_dim,
@@ -818,11 +748,7 @@ impl<B: Backend> Llama<B> {
         for i in range.clone() {
             let layer = &self.layers[i];
             let rope = &self.rope[i];
-            let Some(attention) = &layer.attention else {
-                x = layer.mlp_forward(x);
-                continue;
-            };
-            let d = attention.self_attn.head_dim;
+            let d = layer.self_attn.head_dim;
             if !tables.iter().any(|(dd, ..)| *dd == d) {
                 let (c, s) = rope.tables::<B>(start, t, &device);
                 tables.push((d, c, s));
@@ -867,24 +793,19 @@ impl<B: Backend> Llama<B> {
         );
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            if let Some(a) = &l.attention {
-                f(
-                    &format!("{p}.input_layernorm.weight"),
-                    ParamRef::Vector(&a.input_layernorm.weight),
-                );
-                lin(f, &format!("{p}.self_attn.q_proj"), &a.self_attn.q_proj);
-                lin(f, &format!("{p}.self_attn.k_proj"), &a.self_attn.k_proj);
-                lin(f, &format!("{p}.self_attn.v_proj"), &a.self_attn.v_proj);
-                lin(f, &format!("{p}.self_attn.o_proj"), &a.self_attn.o_proj);
-            }
-            let Some(ff) = &l.feed_forward else {
-                continue;
-            };
+            f(
+                &format!("{p}.input_layernorm.weight"),
+                ParamRef::Vector(&l.input_layernorm.weight),
+            );
+            lin(f, &format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj);
+            lin(f, &format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj);
+            lin(f, &format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj);
+            lin(f, &format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj);
             f(
                 &format!("{p}.post_attention_layernorm.weight"),
-                ParamRef::Vector(&ff.post_attention_layernorm.weight),
+                ParamRef::Vector(&l.post_attention_layernorm.weight),
             );
-            match &ff.mlp {
+            match &l.mlp {
                 Mlp::Dense(m) => {
                     lin(f, &format!("{p}.mlp.gate_proj"), &m.gate_proj);
                     lin(f, &format!("{p}.mlp.up_proj"), &m.up_proj);
@@ -945,35 +866,25 @@ impl<B: Backend> Llama<B> {
             .enumerate()
             .map(|(i, l)| {
                 let p = format!("model.layers.{i}");
-                let attention = l.attention.map(|b| {
-                    let a = b.self_attn;
-                    AttentionBlock {
-                        input_layernorm: norm(
-                            mapper,
-                            &format!("{p}.input_layernorm.weight"),
-                            b.input_layernorm,
-                        ),
-                        self_attn: SelfAttention {
-                            q_proj: lin(mapper, &format!("{p}.self_attn.q_proj"), a.q_proj),
-                            k_proj: lin(mapper, &format!("{p}.self_attn.k_proj"), a.k_proj),
-                            v_proj: lin(mapper, &format!("{p}.self_attn.v_proj"), a.v_proj),
-                            o_proj: lin(mapper, &format!("{p}.self_attn.o_proj"), a.o_proj),
-                            ..a
-                        },
-                    }
-                });
-                let Some(ff) = l.feed_forward else {
-                    return DecoderLayer {
-                        attention,
-                        feed_forward: None,
-                    };
+                let a = l.self_attn;
+                let input_layernorm = norm(
+                    mapper,
+                    &format!("{p}.input_layernorm.weight"),
+                    l.input_layernorm,
+                );
+                let self_attn = SelfAttention {
+                    q_proj: lin(mapper, &format!("{p}.self_attn.q_proj"), a.q_proj),
+                    k_proj: lin(mapper, &format!("{p}.self_attn.k_proj"), a.k_proj),
+                    v_proj: lin(mapper, &format!("{p}.self_attn.v_proj"), a.v_proj),
+                    o_proj: lin(mapper, &format!("{p}.self_attn.o_proj"), a.o_proj),
+                    ..a
                 };
                 let post_attention_layernorm = norm(
                     mapper,
                     &format!("{p}.post_attention_layernorm.weight"),
-                    ff.post_attention_layernorm,
+                    l.post_attention_layernorm,
                 );
-                let mlp = match ff.mlp {
+                let mlp = match l.mlp {
                     Mlp::Dense(m) => Mlp::Dense(SwiGlu {
                         gate_proj: lin(mapper, &format!("{p}.mlp.gate_proj"), m.gate_proj),
                         up_proj: lin(mapper, &format!("{p}.mlp.up_proj"), m.up_proj),
@@ -1007,11 +918,10 @@ impl<B: Backend> Llama<B> {
                     }
                 };
                 DecoderLayer {
-                    attention,
-                    feed_forward: Some(MlpBlock {
-                        post_attention_layernorm,
-                        mlp,
-                    }),
+                    input_layernorm,
+                    self_attn,
+                    post_attention_layernorm,
+                    mlp,
                 }
             })
             .collect();

@@ -22,13 +22,12 @@ pub fn forward_with_router_logits<B: Backend>(
     let mut router_logits = vec![];
     for (l, layer) in model.layers.iter().enumerate() {
         let (cos, sin) = model.rope[l].tables::<B>(0, t, &device);
-        let h = layer.attention_forward(x, &cos, &sin, None);
-        let Some(ff) = &layer.feed_forward else {
-            x = h;
-            continue;
-        };
-        let m = ff.post_attention_layernorm.forward(h.clone());
-        let y = match &ff.mlp {
+        let h = x.clone()
+            + layer
+                .self_attn
+                .forward(layer.input_layernorm.forward(x), &cos, &sin, None);
+        let m = layer.post_attention_layernorm.forward(h.clone());
+        let y = match &layer.mlp {
             Mlp::Dense(d) => d.forward(m),
             Mlp::Moe(moe) => {
                 let [b, tt, hd] = m.dims();

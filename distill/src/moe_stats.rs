@@ -59,16 +59,15 @@ pub fn capture_layers<B: Backend>(
         let mut x = model.embed(tokens);
         for (l, layer) in model.layers.iter().enumerate() {
             let (cos, sin) = model.rope[l].tables::<B>(0, t, &device);
-            let h = layer.attention_forward(x, &cos, &sin, None);
-            let Some(ff) = &layer.feed_forward else {
-                x = h;
-                continue;
-            };
-            let m = ff.post_attention_layernorm.forward(h.clone());
+            let h = x.clone()
+                + layer
+                    .self_attn
+                    .forward(layer.input_layernorm.forward(x), &cos, &sin, None);
+            let m = layer.post_attention_layernorm.forward(h.clone());
             let cap = &mut out[l];
             cap.tokens += t;
             cap.mlp_input.extend(to_vec(m.clone())?);
-            let y = match &ff.mlp {
+            let y = match &layer.mlp {
                 Mlp::Dense(d) => {
                     if want_activations {
                         let a = activation::silu(d.gate_proj.forward(m.clone()))
