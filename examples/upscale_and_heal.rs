@@ -12,10 +12,15 @@ use surgeon_distill::heal::{heal, Budget, DataSpec, HealConfig, LossKind};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let model = args.first().cloned().unwrap_or_else(|| {
-        let cache = std::env::var("SURGEON_CACHE").unwrap_or_else(|_| "/work/cache".into());
-        format!("{cache}/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let model = match args.first() {
+        Some(m) => m.clone(),
+        // $SURGEON_CACHE (default ~/.cache/surgeon), where scripts/fetch-smollm2.sh puts it; the error
+        // says how to fetch it.
+        None => surgeon_formats::gguf::smollm2_gguf_path()
+            .map_err(anyhow::Error::msg)?
+            .display()
+            .to_string(),
+    };
     let text = match args.get(1) {
         Some(t) => PathBuf::from(t),
         None => {
@@ -56,7 +61,6 @@ fn main() -> Result<()> {
         lr: 1e-4,
         warmup: 2,
         force: true,
-        progress: true,
         command: "examples/upscale_and_heal.rs".into(),
         ..Default::default()
     };

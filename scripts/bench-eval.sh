@@ -4,15 +4,16 @@
 #
 #   scripts/bench-eval.sh [MODEL] [DATA]
 #
-# MODEL: a .gguf file or an HF directory (default /work/cache/SmolLM2-135M-Instruct.Q4_1.gguf)
+# MODEL: a .gguf file or an HF directory (default: SmolLM2 from scripts/fetch-smollm2.sh)
 # DATA:  text or .jsonl (default: Python's pydoc_data/topics.py)
-# Env:   PYTHON (with torch + transformers + gguf; default /work/cache/venv-ref/bin/python),
+# Env:   PYTHON (with torch + transformers + gguf; default $SURGEON_PYTHON, see scripts/env.sh),
 #        THREADS (2), WINDOW (512), MAX_TOKENS (2048), NEW_TOKENS (64), PROFILE (release),
 #        SURGEON (a prebuilt binary; otherwise cargo builds one with PROFILE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-/work/cache/venv-ref/bin/python}
-MODEL=${1:-/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf}
+. scripts/env.sh
+PYTHON=${PYTHON:-$(reference_python torch transformers gguf)}
+MODEL=${1:-$(smollm2_gguf)}
 DATA=${2:-$($PYTHON -c "import pydoc_data.topics as t; print(t.__file__)")}
 THREADS=${THREADS:-2}
 WINDOW=${WINDOW:-512}

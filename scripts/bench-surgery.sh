@@ -5,8 +5,8 @@
 #
 #   scripts/bench-surgery.sh            # SLICES=0..16,6..22 (22 -> 32 layers, 1.54B parameters)
 #
-# Environment: BENCH_DIR (scratch, default /work/bench/surgery; needs ~15 GB), MERGEKIT_VENV (a venv
-# with `pip install mergekit`, default /work/cache/venv-mergekit), SLICES, KEEP=1 to keep the files,
+# Environment: BENCH_DIR (scratch, default $SURGEON_CACHE/bench/surgery; needs ~15 GB), MERGEKIT_VENV (a
+# venv with `pip install mergekit`, default $SURGEON_CACHE/venv-mergekit), SLICES, KEEP=1 to keep the files,
 # CHECK=0 to skip comparing mergekit's tensors with surgeon's, SURGEON=path of a release binary to use
 # instead of building one. Needs GNU time (/usr/bin/time).
 # Runs are warm: the input is read once before timing, and each output is deleted before the next.
@@ -14,8 +14,9 @@
 # so `cp+sync` (cp, then fsync of the copied files) is the like-for-like baseline.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${BENCH_DIR:-/work/bench/surgery}
-VENV=${MERGEKIT_VENV:-/work/cache/venv-mergekit}
+. "$ROOT/scripts/env.sh"
+WORK=${BENCH_DIR:-$SURGEON_CACHE/bench/surgery}
+VENV=${MERGEKIT_VENV:-$SURGEON_CACHE/venv-mergekit}
 SLICES=${SLICES:-0..16,6..22}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 [ -x /usr/bin/time ] || { echo "needs GNU time: apt-get install time" >&2; exit 1; }

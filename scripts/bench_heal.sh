@@ -2,12 +2,15 @@
 # Training throughput of `surgeon heal` (burn Flex, CPU, f32) vs an equivalent PyTorch loop
 # (same model, seq len, batch, steps, AdamW on all parameters, grad clipping, 2 threads), in one run.
 # usage: scripts/bench_heal.sh [MODEL_DIR] [TEXT] [SEQ_LEN] [BATCH] [STEPS]
+# MODEL_DIR defaults to SmolLM2 imported into $SURGEON_CACHE/smollm2-hf, TEXT to Python's pydoc topics;
+# the PyTorch side needs $SURGEON_PYTHON (see scripts/env.sh); SURGEON names a prebuilt binary.
 set -euo pipefail
-MODEL=${1:-/work/cache/smollm2-hf}
-TEXT=${2:-/tmp/healdata/bench.txt}
+. "$(dirname "$0")/env.sh"
+PY=$(reference_python torch transformers)
+SURGEON=$(surgeon_bin release)
+MODEL=${1:-$(smollm2_hf)}
+TEXT=${2:-$SURGEON_CACHE/bench-heal/topics.txt}
 L=${3:-128}; B=${4:-2}; N=${5:-4}
-PY=${PY:-/work/cache/venv-ref/bin/python}
-SURGEON=${SURGEON:-${CARGO_TARGET_DIR:-target}/debug/surgeon}
 if [ ! -f "$TEXT" ]; then
   mkdir -p "$(dirname "$TEXT")"
   python3 -c "import pydoc_data.topics as t; print('\n\n'.join(t.topics[k] for k in sorted(t.topics)))" > "$TEXT"

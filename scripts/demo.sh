@@ -19,7 +19,7 @@ python3 - <<'PY'
 import pydoc_data.topics as t
 keys = sorted(t.topics)
 cut = int(len(keys) * 0.8)
-def write(path, text):  # only when changed: the mtime is part of the steps' input identity
+def write(path, text):  # only when changed (steps hash their inputs' content; this skips rehashing)
     try:
         if open(path).read() == text:
             return

@@ -27,6 +27,8 @@ enum Command {
     ExtendVocab(commands::extend_vocab::Args),
     /// Import a llama.cpp GGUF file as a Hugging Face model.
     ImportGguf(commands::import_gguf::Args),
+    /// Export a model as a llama.cpp GGUF file (f32, f16, bf16, q8_0, q4_0, q4_1).
+    ExportGguf(commands::export_gguf::Args),
     /// Write a synthetic checkpoint with random weights (tests, benchmarks).
     Synth(commands::synth::Args),
     /// Depth up-scaling (SOLAR): stack layer ranges of the model, e.g. 32 -> 48 layers.
@@ -49,11 +51,28 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Writers remove their unfinished output on SIGINT/SIGTERM and exit 130. `heal` installs its
+    // own (checkpoint first); `run` leaves signals to its steps, which share its process group.
+    let writes = !matches!(
+        cli.command,
+        Command::Heal(_)
+            | Command::Run(_)
+            | Command::Inspect(_)
+            | Command::Eval(_)
+            | Command::Generate(_)
+    );
+    if writes {
+        if let Err(e) = surgeon_formats::output::install_signal_handlers(None) {
+            eprintln!("error: installing the signal handler: {e}");
+            std::process::exit(1);
+        }
+    }
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::ExtendVocab(a) => commands::extend_vocab::run(a),
         Command::ImportGguf(a) => commands::import_gguf::run(a),
+        Command::ExportGguf(a) => commands::export_gguf::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Upscale(a) => commands::upscale::run(a),
         Command::Expand(a) => commands::expand::run(a),

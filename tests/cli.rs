@@ -87,7 +87,7 @@ fn errors_are_one_line_nonzero_and_leave_nothing() {
         inside.to_str().unwrap(),
     ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("overlaps the input directory"));
+    assert!(stderr(&out).contains("is inside the input"));
     assert!(!inside.exists());
 
     // Missing config.json.

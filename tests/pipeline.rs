@@ -357,3 +357,116 @@ fn killed_pipeline_skips_finished_steps_and_resumes_healing() {
         "{out}"
     );
 }
+
+/// Tried as a new user would: every example recipe dry-runs with no `SURGEON_*` variable set, and
+/// the demo's model defaults to where scripts/fetch-smollm2.sh puts it.
+#[test]
+fn example_recipes_dry_run_without_environment() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let d = tempfile::tempdir().unwrap();
+    let home = d.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let mut n = 0;
+    for e in std::fs::read_dir(root.join("examples/recipes")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        n += 1;
+        let o = surgeon()
+            .current_dir(d.path())
+            .env_remove("SURGEON_CACHE")
+            .env("HOME", &home)
+            .args(["run", p.to_str().unwrap(), "--dry-run"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
+    }
+    assert!(n >= 5);
+    let demo = root.join("examples/recipes/demo.yaml");
+    let dry = |cache: Option<&str>| {
+        let mut c = surgeon();
+        c.current_dir(d.path()).env("HOME", &home);
+        match cache {
+            Some(v) => c.env("SURGEON_CACHE", v),
+            None => c.env_remove("SURGEON_CACHE"),
+        };
+        let o = c
+            .args(["run", demo.to_str().unwrap(), "--dry-run"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let want = format!(
+        "var gguf = {}/.cache/surgeon/SmolLM2-135M-Instruct.Q4_1.gguf\n",
+        home.display()
+    );
+    assert!(dry(None).contains(&want), "{}", dry(None));
+    // Set but empty counts as unset, as in the shell.
+    assert!(dry(Some("")).contains(&want));
+    assert!(dry(Some("/models")).contains("var gguf = /models/SmolLM2-135M-Instruct.Q4_1.gguf\n"));
+    // Without a default, a missing variable is still an error that says how to give one.
+    std::fs::write(
+        d.path().join("r.yaml"),
+        "vars:\n  m: ${env.SURGEON_TEST_UNSET_VAR}/x\nsteps:\n  - name: a\n    kind: convert\n    model: ${vars.m}\n",
+    )
+    .unwrap();
+    let o = run_in(d.path(), &["run", "r.yaml", "--dry-run"]);
+    assert!(
+        stderr(&o).contains(
+            "environment variable `SURGEON_TEST_UNSET_VAR` is not set (or give a default: `${env.SURGEON_TEST_UNSET_VAR:-VALUE}`)"
+        ),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A step's inputs are identified by content: touching an input (new mtime, same bytes) keeps the
+/// step up to date; changing one byte reruns it. Hashes are cached in the workdir.
+#[test]
+fn input_identity_is_content_not_mtime() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let o = run_in(dir, &["synth", "--preset", "tiny", "--out", "fixture"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(
+        dir.join("r.yaml"),
+        "workdir: work\nsteps:\n  - name: copy\n    kind: convert\n    model: fixture\n    dtype: f32\n",
+    )
+    .unwrap();
+    let o = run_in(dir, &["run", "r.yaml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cache: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("work/.surgeon/hashes.json")).unwrap(),
+    )
+    .unwrap();
+    let files = std::fs::read_dir(dir.join("fixture")).unwrap().count();
+    assert_eq!(cache.as_object().unwrap().len(), files, "{cache}");
+    let state = || {
+        let o = run_in(dir, &["run", "r.yaml", "--dry-run"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.lines()
+            .find(|l| l.starts_with("== step copy"))
+            .unwrap()
+            .to_string()
+    };
+    assert!(state().ends_with("up to date, would skip"), "{}", state());
+    // Same bytes, a new mtime (as `touch` or a fresh checkout gives).
+    let cfg = dir.join("fixture/config.json");
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&cfg)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    assert!(state().ends_with("up to date, would skip"), "{}", state());
+    // One byte changed (same size): the step reruns.
+    let mut bytes = std::fs::read(&cfg).unwrap();
+    let i = bytes.iter().position(|&b| b == b' ').unwrap();
+    bytes[i] = b'\t';
+    std::fs::write(&cfg, &bytes).unwrap();
+    assert!(state().ends_with("would run"), "{}", state());
+}

@@ -28,18 +28,21 @@ fn main() {
         let t3 = Instant::now();
         // One layer's pieces.
         let e = model.embed(x.clone());
-        let l = &model.layers[0];
+        let layer = &model.layers[0];
+        let l = layer.attention.as_ref().expect("layer 0 has attention");
+        let ff = layer.feed_forward.as_ref().expect("layer 0 has an MLP");
         let t4 = Instant::now();
         let n = l.input_layernorm.forward(e.clone());
         let _ = n.clone().into_data();
         let t5 = Instant::now();
-        let cfg = &model.rope[0];
-        let (c, s) = cfg.tables::<B>(0, t, &dev);
-        let a = l.self_attn.forward(n.clone(), &c, &s, None);
+        let pos = surgeon_distill::model::Positions::new(&model, 0..1, 0, t, &dev);
+        let (c, s) = pos.rope(l.self_attn.head_dim);
+        let (c, s) = (c.clone(), s.clone());
+        let a = l.self_attn.forward(n.clone(), &pos, None);
         let _ = a.into_data();
         let t6 = Instant::now();
         let n2 = n.clone();
-        let m = l.mlp.forward(n);
+        let m = ff.mlp.forward(n);
         let _ = m.into_data();
         let t7 = Instant::now();
         // Attention pieces.

@@ -45,6 +45,23 @@ pub struct GenerateReport {
     pub tokens_per_s: f64,
 }
 
+impl GenerateOptions {
+    /// Checks the sampling settings: `temperature` finite and not negative (0 is greedy),
+    /// `top_p` in (0, 1].
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "--temperature must be a finite number >= 0 (0 is greedy), got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("--top-p must be in (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
 /// Picks the next token from a row of logits.
 pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut impl Rng) -> u32 {
     if opts.temperature <= 0.0 {

@@ -5,16 +5,19 @@
 //! - [`eval::perplexity`]: windowed next-token perplexity.
 //! - [`generate`]: sampling with a KV cache, streaming text.
 //! - [`text`]: tokenizer and chat template of a plan.
-//! - [`influence`]: block influence of each layer (which layers `drop-layers --count` removes).
+//! - [`probe`]: hooks into the forward pass and the calibration statistics built on them (block
+//!   influence for `drop-layers --count`, MLP captures for `moe`, router logits for healing).
+//! - [`plot`]: line and bar charts (SVG/PNG) with an embedded font.
 pub mod backend;
 pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod heal;
-pub mod influence;
 pub mod model;
 pub mod moe_aux;
 pub mod moe_stats;
+pub mod plot;
+pub mod probe;
 pub mod text;
 
 pub use backend::BackendKind;

@@ -4,40 +4,22 @@
 //! Healing calls [`forward_with_router_logits`] instead of `Llama::forward`, then adds
 //! `coef * load_balancing_loss(&router_logits, top_k)` to the language-modelling loss (Mixtral's
 //! `router_aux_loss_coef` is 0.02 in released configs, 0.001 by default in transformers).
-use crate::model::{Llama, Mlp};
+use crate::model::Llama;
+use crate::probe::RouterLogits;
 use burn::tensor::activation;
 use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
 /// Logits `[B, T, V]` (same as [`Llama::forward`]) and, for every MoE layer in order, its router
-/// logits `[B*T, E]` (the router applied to the MLP input). Dense layers contribute nothing.
-/// The router is evaluated once more than in the plain forward (an `[N, h] x [h, E]` product).
+/// logits `[B*T, E]` (the router applied to the MLP input; [`RouterLogits`]). Dense layers
+/// contribute nothing.
 pub fn forward_with_router_logits<B: Backend>(
     model: &Llama<B>,
     tokens: Tensor<B, 2, Int>,
 ) -> (Tensor<B, 3>, Vec<Tensor<B, 2>>) {
-    let t = tokens.dims()[1];
-    let device = model.device();
-    let mut x = model.embed(tokens);
-    let mut router_logits = vec![];
-    for (l, layer) in model.layers.iter().enumerate() {
-        let (cos, sin) = model.rope[l].tables::<B>(0, t, &device);
-        let h = x.clone()
-            + layer
-                .self_attn
-                .forward(layer.input_layernorm.forward(x), &cos, &sin, None);
-        let m = layer.post_attention_layernorm.forward(h.clone());
-        let y = match &layer.mlp {
-            Mlp::Dense(d) => d.forward(m),
-            Mlp::Moe(moe) => {
-                let [b, tt, hd] = m.dims();
-                router_logits.push(moe.gate.forward(m.clone().reshape([b * tt, hd])));
-                moe.forward(m)
-            }
-        };
-        x = h + y;
-    }
-    (model.logits(model.norm.forward(x)), router_logits)
+    let mut p = RouterLogits::default();
+    let logits = model.forward_probed(tokens, &mut p);
+    (logits, p.logits)
 }
 
 /// Switch-style load-balancing loss, summed over layers as in transformers (logits of all layers are

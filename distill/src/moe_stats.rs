@@ -1,92 +1,19 @@
 //! Calibration statistics for MoE construction (`surgeon moe`), computed with the runtime:
 //!
-//! - [`capture_layers`]: per decoder layer, the MLP input (output of `post_attention_layernorm`, what a
-//!   router sees) and the SwiGLU neuron activations `silu(gate x) * up x` of calibration tokens. The
-//!   split methods `split-coactivation` / `split-importance` turn these into partitions
+//! - [`capture_layers`] (a [`crate::probe`] collector, re-exported): per decoder layer, the MLP input
+//!   (output of `post_attention_layernorm`, what a router sees) and the SwiGLU neuron activations
+//!   `silu(gate x) * up x` of calibration tokens. The split methods `split-coactivation` /
+//!   `split-importance` turn these into partitions
 //!   (`surgeon_surgery::moe::{coactivation_features, importance_scores}`).
 //! - [`router_rows_hidden`]: router rows from prompts per expert (mergekit-moe `hidden`).
 //! - [`router_rows_embed`]: the same from token embeddings only, without a forward pass
 //!   (mergekit-moe `cheap_embed`).
 use crate::error::{Error, Result};
-use crate::model::{Llama, Mlp};
-use burn::tensor::activation;
+use crate::model::Llama;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
 use surgeon_formats::Plan;
 
-/// What one decoder layer saw on the calibration tokens (row-major f32).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct LayerCapture {
-    /// Tokens captured.
-    pub tokens: usize,
-    /// `[tokens, h]`: input of the MLP (after `post_attention_layernorm`).
-    pub mlp_input: Vec<f32>,
-    /// `[tokens, i]`: SwiGLU activations `silu(gate x) * up x` (empty for MoE layers).
-    pub activations: Vec<f32>,
-    /// Intermediate width `i` (0 for MoE layers).
-    pub width: usize,
-}
-
-fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| Error::Invalid(format!("{e:?}")))
-}
-
-/// Runs `model` over `windows` of token ids (one forward per window, positions from 0) and returns
-/// per layer the MLP inputs and neuron activations of all tokens, in window order.
-pub fn capture_layers<B: Backend>(
-    model: &Llama<B>,
-    windows: &[&[u32]],
-    want_activations: bool,
-) -> Result<Vec<LayerCapture>> {
-    let device = model.device();
-    let vocab = model.vocab_size();
-    let mut out = vec![LayerCapture::default(); model.layers.len()];
-    for w in windows {
-        if w.is_empty() {
-            continue;
-        }
-        if let Some(bad) = w.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Invalid(format!(
-                "token id {bad} is outside the model's vocabulary of {vocab}"
-            )));
-        }
-        let t = w.len();
-        let ids: Vec<i64> = w.iter().map(|&x| x as i64).collect();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, t]), &device);
-        let mut x = model.embed(tokens);
-        for (l, layer) in model.layers.iter().enumerate() {
-            let (cos, sin) = model.rope[l].tables::<B>(0, t, &device);
-            let h = x.clone()
-                + layer
-                    .self_attn
-                    .forward(layer.input_layernorm.forward(x), &cos, &sin, None);
-            let m = layer.post_attention_layernorm.forward(h.clone());
-            let cap = &mut out[l];
-            cap.tokens += t;
-            cap.mlp_input.extend(to_vec(m.clone())?);
-            let y = match &layer.mlp {
-                Mlp::Dense(d) => {
-                    if want_activations {
-                        let a = activation::silu(d.gate_proj.forward(m.clone()))
-                            * d.up_proj.forward(m.clone());
-                        cap.width = a.dims()[2];
-                        let y = d.down_proj.forward(a.clone());
-                        cap.activations.extend(to_vec(a)?);
-                        y
-                    } else {
-                        d.forward(m)
-                    }
-                }
-                Mlp::Moe(moe) => moe.forward(m),
-            };
-            x = h + y;
-        }
-    }
-    Ok(out)
-}
+pub use crate::probe::{capture_layers, LayerCapture};
 
 /// Mean of L2-normalised vectors, normalised again (zero vectors are skipped).
 fn mean_direction(vectors: &[Vec<f32>], h: usize) -> Vec<f32> {

@@ -13,8 +13,26 @@ pub fn load_tokenizer(plan: &Plan) -> Result<tokenizers::Tokenizer> {
         Error::Tokenizer(format!("{}: the model has no tokenizer.json", plan.origin))
     })?;
     let bytes = file.read()?;
-    tokenizers::Tokenizer::from_bytes(&bytes)
-        .map_err(|e| Error::Tokenizer(format!("{}: tokenizer.json: {e}", plan.origin)))
+    let tok = tokenizers::Tokenizer::from_bytes(&bytes)
+        .map_err(|e| Error::Tokenizer(format!("{}: tokenizer.json: {e}", plan.origin)))?;
+    check_vocab(plan, &tok).map_err(Error::Tokenizer)?;
+    Ok(tok)
+}
+
+/// Refuses a tokenizer that can produce ids at or above the model's `vocab_size` (a tokenizer
+/// that belongs to another model): the message names both sizes.
+pub fn check_vocab(plan: &Plan, tok: &tokenizers::Tokenizer) -> std::result::Result<(), String> {
+    let vocab = plan.arch.vocab_size;
+    let max_id = tok.get_vocab(true).into_values().max();
+    match max_id {
+        Some(m) if m as usize >= vocab => Err(format!(
+            "{}: tokenizer.json has token ids up to {m} ({} tokens) but config.json's vocab_size \
+             is {vocab}: the tokenizer does not belong to this model",
+            plan.origin,
+            tok.get_vocab_size(true)
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Encodes `text` without adding special tokens.

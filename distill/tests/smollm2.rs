@@ -1,7 +1,7 @@
 //! SmolLM2-135M-Instruct against transformers float32 goldens (`scripts/goldens/runtime_goldens.py`).
 //!
 //! The model is opened from its GGUF (`$SURGEON_SMOLLM2_GGUF`, default
-//! `/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf`) through `surgeon_formats::open_model`. Where that
+//! `$SURGEON_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf`, see `scripts/fetch-smollm2.sh`) through `surgeon_formats::open_model`. Where that
 //! build's GGUF importer cannot open it, `$SURGEON_SMOLLM2_HF` may name the same model as a Hugging Face
 //! directory instead. Without either file the tests are skipped with a message.
 use burn::tensor::{Int, Tensor, TensorData};

@@ -124,28 +124,7 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| f.err("model_type", "missing"))?;
-    let family = match model_type {
-        NEMOTRON_MODEL_TYPE => Family::Llama,
-        SURGEON_MODEL_TYPE => {
-            let base = map
-                .get("surgeon")
-                .and_then(|s| s.get("family"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| f.err("surgeon.family", "missing"))?;
-            Family::from_model_type(base).ok_or_else(|| {
-                f.err("surgeon.family", format!("unsupported family `{base}`"))
-            })?
-        }
-        _ => Family::from_model_type(model_type).ok_or_else(|| {
-            f.err(
-                "model_type",
-                format!(
-                    "unsupported model type `{model_type}`; supported: {}, {NEMOTRON_MODEL_TYPE}, {SURGEON_MODEL_TYPE}",
-                    SUPPORTED_MODEL_TYPES.join(", ")
-                ),
-            )
-        })?,
-    };
+    let family = family_of(&f, model_type)?;
     let hidden_size = f.usize("hidden_size")?;
     let num_layers = f.usize("num_hidden_layers")?;
     let vocab_size = f.usize("vocab_size")?;
@@ -178,28 +157,7 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         _ => f.usize_opt("sliding_window")?,
     };
 
-    let mut surgeon = SurgeonMeta::default();
-    if let Some(s) = map.get("surgeon") {
-        surgeon = serde_json::from_value(s.clone())
-            .map_err(|e| f.err("surgeon", format!("unreadable: {e}")))?;
-        // Layers that differ from one another are spelled out in full.
-        if let Some(per_layer) = s.get("layers") {
-            let explicit: Vec<Layer> = serde_json::from_value(per_layer.clone())
-                .map_err(|e| f.err("surgeon.layers", format!("unreadable: {e}")))?;
-            if explicit.len() != num_layers {
-                return Err(f.err(
-                    "surgeon.layers",
-                    format!(
-                        "lists {} layers but num_hidden_layers = {num_layers}",
-                        explicit.len()
-                    ),
-                ));
-            }
-            layers = explicit;
-        } else if model_type == SURGEON_MODEL_TYPE {
-            return Err(f.err("surgeon.layers", "missing"));
-        }
-    }
+    let surgeon = surgeon_meta(&f, model_type, num_layers, &mut layers)?;
 
     let torch_dtype = map
         .get("torch_dtype")
@@ -212,12 +170,15 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
 
+    let rms_norm_eps = f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6);
+    check_numbers(&f, rope_theta, rms_norm_eps, vocab_size)?;
+
     Ok(ModelArch {
         family,
         hidden_size,
         vocab_size,
         layers,
-        rms_norm_eps: f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+        rms_norm_eps,
         rope_theta,
         rope_scaling,
         max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
@@ -233,6 +194,98 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
     })
 }
 
+/// The family a config describes: its `model_type`, or for the surgeon dialect `surgeon.family`.
+fn family_of(f: &Fields, model_type: &str) -> Result<Family> {
+    Ok(match model_type {
+        NEMOTRON_MODEL_TYPE => Family::Llama,
+        SURGEON_MODEL_TYPE => {
+            let base = f.map
+                .get("surgeon")
+                .and_then(|s| s.get("family"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| f.err("surgeon.family", "missing"))?;
+            Family::from_model_type(base).ok_or_else(|| {
+                f.err("surgeon.family", format!("unsupported family `{base}`"))
+            })?
+        }
+        _ => Family::from_model_type(model_type).ok_or_else(|| {
+            f.err(
+                "model_type",
+                format!(
+                    "unsupported model type `{model_type}`; supported: {}, {NEMOTRON_MODEL_TYPE}, {SURGEON_MODEL_TYPE}",
+                    SUPPORTED_MODEL_TYPES.join(", ")
+                ),
+            )
+        })?,
+    })
+}
+
+/// The `surgeon` block; its `layers`, when present, replace `layers` (layers that differ from
+/// one another are spelled out in full there).
+fn surgeon_meta(
+    f: &Fields,
+    model_type: &str,
+    num_layers: usize,
+    layers: &mut Vec<Layer>,
+) -> Result<SurgeonMeta> {
+    let Some(s) = f.map.get("surgeon") else {
+        if model_type == SURGEON_MODEL_TYPE {
+            return Err(f.err("surgeon.layers", "missing"));
+        }
+        return Ok(SurgeonMeta::default());
+    };
+    let surgeon = serde_json::from_value(s.clone())
+        .map_err(|e| f.err("surgeon", format!("unreadable: {e}")))?;
+    if let Some(per_layer) = s.get("layers") {
+        let explicit: Vec<Layer> = serde_json::from_value(per_layer.clone())
+            .map_err(|e| f.err("surgeon.layers", format!("unreadable: {e}")))?;
+        if explicit.len() != num_layers {
+            return Err(f.err(
+                "surgeon.layers",
+                format!(
+                    "lists {} layers but num_hidden_layers = {num_layers}",
+                    explicit.len()
+                ),
+            ));
+        }
+        *layers = explicit;
+    } else if model_type == SURGEON_MODEL_TYPE {
+        return Err(f.err("surgeon.layers", "missing"));
+    }
+    Ok(surgeon)
+}
+
+/// Numeric fields must be in range (a negative `rope_theta` or `rms_norm_eps` turns every forward
+/// pass into NaN; a zero size makes empty tensors).
+fn check_numbers(f: &Fields, rope_theta: f64, eps: f64, vocab_size: usize) -> Result<()> {
+    if !(rope_theta.is_finite() && rope_theta > 0.0) {
+        let nested = f
+            .map
+            .get("rope_parameters")
+            .and_then(Value::as_object)
+            .is_some_and(|p| p.contains_key("rope_theta"));
+        let field = if nested {
+            "rope_parameters.rope_theta"
+        } else {
+            "rope_theta"
+        };
+        return Err(f.err(
+            field,
+            format!("must be a positive finite number, got {rope_theta}"),
+        ));
+    }
+    if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+        return Err(f.err("rms_norm_eps", format!("must be in (0, 1), got {eps}")));
+    }
+    if vocab_size == 0 {
+        return Err(f.err("vocab_size", "must be positive"));
+    }
+    if f.usize_opt("max_position_embeddings")? == Some(0) {
+        return Err(f.err("max_position_embeddings", "must be positive"));
+    }
+    Ok(())
+}
+
 /// `num_attention_heads` and `head_dim` (default hidden / heads).
 fn heads(f: &Fields, hidden_size: usize) -> Result<(usize, usize)> {
     let num_heads = f.usize("num_attention_heads")?;
@@ -240,6 +293,9 @@ fn heads(f: &Fields, hidden_size: usize) -> Result<(usize, usize)> {
         return Err(f.err("num_attention_heads", "must be positive"));
     }
     let head_dim = f.usize_opt("head_dim")?.unwrap_or(hidden_size / num_heads);
+    if head_dim == 0 {
+        return Err(f.err("head_dim", "must be positive"));
+    }
     Ok((num_heads, head_dim))
 }
 
@@ -259,6 +315,9 @@ fn uniform_layers(
         ));
     }
     let intermediate_size = f.usize("intermediate_size")?;
+    if intermediate_size == 0 {
+        return Err(f.err("intermediate_size", "must be positive"));
+    }
     let qkv_bias = match family {
         Family::Qwen2 => true,
         _ => {
@@ -519,6 +578,59 @@ mod tests {
             "rope_theta": 100000.0, "max_position_embeddings": 512, "tie_word_embeddings": true,
             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "initializer_range": 0.02
         })
+    }
+
+    #[test]
+    fn non_finite_or_out_of_range_numbers_name_the_field() {
+        for (field, value, want) in [
+            (
+                "rope_theta",
+                json!(-5.0),
+                "`rope_theta`: must be a positive finite number, got -5",
+            ),
+            ("rope_theta", json!(0.0), "`rope_theta`: must be a positive"),
+            (
+                "rms_norm_eps",
+                json!(-1.0),
+                "`rms_norm_eps`: must be in (0, 1), got -1",
+            ),
+            (
+                "rms_norm_eps",
+                json!(0.0),
+                "`rms_norm_eps`: must be in (0, 1)",
+            ),
+            (
+                "rms_norm_eps",
+                json!(2.0),
+                "`rms_norm_eps`: must be in (0, 1)",
+            ),
+            ("vocab_size", json!(0), "`vocab_size`: must be positive"),
+            (
+                "intermediate_size",
+                json!(0),
+                "`intermediate_size`: must be positive",
+            ),
+            (
+                "max_position_embeddings",
+                json!(0),
+                "`max_position_embeddings`: must be positive",
+            ),
+        ] {
+            let mut v = smol_like();
+            v[field] = value;
+            let e = parse_config(Path::new("c/config.json"), &v)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{field}: {e}");
+            assert!(e.starts_with("c/config.json"), "{e}");
+        }
+        let mut v = smol_like();
+        v.as_object_mut().unwrap().remove("rope_theta");
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": -1.0});
+        let e = parse_config(Path::new("config.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`rope_parameters.rope_theta`"), "{e}");
     }
 
     #[test]

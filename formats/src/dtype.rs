@@ -145,6 +145,60 @@ pub fn convert(bytes: &[u8], from: DType, to: DType) -> Vec<u8> {
     out
 }
 
+/// How many elements of little-endian `dtype` bytes are NaN or infinite.
+pub fn count_nonfinite(dtype: DType, bytes: &[u8]) -> usize {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .filter(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000)
+            .count(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00)
+            .count(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80)
+            .count(),
+    }
+}
+
+/// The largest finite value of `dtype`.
+pub fn max_finite(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => f32::MAX,
+        DType::F16 => f16::MAX.to_f32(),
+        DType::BF16 => bf16::MAX.to_f32(),
+    }
+}
+
+/// Encodes f32 values as `dtype`, clamping finite values beyond its range to the largest finite
+/// value of the right sign (instead of infinity).
+pub fn from_f32_saturating(dtype: DType, values: &[f32]) -> Vec<u8> {
+    let m = max_finite(dtype);
+    let clamped: Vec<f32> = values
+        .iter()
+        .map(|v| if v.is_finite() { v.clamp(-m, m) } else { *v })
+        .collect();
+    // Values just below the maximum may still round up to infinity: clamp after rounding too.
+    let mut out = from_f32(dtype, &clamped);
+    if count_nonfinite(dtype, &out) > 0 {
+        let fixed: Vec<f32> = to_f32(dtype, &out)
+            .iter()
+            .zip(&clamped)
+            .map(|(r, c)| {
+                if r.is_infinite() && c.is_finite() {
+                    m.copysign(*c)
+                } else {
+                    *r
+                }
+            })
+            .collect();
+        out = from_f32(dtype, &fixed);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +229,23 @@ mod tests {
         for (a, b) in values.iter().zip(&back) {
             assert_eq!(a.to_bits(), b.to_bits());
         }
+    }
+
+    #[test]
+    fn overflow_is_counted_and_saturated() {
+        let v = [1.0f32, 70000.0, -1e6, f32::NAN, 65504.0, 65530.0];
+        let h = from_f32(DType::F16, &v);
+        // 70000, -1e6 and 65530 (above the midpoint 65520) become infinite; NaN stays NaN.
+        assert_eq!(count_nonfinite(DType::F16, &h), 4);
+        let s = from_f32_saturating(DType::F16, &v);
+        assert_eq!(count_nonfinite(DType::F16, &s), 1);
+        let back = to_f32(DType::F16, &s);
+        assert_eq!(&back[..3], &[1.0, 65504.0, -65504.0]);
+        assert_eq!(back[5], 65504.0);
+        assert_eq!(count_nonfinite(DType::F32, &from_f32(DType::F32, &v)), 1);
+        let b = from_f32(DType::BF16, &[f32::MAX, f32::INFINITY, 3.0]);
+        assert_eq!(count_nonfinite(DType::BF16, &b), 2);
+        assert_eq!(max_finite(DType::BF16), half::bf16::MAX.to_f32());
     }
 
     #[test]

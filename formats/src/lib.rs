@@ -10,6 +10,7 @@ pub mod gguf_import;
 pub mod hub;
 pub mod inspect;
 pub mod load;
+pub mod output;
 pub mod plan;
 pub mod safetensors_file;
 pub mod synthetic;

@@ -9,6 +9,12 @@ use std::sync::Arc;
 
 /// Opens `spec`: a model directory, a `.gguf` file, or a Hub id `org/name[@revision]`.
 pub fn open_model(spec: &str) -> Result<Plan> {
+    if let Some(id) = spec.strip_prefix("hf://") {
+        let dir = crate::hub::resolve(id)?;
+        let mut plan = open_hf_dir(&dir)?;
+        plan.origin = format!("hf://{id}");
+        return Ok(plan);
+    }
     let path = Path::new(spec);
     if path.is_dir() {
         return open_hf_dir(path);
@@ -23,7 +29,23 @@ pub fn open_model(spec: &str) -> Result<Plan> {
         return Err(Error::format(path, "not a model directory or a .gguf file"));
     }
     if crate::hub::looks_like_hub_id(spec) {
-        let dir = crate::hub::resolve(spec)?;
+        // `out/typo` where `out` is a local directory is a mistyped path, not a Hub id.
+        let first = spec.split('/').next().unwrap_or_default();
+        if Path::new(first).is_dir() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "no such file or directory (`{first}` is a local directory, so this is \
+                     not taken as a Hub id; write hf://{spec} for the Hub)"
+                ),
+            ));
+        }
+        let dir = crate::hub::resolve(spec).map_err(|e| {
+            Error::format(
+                path,
+                format!("no such local file or directory, and as a Hub id: {e}"),
+            )
+        })?;
         let mut plan = open_hf_dir(&dir)?;
         plan.origin = format!("hf://{spec}");
         return Ok(plan);
@@ -167,17 +189,55 @@ pub fn open_hf_dir(dir: &Path) -> Result<Plan> {
     Ok(plan)
 }
 
-/// Directories holding the files a plan reads (used to refuse writing an output inside an input).
-pub fn input_dirs(plan: &Plan) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = vec![];
+/// The files and directories a plan reads: a safetensors model's directory, a GGUF file, the
+/// directories of carried files (used to refuse an output that holds or lies inside an input).
+pub fn input_paths(plan: &Plan) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = vec![];
     let mut add = |p: &Path| {
-        if let Some(parent) = p.parent() {
-            let d = parent
-                .canonicalize()
-                .unwrap_or_else(|_| parent.to_path_buf());
-            if !dirs.contains(&d) {
-                dirs.push(d);
+        let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        if !paths.contains(&p) {
+            paths.push(p);
+        }
+    };
+    fn walk(s: &Source, add: &mut dyn FnMut(&Path)) {
+        match s {
+            // A shard stands for its model directory.
+            Source::Stored { file, .. } => {
+                if let Some(dir) = file.path.parent() {
+                    add(dir)
+                }
             }
+            Source::Encoded { file, .. } => add(&file.path),
+            Source::Op(op) => match op.as_ref() {
+                crate::plan::Op::Rows { input, .. }
+                | crate::plan::Op::Cols { input, .. }
+                | crate::plan::Op::Scale { input, .. }
+                | crate::plan::Op::Reshape { input, .. }
+                | crate::plan::Op::MeanRows { input, .. } => walk(input, add),
+                crate::plan::Op::Concat { inputs, .. } => inputs.iter().for_each(|i| walk(i, add)),
+            },
+            _ => {}
+        }
+    }
+    for t in plan.tensors.values() {
+        walk(&t.source, &mut add);
+    }
+    for f in plan.files.values() {
+        if let AuxFile::Path(p) = f {
+            if let Some(dir) = p.parent() {
+                add(dir);
+            }
+        }
+    }
+    paths
+}
+
+/// The files a plan reads (tensor sources and auxiliary files), as given, without duplicates.
+pub fn input_files(plan: &Plan) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = vec![];
+    let mut add = |p: &Path| {
+        if !files.iter().any(|f| f == p) {
+            files.push(p.to_path_buf());
         }
     };
     fn walk(s: &Source, add: &mut dyn FnMut(&Path)) {
@@ -202,5 +262,5 @@ pub fn input_dirs(plan: &Plan) -> Vec<PathBuf> {
             add(p);
         }
     }
-    dirs
+    files
 }

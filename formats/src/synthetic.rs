@@ -164,7 +164,8 @@ impl SyntheticSpec {
         arch
     }
 
-    /// Writes the synthetic model as a Hugging Face directory.
+    /// Writes the synthetic model as a Hugging Face directory, replacing an earlier surgeon
+    /// output or an empty directory there (never anything else: see [`crate::output`]).
     pub fn write(&self, dir: &Path, shard_size: Option<u64>) -> Result<()> {
         self.write_plan(&self.plan(), dir, shard_size)
     }
@@ -174,10 +175,28 @@ impl SyntheticSpec {
         let opts = WriteOptions {
             shard_size: shard_size.unwrap_or(5_000_000_000),
             force: true,
-            description: "synthetic checkpoint".into(),
             ..Default::default()
         };
-        write_model(plan, dir, &opts).map(|_| ())
+        self.write_plan_with(plan, dir, &opts).map(|_| ())
+    }
+
+    /// Writes the synthetic model with explicit options (`force` included).
+    pub fn write_with(&self, dir: &Path, opts: &WriteOptions) -> Result<crate::WriteReport> {
+        self.write_plan_with(&self.plan(), dir, opts)
+    }
+
+    /// Writes `plan` (made by [`Self::plan_of`]) with explicit options (`force` included).
+    pub fn write_plan_with(
+        &self,
+        plan: &Plan,
+        dir: &Path,
+        opts: &WriteOptions,
+    ) -> Result<crate::WriteReport> {
+        let opts = WriteOptions {
+            description: "synthetic checkpoint".into(),
+            ..opts.clone()
+        };
+        write_model(plan, dir, &opts)
     }
 }
 

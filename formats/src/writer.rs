@@ -5,8 +5,10 @@
 //! is written to a temporary sibling directory and renamed into place at the end, so a failure leaves
 //! nothing at the output path.
 use crate::config::config_json;
+use crate::dtype::max_finite;
 use crate::export::{choose_export, ExportFormat};
-use crate::load::input_dirs;
+use crate::load::input_paths;
+use crate::output::TempOutput;
 use crate::plan::{group_digits, HostTensor, Plan, TensorEntry};
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -29,6 +31,9 @@ pub struct WriteOptions {
     pub description: String,
     /// Bytes of materialised tensors held at once (bounds peak memory).
     pub window_bytes: usize,
+    /// Write values beyond the target dtype's range clamped to its largest finite value
+    /// (otherwise such an overflow is an error and nothing is written).
+    pub allow_overflow: bool,
 }
 
 impl Default for WriteOptions {
@@ -39,6 +44,7 @@ impl Default for WriteOptions {
             progress: false,
             description: String::new(),
             window_bytes: 256 << 20,
+            allow_overflow: false,
         }
     }
 }
@@ -52,6 +58,36 @@ pub struct WriteReport {
     pub bytes: u64,
     /// Bytes copied file-to-file without decoding.
     pub bytes_copied: u64,
+    /// Values that overflowed the target dtype and were clamped (only with `allow_overflow`).
+    pub overflow: Overflow,
+}
+
+/// Values beyond a dtype's range met while converting, per tensor.
+#[derive(Clone, Debug, Default)]
+pub struct Overflow {
+    pub tensors: std::collections::BTreeMap<String, usize>,
+}
+
+impl Overflow {
+    pub fn values(&self) -> usize {
+        self.tensors.values().sum()
+    }
+    /// `N values in T tensors (first: `name`, n values)`, in the plan's tensor order.
+    pub fn describe(&self, plan: &Plan) -> String {
+        let first = plan
+            .ordered_names()
+            .into_iter()
+            .find_map(|n| self.tensors.get(n).map(|c| (n, c)));
+        let (name, count) = first.expect("non-empty overflow");
+        format!(
+            "{} value{} in {} tensor{} (first: `{name}`, {count} value{})",
+            self.values(),
+            if self.values() == 1 { "" } else { "s" },
+            self.tensors.len(),
+            if self.tensors.len() == 1 { "" } else { "s" },
+            if *count == 1 { "" } else { "s" },
+        )
+    }
 }
 
 /// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1000000`.
@@ -82,95 +118,48 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok(v)
 }
 
-/// Refuses outputs that would clobber something: an existing path without `force`, or a path
-/// inside (or equal to) an input directory.
+/// Refuses outputs that would clobber something (see [`crate::output::check_output`]): an
+/// existing path without `force`, a folder surgeon did not write, or a path that holds or lies
+/// inside one of the plan's inputs.
 pub fn check_output(plan: &Plan, out: &Path, force: bool) -> Result<()> {
-    if out.exists() && !force {
-        return Err(Error::Output {
-            path: out.to_path_buf(),
-            message: "already exists (use --force to replace it)".into(),
-        });
-    }
-    let abs_out = absolute(out);
-    for dir in input_dirs(plan) {
-        if abs_out.starts_with(&dir) || dir.starts_with(&abs_out) {
-            return Err(Error::Output {
-                path: out.to_path_buf(),
-                message: format!("overlaps the input directory {}", dir.display()),
-            });
-        }
-    }
-    Ok(())
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    // The output does not exist yet: canonicalise its parent.
-    let abs = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir().unwrap_or_default().join(p)
-    };
-    match (abs.parent(), abs.file_name()) {
-        (Some(parent), Some(name)) => parent
-            .canonicalize()
-            .unwrap_or_else(|_| parent.to_path_buf())
-            .join(name),
-        _ => abs,
-    }
-}
-
-/// Removes the temporary directory unless the write succeeded.
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
+    crate::output::check_output(out, &input_paths(plan), force)
 }
 
 /// Writes `plan` as a Hugging Face model directory at `out`.
 pub fn write_model(plan: &Plan, out: &Path, opts: &WriteOptions) -> Result<WriteReport> {
+    write_model_then(plan, out, opts, |_| Ok::<(), Error>(()))
+}
+
+/// Writes `plan` like [`write_model`], then lets `extra` add files to the temporary directory
+/// before it is renamed into place: the output appears with all of them or not at all (healing
+/// checkpoints put their optimizer and trainer state there).
+pub fn write_model_then<E: From<Error>>(
+    plan: &Plan,
+    out: &Path,
+    opts: &WriteOptions,
+    extra: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<WriteReport, E> {
     plan.validate()?;
     check_output(plan, out, opts.force)?;
-    let parent = absolute(out)
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::Output {
+    let tmp = TempOutput::create(out, &opts.description)?;
+    let report = write_into(plan, tmp.path(), opts)?;
+    if !report.overflow.tensors.is_empty() && !opts.allow_overflow {
+        let first = report.overflow.tensors.keys().next().expect("non-empty");
+        let dtype = plan.tensors[first].dtype;
+        return Err(Error::Output {
             path: out.to_path_buf(),
-            message: "has no directory name".into(),
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = TempDir {
-        path: parent.join(format!(".{name}.surgeon-tmp-{}", std::process::id())),
-        keep: false,
-    };
-    if tmp.path.exists() {
-        std::fs::remove_dir_all(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
+            message: format!(
+                "converting to {dtype} overflows: {} lie beyond its range (±{}) and would \
+                 become infinite; nothing was written (pass --allow-overflow to clamp them to \
+                 the largest finite value)",
+                report.overflow.describe(plan),
+                max_finite(dtype)
+            ),
+        }
+        .into());
     }
-    std::fs::create_dir(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
-
-    let report = write_into(plan, &tmp.path, opts)?;
-
-    // Swap into place.
-    let mut tmp = tmp;
-    if out.exists() {
-        let old = parent.join(format!(".{name}.surgeon-old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-        std::fs::rename(&tmp.path, out).map_err(|e| Error::io(out, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp.path, out).map_err(|e| Error::io(out, e))?;
-    }
-    tmp.keep = true;
+    extra(tmp.path())?;
+    tmp.commit()?;
     Ok(WriteReport {
         dir: out.to_path_buf(),
         ..report
@@ -248,14 +237,24 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
     // overlap the others'). The materialisation window is shared out so peak memory stays bounded.
     let concurrent = shards.len().min(rayon::current_num_threads()).max(1);
     let window = (opts.window_bytes / concurrent).max(1);
+    let overflow = std::sync::Mutex::new(Overflow::default());
+    let ctx = ShardContext {
+        plan,
+        dir,
+        prov: &prov,
+        window,
+        bar: &bar,
+        allow_overflow: opts.allow_overflow,
+        overflow: &overflow,
+    };
     let copied: u64 = shards
         .par_iter()
-        .map(|shard| write_shard(plan, shard, dir, &prov, window, &bar))
+        .map(|shard| write_shard(&ctx, shard))
         .collect::<Result<Vec<u64>>>()?
         .into_iter()
         .sum();
     bar.finish_and_clear();
-
+    let overflow = overflow.into_inner().unwrap_or_else(|e| e.into_inner());
     if shards.len() > 1 {
         let index = json!({
             "metadata": {"total_size": total_bytes},
@@ -311,6 +310,7 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
         parameters: plan.parameter_count(),
         bytes: total_bytes,
         bytes_copied: copied,
+        overflow,
     })
 }
 
@@ -318,14 +318,15 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
 /// back in one source file are copied with a single file-to-file copy (copy_file_range on Linux);
 /// other tensors are materialised in parallel within a window of `window` bytes. Returns the bytes
 /// copied file-to-file.
-fn write_shard(
-    plan: &Plan,
-    shard: &Shard,
-    dir: &Path,
-    prov: &str,
-    window: usize,
-    bar: &ProgressBar,
-) -> Result<u64> {
+fn write_shard(ctx: &ShardContext, shard: &Shard) -> Result<u64> {
+    let ShardContext {
+        plan,
+        dir,
+        prov,
+        window,
+        bar,
+        ..
+    } = *ctx;
     let path = dir.join(&shard.file_name);
     // Header first: shapes and dtypes are known without touching data.
     let mut header = Map::new();
@@ -403,10 +404,7 @@ fn write_shard(
         let done: Vec<Result<HostTensor>> = shard.tensors[i..j]
             .par_iter()
             .map(|(name, t, _)| {
-                let h = t.materialize().map_err(|e| match e {
-                    Error::Invalid(m) => Error::tensor(&plan.origin, *name, m),
-                    e => e,
-                })?;
+                let h = materialize_checked(ctx, name, t)?;
                 if h.shape != t.shape() {
                     return Err(Error::tensor(
                         &plan.origin,
@@ -433,6 +431,56 @@ fn write_shard(
         .map_err(|e| Error::io(&path, e.into_error()))?;
     file.sync_all().map_err(|e| Error::io(&path, e))?;
     Ok(copied)
+}
+
+/// What every shard writer shares.
+struct ShardContext<'a> {
+    plan: &'a Plan,
+    dir: &'a Path,
+    prov: &'a str,
+    window: usize,
+    bar: &'a ProgressBar,
+    allow_overflow: bool,
+    overflow: &'a std::sync::Mutex<Overflow>,
+}
+
+/// Materialises one tensor in its target dtype. Values that are NaN or infinite before the
+/// conversion are an error (surgeon never writes them); finite values that overflow the target
+/// dtype are recorded in `ctx.overflow` and, with `allow_overflow`, clamped.
+fn materialize_checked(ctx: &ShardContext, name: &str, t: &TensorEntry) -> Result<HostTensor> {
+    let origin = &ctx.plan.origin;
+    let named = |e| match e {
+        Error::Invalid(m) => Error::tensor(origin, name, m),
+        e => e,
+    };
+    let src = t.source.eval().map_err(named)?;
+    let bad = crate::dtype::count_nonfinite(src.dtype, &src.data);
+    if bad > 0 {
+        return Err(Error::tensor(
+            origin,
+            name,
+            format!(
+                "{bad} of {} values are NaN or infinite; surgeon does not write non-finite weights",
+                src.numel()
+            ),
+        ));
+    }
+    let h = src.cast(t.dtype);
+    let over = crate::dtype::count_nonfinite(h.dtype, &h.data);
+    if over == 0 {
+        return Ok(h);
+    }
+    let mut o = ctx.overflow.lock().unwrap_or_else(|e| e.into_inner());
+    o.tensors.insert(name.to_string(), over);
+    drop(o);
+    if !ctx.allow_overflow {
+        return Ok(h);
+    }
+    let values = t.source.eval().map_err(named)?.to_f32();
+    Ok(HostTensor {
+        data: crate::dtype::from_f32_saturating(t.dtype, &values),
+        ..h
+    })
 }
 
 fn passthrough_span(

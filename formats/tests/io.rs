@@ -313,21 +313,27 @@ fn existing_output_and_output_inside_input() {
     let e = write_model(&plan, &inside, &opts())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("overlaps the input directory"), "{e}");
+    assert!(e.contains("is inside the input"), "{e}");
     assert!(!inside.exists());
 
-    // --force replaces the old directory wholesale.
-    write_model(
-        &plan,
-        &out,
-        &WriteOptions {
-            force: true,
-            ..opts()
-        },
-    )
-    .unwrap();
-    assert!(!out.join("keep.txt").exists());
-    assert!(out.join("model.safetensors").is_file());
+    // --force never replaces a folder surgeon did not write (issue 21)...
+    let force = WriteOptions {
+        force: true,
+        ..opts()
+    };
+    let e = write_model(&plan, &out, &force).unwrap_err().to_string();
+    assert!(e.contains("was not written by surgeon"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "precious"
+    );
+    // ...but replaces surgeon's own output wholesale.
+    let ours = tmp.path().join("ours");
+    write_model(&plan, &ours, &opts()).unwrap();
+    std::fs::write(ours.join("extra.txt"), "old").unwrap();
+    write_model(&plan, &ours, &force).unwrap();
+    assert!(!ours.join("extra.txt").exists());
+    assert!(ours.join("model.safetensors").is_file());
     // No temporary directories are left behind.
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()

@@ -3,7 +3,7 @@
 and undoes llama.cpp's RoPE row permutation) and records, for q_proj/k_proj of layers 0 and 29, the HF shape,
 sha256 of the little-endian f32 data and the first 16 values; writes tests/fixtures/gguf/smollm2_rope.json.
 
-Run with a Python that has torch + transformers (e.g. /work/cache/venv-ref/bin/python).
+Run with a Python that has torch + transformers (e.g. $SURGEON_PYTHON, see scripts/env.sh).
 """
 import hashlib
 import json

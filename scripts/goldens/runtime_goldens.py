@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Golden logits of SmolLM2-135M-Instruct (transformers, float32) for the runtime tests.
 
-Usage: python scripts/goldens/runtime_goldens.py [--gguf /work/cache/SmolLM2-135M-Instruct.Q4_1.gguf]
+Usage: python scripts/goldens/runtime_goldens.py [--gguf PATH (default: $SURGEON_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf)]
          [--out tests/fixtures/runtime]
 
 transformers dequantises the GGUF to float32 (the same weights surgeon's GGUF importer produces).
@@ -24,7 +24,9 @@ def topics_text():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", default="/work/cache/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--gguf", default=os.path.join(
+        os.environ.get("SURGEON_CACHE") or os.path.expanduser("~/.cache/surgeon"),
+        "SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--out", default="tests/fixtures/runtime")
     a = ap.parse_args()
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ tokenizer conversion (`AutoTokenizer.from_pretrained(dir, gguf_file=name)`), wit
 by the post-processor (`add_special_tokens=False`, SmolLM2 adds none anyway), and writes
 tests/fixtures/gguf/tokenizer_ids.json.
 
-Run with a Python that has transformers (e.g. /work/cache/venv-ref/bin/python):
+Run with a Python that has transformers (e.g. $SURGEON_PYTHON, see scripts/env.sh):
   python scripts/goldens/tokenizer_goldens.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 """
 import json

@@ -8,7 +8,7 @@ usage: python scripts/goldens/vocab_hf_check.py ORIGINAL_DIR EXTENDED_DIR [HELDO
   config.json `surgeon.new_token_ids` are the new tokens; for English text (no new tokens) the
   logits of old-vocabulary ids equal the original model's (max abs difference printed, must be 0
   for tied/untied models since old rows are copied bitwise).
-Run with the reference venv: /work/cache/venv-ref/bin/python (torch + transformers 5).
+Run with the reference Python ($SURGEON_PYTHON, see scripts/env.sh: torch + transformers 5).
 """
 import json
 import sys

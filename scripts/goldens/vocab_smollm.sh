@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # extend-vocab on SmolLM2-135M-Instruct, checked with HF tokenizers + transformers.
 # usage: scripts/goldens/vocab_smollm.sh [MODEL_DIR] [SURGEON_BIN] [PYTHON]
+# Defaults: SmolLM2 imported into $SURGEON_CACHE/smollm2-hf, a cargo-built surgeon, $SURGEON_PYTHON
+# (see scripts/env.sh).
 set -euo pipefail
-model=${1:-/work/cache/smollm2-hf}
-surgeon=${2:-${CARGO_TARGET_DIR:-target}/debug/surgeon}
-py=${3:-/work/cache/venv-ref/bin/python}
+cd "$(dirname "$0")/../.."
+. scripts/env.sh
+surgeon=${2:-$(surgeon_bin dev)}
+SURGEON=$surgeon
+model=${1:-$(smollm2_hf)}
+py=${3:-$(reference_python torch transformers tokenizers)}
 fx=tests/fixtures/vocab
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

@@ -21,6 +21,10 @@ pub struct OutputArgs {
     /// Print the plan and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// With --dtype: clamp values beyond the dtype's range to its largest finite value
+    /// (without it such an overflow is an error that names the first tensor).
+    #[arg(long)]
+    pub allow_overflow: bool,
 }
 
 impl OutputArgs {
@@ -36,6 +40,7 @@ impl OutputArgs {
         let opts = WriteOptions {
             shard_size: parse_size(&self.shard_size)?,
             force: self.force,
+            allow_overflow: self.allow_overflow,
             progress: true,
             description,
             ..Default::default()
@@ -49,6 +54,12 @@ impl OutputArgs {
             report.shards.len(),
             if report.shards.len() == 1 { "" } else { "s" }
         );
+        if !report.overflow.tensors.is_empty() {
+            eprintln!(
+                "warning: clamped {} to the largest finite value of the dtype (--allow-overflow)",
+                report.overflow.describe(&plan)
+            );
+        }
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 use super::common::{command_line, OutputArgs};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use surgeon_distill::{influence, text, Llama};
+use surgeon_distill::{probe, text, Llama};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +30,10 @@ pub struct Args {
     /// Tokens per scoring window (capped at the model's context).
     #[arg(long, default_value_t = 512)]
     pub window: usize,
+    /// With --count: draw the block influence of every layer, dropped layers highlighted
+    /// (FILE.svg or FILE.png).
+    #[arg(long, value_name = "FILE", requires = "count")]
+    pub plot: Option<PathBuf>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -57,8 +61,7 @@ pub fn run(a: Args) -> Result<()> {
                 .min(plan.arch.max_position_embeddings.max(1));
             type B = surgeon_distill::burn::backend::Flex;
             let model = Llama::<B>::from_plan(&plan, &Default::default())?;
-            let scores =
-                influence::block_influences(&model, ids, window).context("scoring layers")?;
+            let scores = probe::block_influences(&model, ids, window).context("scoring layers")?;
             println!(
                 "block influence on {} tokens (1 - cos, lower = less important):",
                 ids.len()
@@ -67,6 +70,10 @@ pub fn run(a: Args) -> Result<()> {
                 println!("  layer {i:>3}: {s:.6}");
             }
             let drop = surgeon_surgery::lowest_influence(&scores, k)?;
+            if let Some(p) = &a.plot {
+                plot_influence(p, &scores, &drop, ids.len())?;
+                eprintln!("wrote {}", p.display());
+            }
             println!(
                 "dropping {}",
                 drop.iter()
@@ -80,4 +87,32 @@ pub fn run(a: Args) -> Result<()> {
     };
     let plan = surgeon_surgery::drop_layers(&plan, &layers)?;
     a.output.finish(plan, command_line())
+}
+
+/// Bar chart of the block influence per layer, the dropped layers in the second colour.
+fn plot_influence(
+    path: &std::path::Path,
+    scores: &[f64],
+    drop: &[usize],
+    tokens: usize,
+) -> Result<()> {
+    use surgeon_distill::plot::{bar_chart, Bar, BarChart};
+    let chart = BarChart {
+        title: format!("Block influence per layer ({tokens} calibration tokens)"),
+        x_label: "layer".into(),
+        y_label: "block influence, 1 - cos(in, out)".into(),
+        bars: scores
+            .iter()
+            .enumerate()
+            .map(|(i, &value)| Bar {
+                x: i as i64,
+                value,
+                highlight: drop.contains(&i),
+            })
+            .collect(),
+        label: "kept".into(),
+        highlight_label: format!("dropped ({} lowest)", drop.len()),
+    };
+    bar_chart(path, &chart)?;
+    Ok(())
 }

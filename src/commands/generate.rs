@@ -59,6 +59,13 @@ impl BackendJob for Job<'_> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    GenerateOptions {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(anyhow::Error::msg)?;
     let plan = surgeon_formats::open_model(&a.model)?;
     let tok = text::load_tokenizer(&plan)?;
     let prompt_text = if a.chat {

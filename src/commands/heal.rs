@@ -3,7 +3,8 @@ use super::common::command_line;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use surgeon_distill::heal::{
-    heal, install_ctrlc, BackendKind, Budget, DataSpec, HealConfig, LossKind, Schedule, TrainSet,
+    heal_with, install_ctrlc, BackendKind, Budget, DataSpec, HealConfig, HealObserver, LossKind,
+    MetricRow, Schedule, TrainSet,
 };
 
 #[derive(clap::Args)]
@@ -56,7 +57,7 @@ pub struct Args {
     pub schedule: Schedule,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
-    /// Global gradient-norm clip (0: off).
+    /// Global gradient-norm clip (0: off; otherwise positive and finite).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
     #[arg(long, default_value_t = 0)]
@@ -115,19 +116,19 @@ pub fn run(a: Args) -> Result<()> {
         warmup: a.warmup,
         schedule: a.schedule,
         weight_decay: a.weight_decay,
-        clip: (a.clip > 0.0).then_some(a.clip),
+        // 0 turns clipping off; NaN and negative values reach validation as themselves.
+        clip: (a.clip != 0.0).then_some(a.clip),
         seed: a.seed,
         eval_every: a.eval_every,
         save_every: a.save_every,
         resume: a.resume,
         backend: a.backend,
         force: a.force,
-        progress: true,
         stop: Some(install_ctrlc()?),
         stop_after: None,
         command: command_line(),
     };
-    let r = heal(&cfg, student, teacher)?;
+    let r = heal_with(&cfg, student, teacher, &mut Progress::new())?;
     let ppl = |p: Option<f64>| p.map(|p| format!("{p:.3}")).unwrap_or("-".into());
     if r.interrupted {
         eprintln!(
@@ -155,4 +156,66 @@ pub fn run(a: Args) -> Result<()> {
         cfg.out.display()
     );
     Ok(())
+}
+
+/// The progress bar of a healing run; without a terminal, one line per step instead.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    plain: bool,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Progress {
+            bar: indicatif::ProgressBar::hidden(),
+            plain: !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HealObserver for Progress {
+    fn on_start(&mut self, step: u64, total: u64, last: Option<&MetricRow>) {
+        self.bar = indicatif::ProgressBar::new(total);
+        self.bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise}, eta {eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        self.bar.set_position(step);
+        if self.plain {
+            if let Some(p) = last.and_then(|r| r.eval_ppl) {
+                eprintln!("step {step}/{total} eval ppl {p:.3}");
+            }
+        }
+    }
+
+    fn on_step(&mut self, r: &MetricRow, total: u64, tokens_per_second: f64) {
+        let msg = format!(
+            "loss {:.4} lr {:.2e} {tokens_per_second:.0} tok/s",
+            r.loss, r.lr
+        );
+        if self.plain {
+            let ppl = r
+                .eval_ppl
+                .map(|p| format!(" eval ppl {p:.3}"))
+                .unwrap_or_default();
+            eprintln!(
+                "step {}/{total} {msg} grad_norm {:.3}{ppl}",
+                r.step, r.grad_norm
+            );
+        }
+        self.bar.set_message(msg);
+        self.bar.set_position(r.step);
+    }
+
+    fn on_finish(&mut self) {
+        self.bar.finish_and_clear();
+    }
 }

@@ -13,6 +13,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.file.is_dir() {
+        bail!(
+            "{}: is a directory, not a .gguf file (a Hugging Face model directory is read by \
+             every command as it is; `surgeon convert` rewrites one)",
+            a.file.display()
+        );
+    }
     if !a.file.is_file() {
         bail!("{}: no such file", a.file.display());
     }

@@ -4,6 +4,7 @@ pub mod convert;
 pub mod drop_layers;
 pub mod eval;
 pub mod expand;
+pub mod export_gguf;
 pub mod extend_vocab;
 pub mod generate;
 pub mod heal;

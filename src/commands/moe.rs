@@ -141,6 +141,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     // Fail on a bad request before any forward pass.
     op::check_request(&plan.arch, &opts)?;
+    if !(a.fire_fraction > 0.0 && a.fire_fraction <= 1.0) {
+        bail!("--fire-fraction must be in (0, 1], got {}", a.fire_fraction);
+    }
     if a.router == Router::Clusters && a.method != MoeMethod::SplitImportance {
         bail!("--router clusters needs --method split-importance");
     }

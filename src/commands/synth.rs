@@ -26,6 +26,9 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, default_value = "5GB")]
     pub shard_size: String,
+    /// Replace an existing output directory (only one surgeon wrote, or an empty one).
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -47,7 +50,12 @@ pub fn run(a: Args) -> Result<()> {
         anyhow::anyhow!("unknown variant `{}` ({})", a.variant, names.join(", "))
     })?;
     let plan = spec.plan_of(spec.variant_arch(variant));
-    spec.write_plan(&plan, &a.out, Some(parse_size(&a.shard_size)?))?;
+    let opts = surgeon_formats::WriteOptions {
+        shard_size: parse_size(&a.shard_size)?,
+        force: a.force,
+        ..Default::default()
+    };
+    spec.write_plan_with(&plan, &a.out, &opts)?;
     eprintln!(
         "wrote {} ({} parameters)",
         a.out.display(),

@@ -21,7 +21,8 @@ pub use recipe::{Recipe, Step};
 pub struct StepRecord {
     pub name: String,
     pub kind: String,
-    /// Hash of kind + resolved options + input identities + surgeon version.
+    /// Hash of kind + resolved options + input identities (content hashes of input files, upstream
+    /// steps' hashes) + surgeon version.
     pub hash: String,
     /// `running` while the step runs (an interrupted run leaves it), `done` after success.
     pub status: String,
@@ -74,8 +75,103 @@ fn write_record(r: &Recipe, rec: &StepRecord) -> Result<()> {
     Ok(())
 }
 
-/// Identity of a file or directory input: path + size + mtime of every file below it.
-fn path_identity(p: &Path, h: &mut Sha256) {
+/// Content hashes of input files, cached by (path, size, mtime) in `<workdir>/.surgeon/hashes.json`
+/// so that a large file is read once, not on every `surgeon run`.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    file: Option<PathBuf>,
+    entries: BTreeMap<String, HashEntry>,
+    dirty: bool,
+    /// Files whose content was read (not found in the cache) since the cache was opened.
+    pub hashed: Vec<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct HashEntry {
+    size: u64,
+    mtime_ns: u128,
+    sha256: String,
+}
+
+impl HashCache {
+    /// The cache of a workdir (empty if it does not exist or cannot be read).
+    pub fn open(workdir: &Path) -> Self {
+        let file = workdir.join(".surgeon").join("hashes.json");
+        let entries = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        HashCache {
+            file: Some(file),
+            entries,
+            ..Default::default()
+        }
+    }
+
+    /// The SHA-256 of a file's content, from the cache when its size and mtime are unchanged.
+    pub fn file_hash(&mut self, path: &Path) -> std::io::Result<String> {
+        let md = std::fs::metadata(path)?;
+        let mtime_ns = md
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let key = std::fs::canonicalize(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string();
+        if let Some(e) = self.entries.get(&key) {
+            if e.size == md.len() && e.mtime_ns == mtime_ns {
+                return Ok(e.sha256.clone());
+            }
+        }
+        if md.len() >= 1 << 28 {
+            eprintln!(
+                "hashing {} ({} MB; once: the hash is cached by size and mtime)",
+                path.display(),
+                md.len() >> 20
+            );
+        }
+        let mut h = Sha256::new();
+        let mut f = std::fs::File::open(path)?;
+        std::io::copy(&mut f, &mut h)?;
+        let sha256: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        self.hashed.push(path.to_path_buf());
+        self.entries.insert(
+            key,
+            HashEntry {
+                size: md.len(),
+                mtime_ns,
+                sha256: sha256.clone(),
+            },
+        );
+        self.dirty = true;
+        Ok(sha256)
+    }
+
+    /// Writes the cache back (atomically) if it changed.
+    pub fn save(&mut self) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        if !self.dirty {
+            return Ok(());
+        }
+        std::fs::create_dir_all(file.parent().unwrap())
+            .with_context(|| format!("creating {}", file.display()))?;
+        let tmp = file.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&self.entries)? + "\n")
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// Identity of a file or directory input: the relative path and content hash of every file below it
+/// (modification times do not matter: touching or copying an input does not rerun a step).
+fn path_identity(p: &Path, h: &mut Sha256, cache: &mut HashCache) {
     let mut files = vec![];
     let mut stack = vec![p.to_path_buf()];
     while let Some(q) = stack.pop() {
@@ -89,23 +185,25 @@ fn path_identity(p: &Path, h: &mut Sha256) {
                 }
             }
         } else {
-            let mtime = md
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            files.push((q.display().to_string(), md.len(), mtime));
+            let rel = q.strip_prefix(p).unwrap_or(&q).display().to_string();
+            let content = cache
+                .file_hash(&q)
+                .unwrap_or_else(|e| format!("unreadable: {e}"));
+            files.push((rel, content));
         }
     }
     files.sort();
     for f in files {
-        h.update(format!("{}\0{}\0{}\n", f.0, f.1, f.2));
+        h.update(format!("{}\0{}\n", f.0, f.1));
     }
 }
 
 /// The step's content hash, given the hashes of the steps it reads.
-pub fn step_hash(step: &Step, upstream: &BTreeMap<String, String>) -> String {
+pub fn step_hash(
+    step: &Step,
+    upstream: &BTreeMap<String, String>,
+    cache: &mut HashCache,
+) -> String {
     let mut h = Sha256::new();
     h.update(format!("surgeon {}\n", env!("CARGO_PKG_VERSION")));
     for a in &step.argv {
@@ -123,7 +221,7 @@ pub fn step_hash(step: &Step, upstream: &BTreeMap<String, String>) -> String {
         let p = Path::new(v);
         if !v.is_empty() && p.exists() {
             h.update(format!("input {v}\n"));
-            path_identity(p, &mut h);
+            path_identity(p, &mut h, cache);
         }
     }
     let d = h.finalize();
@@ -152,14 +250,7 @@ fn command_line(step: &Step, extra: &[String]) -> String {
 }
 
 fn heal_checkpoint_exists(out: &Path) -> bool {
-    std::fs::read_dir(out.join("checkpoints"))
-        .map(|rd| {
-            rd.flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with("step-")
-                    && e.path().join("trainer_state").exists()
-            })
-        })
-        .unwrap_or(false)
+    !surgeon_distill::heal::checkpoint::list_checkpoints(out).is_empty()
 }
 
 fn parameter_count(out: &Path) -> Option<u64> {
@@ -196,6 +287,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
         None => None,
     };
     let mut hashes: BTreeMap<String, String> = BTreeMap::new();
+    // A dry run writes nothing, so it keeps the cache in memory only.
+    let mut cache = HashCache::open(&recipe.workdir);
+    if opts.dry_run {
+        cache.file = None;
+    }
     // Steps that are (or, in a dry run, would be) up to date.
     let mut ready: BTreeMap<String, bool> = BTreeMap::new();
     let mut rows = vec![];
@@ -211,7 +307,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
         }
     }
     for (i, step) in recipe.steps.iter().enumerate() {
-        let hash = step_hash(step, &hashes);
+        let hash = step_hash(step, &hashes, &mut cache);
         hashes.insert(step.name.clone(), hash.clone());
         let rec = read_record(recipe, &step.name);
         let out_ok = step.out.as_ref().is_none_or(|o| o.exists());
@@ -331,13 +427,25 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
         let mut extra = vec![];
         if resume {
             extra.push(format!("--resume={}", step.out.as_ref().unwrap().display()));
-        } else if step.has_force && step.out.as_ref().is_some_and(|o| o.exists()) {
-            // The workdir belongs to the pipeline: an out-of-date output is replaced.
+        } else if let Some(out) = step.out.as_ref().filter(|o| o.exists()) {
+            // Only an output this step wrote before (its record says so) is replaced.
+            let ours = rec.as_ref().is_some_and(|r| r.out.as_ref() == Some(out));
+            if !ours || !step.has_force {
+                bail!(
+                    "{}:{}: step `{}`: its output {} already exists and was not written by this \
+                     step of the recipe (no record in {}); remove it or choose another `out:`",
+                    recipe.file,
+                    step.line,
+                    step.name,
+                    out.display(),
+                    record_path(recipe, &step.name).display()
+                );
+            }
             extra.push("--force".into());
             // Checkpoints of an earlier run with other settings must not be resumed later.
             let out = step.out.as_ref().unwrap();
             if step.kind == "heal" && out.starts_with(&recipe.workdir) {
-                let ck = out.join("checkpoints");
+                let ck = surgeon_distill::heal::checkpoint::checkpoints_dir(out);
                 if ck.exists() {
                     std::fs::remove_dir_all(&ck)
                         .with_context(|| format!("removing stale {}", ck.display()))?;
@@ -371,6 +479,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
             ..Default::default()
         };
         write_record(recipe, &new)?;
+        cache.save()?;
         let mut args = step.argv.clone();
         if let Some(o) = &step.out {
             args.push(format!("--out={}", o.display()));
@@ -413,6 +522,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
         rows.push(row("ran", Some(&new)));
     }
     if !opts.dry_run {
+        if recipe.workdir.exists() {
+            cache.save()?;
+        }
         print!("{}", render_summary(&rows));
     }
     Ok(rows)
@@ -460,4 +572,51 @@ pub fn render_summary(rows: &[SummaryRow]) -> String {
         s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_mtime(p: &Path, secs: u64) {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    #[test]
+    fn hash_cache_reads_a_file_once() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("big.bin");
+        std::fs::write(&f, b"hello").unwrap();
+        set_mtime(&f, 1_000_000);
+        let mut c = HashCache::open(d.path());
+        let h = c.file_hash(&f).unwrap();
+        // sha256("hello")
+        assert_eq!(
+            h,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(c.file_hash(&f).unwrap(), h);
+        assert_eq!(c.hashed.len(), 1);
+        c.save().unwrap();
+
+        // A reopened cache answers from (path, size, mtime) without reading: a cached entry with
+        // a made-up hash is returned as it is.
+        let file = d.path().join(".surgeon/hashes.json");
+        let text = std::fs::read_to_string(&file).unwrap().replace(&h, "cafe");
+        std::fs::write(&file, text).unwrap();
+        let mut c = HashCache::open(d.path());
+        assert_eq!(c.file_hash(&f).unwrap(), "cafe");
+        assert!(c.hashed.is_empty());
+        // New bytes of the same size with a new mtime: read again.
+        std::fs::write(&f, b"world").unwrap();
+        set_mtime(&f, 2_000_000);
+        assert_ne!(c.file_hash(&f).unwrap(), "cafe");
+        assert_eq!(c.hashed.len(), 1);
+    }
 }

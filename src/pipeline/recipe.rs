@@ -4,7 +4,7 @@
 //! ```yaml
 //! workdir: work/demo            # optional; `surgeon run --workdir` wins
 //! vars:                         # `${vars.NAME}`, overridable with `--set NAME=VALUE`
-//!   gguf: ${env.SURGEON_CACHE}/SmolLM2-135M-Instruct.Q4_1.gguf
+//!   gguf: ${env.SURGEON_CACHE:-${env.HOME}/.cache/surgeon}/SmolLM2-135M-Instruct.Q4_1.gguf
 //! steps:
 //!   - name: base                # output: <workdir>/base (unless the step sets `out:`)
 //!     kind: import-gguf         # any `surgeon` subcommand
@@ -240,7 +240,7 @@ pub fn parse(
             }
             s = substitute(&s, &|kind, name| match kind {
                 "vars" => raw_vars.get(name).map(|x| x.0.clone()),
-                "env" => std::env::var(name).ok(),
+                "env" => env_var(name),
                 _ => None,
             })
             .map_err(|m| err((*line).max(1), format!("var `{k}`: {m}")))?;
@@ -367,6 +367,8 @@ pub fn parse(
                 .map_err(|m| err(r.keys.get("out").copied().unwrap_or(r.line), m))?;
                 Some(PathBuf::from(o))
             }
+            // A GGUF export writes one file.
+            None if r.kind == "export-gguf" => Some(workdir.join(format!("{}.gguf", r.name))),
             None => has_out.then(|| workdir.join(&r.name)),
         };
         if !has_out && r.map.contains_key("out") {
@@ -639,9 +641,14 @@ fn find_path(
 fn lookup_var(vars: &BTreeMap<String, String>, kind: &str, name: &str) -> Option<String> {
     match kind {
         "vars" => vars.get(name).cloned(),
-        "env" => std::env::var(name).ok(),
+        "env" => env_var(name),
         _ => None,
     }
+}
+
+/// An environment variable; set but empty counts as unset, as the shell's `${NAME:-default}`.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 fn scalar(v: &Value) -> Option<String> {
@@ -660,21 +667,59 @@ fn flatten(v: &Value) -> Vec<String> {
     }
 }
 
-/// `${kind.name}` / `${workdir}` placeholders in `s`.
+/// The end of the `${...}` that opens at `start` (the index of its `}`), with nested `${...}`
+/// (in a `:-default`) skipped.
+fn closing_brace(s: &str, start: usize) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut depth = 0usize;
+    let mut i = start;
+    while i < b.len() {
+        if b[i] == b'$' && b.get(i + 1) == Some(&b'{') {
+            depth += 1;
+            i += 2;
+            continue;
+        }
+        if b[i] == b'}' {
+            depth -= 1;
+            if depth == 0 {
+                return Some(i);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Splits the inside of `${...}` into kind, name and the `:-default` (if any).
+fn split_ref(inner: &str) -> (&str, &str, Option<&str>) {
+    let (reference, default) = match inner.find(":-") {
+        Some(i) => (&inner[..i], Some(&inner[i + 2..])),
+        None => (inner, None),
+    };
+    let (k, n) = reference.split_once('.').unwrap_or((reference, ""));
+    (k, n, default)
+}
+
+/// `${kind.name}` / `${workdir}` placeholders in `s`, including those inside defaults.
 fn placeholders(s: &str) -> Vec<(String, String)> {
     let mut out = vec![];
     let mut rest = s;
     while let Some(i) = rest.find("${") {
-        let Some(j) = rest[i..].find('}') else { break };
-        let inner = &rest[i + 2..i + j];
-        let (k, n) = inner.split_once('.').unwrap_or((inner, ""));
+        let Some(j) = closing_brace(rest, i) else {
+            break;
+        };
+        let (k, n, default) = split_ref(&rest[i + 2..j]);
         out.push((k.to_string(), n.to_string()));
-        rest = &rest[i + j + 1..];
+        if let Some(d) = default {
+            out.extend(placeholders(d));
+        }
+        rest = &rest[j + 1..];
     }
     out
 }
 
-/// Replaces `${kind.name}` using `f`; unknown references are errors.
+/// Replaces `${kind.name}` using `f`; `${kind.name:-default}` uses the default (itself substituted)
+/// when `f` has no value. Unknown references without a default are errors.
 fn substitute(
     s: &str,
     f: &dyn Fn(&str, &str) -> Option<String>,
@@ -683,26 +728,32 @@ fn substitute(
     let mut rest = s;
     while let Some(i) = rest.find("${") {
         out.push_str(&rest[..i]);
-        let j = rest[i..]
-            .find('}')
-            .ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
-        let inner = &rest[i + 2..i + j];
-        let (k, n) = inner.split_once('.').unwrap_or((inner, ""));
+        let j = closing_brace(rest, i).ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
+        let inner = &rest[i + 2..j];
+        let (k, n, default) = split_ref(inner);
         match k {
             "vars" | "env" | "steps" | "workdir" => {}
             _ => {
                 return Err(format!(
-                    "unknown reference `${{{inner}}}` (use ${{vars.NAME}}, ${{steps.NAME}}, ${{env.NAME}}, ${{workdir}})"
+                    "unknown reference `${{{inner}}}` (use ${{vars.NAME}}, ${{steps.NAME}}, ${{env.NAME}}, ${{env.NAME:-default}}, ${{workdir}})"
                 ))
             }
         }
-        let v = f(k, n).ok_or_else(|| match k {
-            "vars" => format!("unknown variable `{n}` in `${{{inner}}}`"),
-            "env" => format!("environment variable `{n}` is not set"),
-            _ => format!("cannot resolve `${{{inner}}}`"),
-        })?;
+        let v = match (f(k, n), default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => substitute(d, f)?,
+            (None, None) => {
+                return Err(match k {
+                    "vars" => format!("unknown variable `{n}` in `${{{inner}}}`"),
+                    "env" => format!(
+                        "environment variable `{n}` is not set (or give a default: `${{env.{n}:-VALUE}}`)"
+                    ),
+                    _ => format!("cannot resolve `${{{inner}}}`"),
+                })
+            }
+        };
         out.push_str(&v);
-        rest = &rest[i + j + 1..];
+        rest = &rest[j + 1..];
     }
     out.push_str(rest);
     Ok(out)
@@ -755,5 +806,24 @@ mod tests {
         assert_eq!(substitute("x${vars.a}y", &f).unwrap(), "xAy");
         assert!(substitute("${vars.b}", &f).is_err());
         assert!(substitute("${foo.b}", &f).is_err());
+        // Defaults, nested references in them, and `}` after the reference.
+        assert_eq!(substitute("${vars.b:-x}/y", &f).unwrap(), "x/y");
+        assert_eq!(substitute("${vars.a:-x}", &f).unwrap(), "A");
+        assert_eq!(substitute("${vars.b:-${vars.a}/c}}", &f).unwrap(), "A/c}");
+        assert_eq!(substitute("${vars.b:-}z", &f).unwrap(), "z");
+        assert!(substitute("${vars.b:-${vars.c}}", &f)
+            .unwrap_err()
+            .contains("unknown variable `c`"));
+        assert!(substitute("${vars.b:-${vars.a}", &f)
+            .unwrap_err()
+            .contains("unclosed"));
+        assert_eq!(
+            placeholders("${env.X:-${steps.s}/a}${workdir}"),
+            vec![
+                ("env".to_string(), "X".to_string()),
+                ("steps".to_string(), "s".to_string()),
+                ("workdir".to_string(), String::new())
+            ]
+        );
     }
 }

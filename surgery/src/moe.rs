@@ -180,6 +180,13 @@ pub fn check_request(arch: &ModelArch, opts: &MoeOptions) -> Result<()> {
             }
         }
     }
+    if let RouterInit::Random { std } = opts.router {
+        if !(std.is_finite() && (0.0..=1.0).contains(&std)) {
+            return Err(Error::invalid(format!(
+                "--router-std must be a finite number in [0, 1], got {std}"
+            )));
+        }
+    }
     if opts.fold_scale && !opts.method.is_split() {
         return Err(Error::invalid(
             "--fold-scale applies to split methods only (upcycling uses Mixtral routing)",

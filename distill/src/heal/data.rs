@@ -61,13 +61,25 @@ pub fn tokenizer(plan: &Plan) -> Result<tokenizers::Tokenizer> {
         ))
     })?;
     let bytes = f.read()?;
-    tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| HealError::Tokenizer(e.to_string()))
+    let tok = tokenizers::Tokenizer::from_bytes(&bytes)
+        .map_err(|e| HealError::Tokenizer(format!("{}: tokenizer.json: {e}", plan.origin)))?;
+    crate::text::check_vocab(plan, &tok).map_err(HealError::Tokenizer)?;
+    Ok(tok)
 }
 
 /// Token ids of every document of `spec` (no special tokens added).
 pub fn tokenize(plan: &Plan, spec: &DataSpec) -> Result<Vec<Vec<u32>>> {
     let docs = match spec {
-        DataSpec::Tokens(t) => return Ok(t.clone()),
+        DataSpec::Tokens(t) => {
+            let v = plan.arch.vocab_size;
+            if let Some(id) = t.iter().flatten().find(|&&id| id as usize >= v) {
+                return Err(HealError::Tokenizer(format!(
+                    "token id {id} is outside {}'s vocabulary of {v} tokens",
+                    plan.origin
+                )));
+            }
+            return Ok(t.clone());
+        }
         DataSpec::Texts(t) => t.clone(),
         DataSpec::Files(f) => read_documents(f)?,
     };

@@ -1,10 +1,16 @@
 //! Healing: train a surgically changed model (continual pretraining and/or distillation from a
 //! teacher) with burn, training only a chosen set of tensors, and write it back as a plan.
 //!
-//! Entry point: [`heal`] (dispatches on [`BackendKind`]) or [`heal_on`] (a chosen burn backend).
+//! Entry points: [`heal`] / [`heal_with`] (dispatch on [`BackendKind`]) or [`heal_on`] (a chosen
+//! burn backend). Underneath: a [`HealPlan`] (validated configuration, selection, data and
+//! trajectory), a [`Trainer`] (start, resume, step, evaluate, checkpoint, finish) and the
+//! [`checkpoint`] layout; progress goes to a [`HealObserver`] that the caller owns.
+pub mod checkpoint;
 pub mod data;
 pub mod loss;
 pub mod metrics;
+pub mod plan;
+pub mod run;
 pub mod schedule;
 pub mod select;
 pub mod trainer;
@@ -17,9 +23,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use data::DataSpec;
+pub use plan::{HealPlan, Trajectory};
+pub use run::{heal_on, HealObserver, Quiet};
 pub use schedule::Schedule;
 pub use select::TrainSet;
-pub use trainer::heal_on;
+pub use trainer::Trainer;
 
 /// Errors of healing. Every configuration error is raised before the first training step.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +59,7 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
 }
 
 /// Training objective.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LossKind {
     /// Next-token cross-entropy.
     Lm,
@@ -122,8 +130,6 @@ pub struct HealConfig {
     pub backend: BackendKind,
     /// Replace an existing output directory.
     pub force: bool,
-    /// Show a progress bar.
-    pub progress: bool,
     /// Set (e.g. by Ctrl-C) to stop after the current step, checkpoint and return.
     pub stop: Option<Arc<AtomicBool>>,
     /// Behave as if interrupted once this many steps are done (tests, time-boxed runs).
@@ -159,7 +165,6 @@ impl Default for HealConfig {
             resume: None,
             backend: BackendKind::Cpu,
             force: false,
-            progress: false,
             stop: None,
             stop_after: None,
             command: String::new(),
@@ -200,45 +205,78 @@ pub struct HealReport {
     pub metrics: Vec<MetricRow>,
 }
 
-/// Heals `student` (optionally distilling from `teacher`) on the backend named in `cfg`.
+/// Heals `student` (optionally distilling from `teacher`) on the backend named in `cfg`, quietly.
 pub fn heal(
     cfg: &HealConfig,
     student: surgeon_formats::Plan,
     teacher: Option<surgeon_formats::Plan>,
 ) -> Result<HealReport> {
-    match cfg.backend {
-        BackendKind::Cpu => {
-            type B = burn::backend::Autodiff<burn::backend::Flex>;
-            heal_on::<B>(cfg, student, teacher, &Default::default())
-        }
-        #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => {
-            type B = burn::backend::Autodiff<burn::backend::Wgpu>;
-            heal_on::<B>(cfg, student, teacher, &Default::default())
-        }
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            type B = burn::backend::Autodiff<burn::backend::Cuda>;
-            heal_on::<B>(cfg, student, teacher, &Default::default())
-        }
-        #[allow(unreachable_patterns)]
-        other => Err(HealError::Unsupported(format!(
-            "backend {other:?}: this build lacks its cargo feature (build with --features {})",
-            format!("{other:?}").to_lowercase()
-        ))),
-    }
+    heal_with(cfg, student, teacher, &mut Quiet)
 }
 
-/// Installs a Ctrl-C handler: the first Ctrl-C sets the returned flag (the run checkpoints and
-/// stops after the current step), a second one exits immediately.
+/// [`heal`] reporting progress to `observer`.
+pub fn heal_with(
+    cfg: &HealConfig,
+    student: surgeon_formats::Plan,
+    teacher: Option<surgeon_formats::Plan>,
+    observer: &mut dyn HealObserver,
+) -> Result<HealReport> {
+    struct Job<'a> {
+        cfg: &'a HealConfig,
+        student: surgeon_formats::Plan,
+        teacher: Option<surgeon_formats::Plan>,
+        observer: &'a mut dyn HealObserver,
+    }
+    impl crate::backend::BackendJob for Job<'_> {
+        type Output = Result<HealReport>;
+        fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Self::Output {
+            let (cfg, observer) = (self.cfg, self.observer);
+            heal_on::<burn::backend::Autodiff<B>>(
+                cfg,
+                self.student,
+                self.teacher,
+                &device,
+                observer,
+            )
+        }
+    }
+    cfg.backend.run(Job {
+        cfg,
+        student,
+        teacher,
+        observer,
+    })?
+}
+
+/// Installs the SIGINT/SIGTERM handler of a training run: the first signal sets the returned
+/// flag (the run checkpoints and stops after the current step, exit status 130); a second one
+/// removes unfinished output temporaries and exits at once with status 130.
 pub fn install_ctrlc() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
-    #[cfg(unix)]
-    {
-        use signal_hook::consts::SIGINT;
-        let e = |e: std::io::Error| HealError::Invalid(format!("installing Ctrl-C handler: {e}"));
-        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone()).map_err(e)?;
-        signal_hook::flag::register(SIGINT, flag.clone()).map_err(e)?;
-    }
+    surgeon_formats::output::install_signal_handlers(Some(flag.clone()))
+        .map_err(|e| HealError::Invalid(format!("installing the Ctrl-C handler: {e}")))?;
     Ok(flag)
+}
+
+/// Refuses a healing output that would lose files: an existing `cfg.out` without `--force`
+/// (unless resuming inside it), a folder surgeon did not write, or one that holds or lies inside
+/// an input (the student, the teacher, a `--data` or `--eval-data` file), even with `--force`.
+pub fn check_heal_output(
+    cfg: &HealConfig,
+    student: &surgeon_formats::Plan,
+    teacher: Option<&surgeon_formats::Plan>,
+    resuming_in_out: bool,
+) -> Result<()> {
+    use surgeon_formats::load::input_paths;
+    let mut inputs = input_paths(student);
+    if let Some(t) = teacher {
+        inputs.extend(input_paths(t));
+    }
+    for spec in std::iter::once(&cfg.data).chain(cfg.eval_data.as_ref()) {
+        if let DataSpec::Files(files) = spec {
+            inputs.extend(files.iter().cloned());
+        }
+    }
+    surgeon_formats::output::check_output(&cfg.out, &inputs, cfg.force || resuming_in_out)?;
+    Ok(())
 }

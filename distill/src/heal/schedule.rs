@@ -1,7 +1,7 @@
 //! Learning-rate schedules: linear warmup, then linear decay to zero (default), cosine or constant.
 
 /// Shape of the learning rate after warmup.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Schedule {
     /// Linear decay to zero at the last step (arXiv 2502.15938).
     #[default]

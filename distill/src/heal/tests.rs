@@ -106,6 +106,14 @@ fn new_blocks_train_only_new_layers() {
     }
     assert!(out.join("metrics.csv").is_file());
     assert!(out.join("loss.png").is_file());
+    // plotters writes each label on its own line inside <text>.
+    let svg = std::fs::read_to_string(out.join("loss.svg"))
+        .unwrap()
+        .replace('\n', "");
+    assert!(
+        svg.contains(">training loss<") && svg.contains(">learning rate"),
+        "{svg}"
+    );
     let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 1 + 4, "{csv}");
 }

@@ -1,5 +1,6 @@
-//! Reading GGUF checkpoints (llama.cpp's format): container parsing, dequantisation, llama.cpp → HF tensor
-//! names and RoPE row order, model hyper-parameters and the tokenizer rebuilt from metadata.
+//! GGUF checkpoints (llama.cpp's format). Reading: container parsing, dequantisation, llama.cpp → HF
+//! tensor names and RoPE row order, model hyper-parameters and the tokenizer rebuilt from metadata.
+//! Writing ([`writer`]): a plan as a llama.cpp-ready GGUF, quantised with [`quant`].
 //!
 //! ```no_run
 //! use surgeon_formats::gguf::{self, GgufFile};
@@ -20,8 +21,10 @@
 
 pub mod dequant;
 pub mod names;
+pub mod quant;
 pub mod reader;
 pub mod tokenizer;
+pub mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -32,6 +35,7 @@ pub use dequant::{dequantize, dequantize_into};
 pub use names::{hf_tensor_name, unpermute_rope_rows, HfTensorName};
 pub use reader::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use tokenizer::{build_hf_tokenizer, HfTokenizerFiles};
+pub use writer::{export_gguf, ExportOptions, ExportReport, ExportType};
 
 /// Errors of GGUF reading. Each message is one line naming the file (`<memory>` for in-memory buffers), the
 /// tensor or metadata key when there is one, and what is wrong.
@@ -268,13 +272,52 @@ impl LlamaHyper {
                 file: f.label(),
                 key: k("attention.layer_norm_rms_epsilon"),
             })?;
+        let bad = |key: String, reason: String| GgufError::BadMetadata {
+            file: f.label(),
+            key,
+            reason,
+        };
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
+            return Err(bad(
+                k("attention.layer_norm_rms_epsilon"),
+                format!("must be in (0, 1), got {rms_norm_eps}"),
+            ));
+        }
+        let rope_freq_base = f.get_f64(&k("rope.freq_base"))?.unwrap_or(10000.0);
+        if !(rope_freq_base.is_finite() && rope_freq_base > 0.0) {
+            return Err(bad(
+                k("rope.freq_base"),
+                format!("must be a positive finite number, got {rope_freq_base}"),
+            ));
+        }
+        let block_count = usize_of(&k("block_count"))?;
+        // Tensors of blocks the count leaves out, or blocks it names that have no tensors:
+        // one message naming the key, not one per tensor.
+        let blocks: std::collections::BTreeSet<usize> = f
+            .tensors()
+            .iter()
+            .filter_map(|t| t.name.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+            .collect();
+        let expected: std::collections::BTreeSet<usize> = (0..block_count).collect();
+        if blocks != expected {
+            let found = match (blocks.first(), blocks.last()) {
+                (Some(a), Some(b)) => {
+                    format!("tensors for {} blocks (blk.{a} .. blk.{b})", blocks.len())
+                }
+                _ => "no block tensors".to_string(),
+            };
+            return Err(bad(
+                k("block_count"),
+                format!("says {block_count} blocks but the file has {found}"),
+            ));
+        }
         Ok(LlamaHyper {
-            block_count: usize_of(&k("block_count"))?,
+            block_count,
             embedding_length,
             feed_forward_length: usize_of(&k("feed_forward_length"))?,
             head_count,
             head_count_kv: opt_usize(&k("attention.head_count_kv"))?.unwrap_or(head_count),
-            rope_freq_base: f.get_f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            rope_freq_base,
             rope_dimension_count: opt_usize(&k("rope.dimension_count"))?
                 .unwrap_or(embedding_length / head_count),
             rms_norm_eps,

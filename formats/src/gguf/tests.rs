@@ -923,3 +923,55 @@ fn tokenizer_errors_name_the_key() {
         "<memory>: unsupported architecture `gemma` (supported: llama)"
     );
 }
+
+/// A llama GGUF header with `block_count` and one tiny f32 tensor per block in `blocks`.
+fn llama_with_blocks(block_count: u32, blocks: &[u32], eps: f32) -> GgufFile {
+    let mut b = Builder::new()
+        .kv("general.architecture", 8, gstr("llama"))
+        .kv("llama.block_count", 4, block_count.to_le_bytes().to_vec())
+        .kv("llama.embedding_length", 4, 8u32.to_le_bytes().to_vec())
+        .kv("llama.feed_forward_length", 4, 16u32.to_le_bytes().to_vec())
+        .kv("llama.attention.head_count", 4, 2u32.to_le_bytes().to_vec())
+        .kv("llama.vocab_size", 4, 10u32.to_le_bytes().to_vec())
+        .kv(
+            "llama.attention.layer_norm_rms_epsilon",
+            6,
+            eps.to_le_bytes().to_vec(),
+        );
+    for i in blocks {
+        b = b.tensor(
+            &format!("blk.{i}.attn_norm.weight"),
+            &[8],
+            0,
+            f32_bytes(&[1.0; 8]),
+        );
+    }
+    GgufFile::parse(&b.build()).unwrap()
+}
+
+#[test]
+fn block_count_mismatch_is_one_line_naming_the_key() {
+    let e = LlamaHyper::from_gguf(&llama_with_blocks(1000, &[0, 1], 1e-5))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "<memory>: metadata key `llama.block_count`: says 1000 blocks but the file has tensors \
+         for 2 blocks (blk.0 .. blk.1)"
+    );
+    let e = LlamaHyper::from_gguf(&llama_with_blocks(1, &[0, 1], 1e-5))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("says 1 blocks but the file has tensors for 2 blocks"),
+        "{e}"
+    );
+    assert!(LlamaHyper::from_gguf(&llama_with_blocks(2, &[0, 1], 1e-5)).is_ok());
+    let e = LlamaHyper::from_gguf(&llama_with_blocks(2, &[0, 1], -1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`llama.attention.layer_norm_rms_epsilon`: must be in (0, 1), got -1"),
+        "{e}"
+    );
+}

@@ -1,0 +1,208 @@
+//! Checkpoints of a healing run: `OUT/checkpoints/step-NNNNNN/` holds the trainable tensors as a
+//! loadable model plus `trainer_state/` (state.json, optimizer moments, metrics.csv). Every read and
+//! write of that layout lives here.
+use super::metrics::{read_csv, write_csv};
+use super::plan::Trajectory;
+use super::{io_err, HealError, MetricRow, Result};
+use burn::module::AutodiffModule;
+use burn::optim::Optimizer;
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use surgeon_formats::{Plan, WriteOptions};
+
+/// Subdirectory of a checkpoint holding everything but the weights.
+pub const STATE_DIR: &str = "trainer_state";
+pub const STATE_FILE: &str = "state.json";
+pub const OPTIM_FILE: &str = "optimizer"; // the recorder appends `.bin`
+const METRICS_FILE: &str = "metrics.csv";
+
+/// What a checkpoint records besides weights and optimizer moments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub version: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Training sequences consumed (the data position; the order is a function of the seed).
+    pub samples: u64,
+    /// Fingerprint of the model being healed (architecture, tensor names and shapes, final norm).
+    pub model_fingerprint: String,
+    /// Fingerprint of the packed training sequences.
+    pub data_fingerprint: String,
+    /// Settings that must not change across a resume.
+    pub trajectory: Trajectory,
+    pub trainable: Vec<String>,
+    pub eval_ppl_before: Option<f64>,
+}
+
+impl TrainerState {
+    /// Version 2: the trajectory is a structured value (version 1 wrote it as text).
+    pub const VERSION: u32 = 2;
+}
+
+/// The directory holding the checkpoints of the output directory `out`.
+pub fn checkpoints_dir(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+/// The directory of the checkpoint at `step` in the output directory `out`.
+pub fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(out).join(format!("step-{step:06}"))
+}
+
+/// Why `dir` is not a complete checkpoint, or `None` when it is.
+pub fn incomplete_reason(dir: &Path) -> Option<String> {
+    let state = dir.join(STATE_DIR);
+    let missing = |p: PathBuf| Some(format!("{} is missing", p.display()));
+    if !dir.join("config.json").is_file() {
+        return missing(dir.join("config.json"));
+    }
+    if !dir.join("model.safetensors").is_file()
+        && !dir.join("model.safetensors.index.json").is_file()
+    {
+        return missing(dir.join("model.safetensors"));
+    }
+    let state_file = state.join(STATE_FILE);
+    match std::fs::read_to_string(&state_file) {
+        Err(_) => return missing(state_file),
+        Ok(s) if serde_json::from_str::<serde_json::Value>(&s).is_err() => {
+            return Some(format!("{} is not valid JSON", state_file.display()))
+        }
+        Ok(_) => {}
+    }
+    let optim = state.join(format!("{OPTIM_FILE}.bin"));
+    match std::fs::metadata(&optim) {
+        Err(_) => missing(optim),
+        Ok(md) if md.len() == 0 => Some(format!("{} is empty", optim.display())),
+        Ok(_) => None,
+    }
+}
+
+/// The error for an optimizer record that does not load: names the file and keeps the
+/// recorder's (often very long) message to its first line.
+pub fn optimizer_error(path: &Path, e: impl std::fmt::Display) -> HealError {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let short: String = first.chars().take(160).collect();
+    let ellipsis = if short.len() < text.len() { "..." } else { "" };
+    HealError::Checkpoint(format!(
+        "{}: the optimizer state does not load (truncated or corrupt; resume from an earlier \
+         checkpoint): {short}{ellipsis}",
+        path.display()
+    ))
+}
+
+/// The checkpoints in `out/checkpoints`, by step, ascending.
+pub fn list_checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found = vec![];
+    if let Ok(rd) = std::fs::read_dir(checkpoints_dir(out)) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name
+                .strip_prefix("step-")
+                .and_then(|s| s.parse::<u64>().ok());
+            let Some(n) = step else { continue };
+            match incomplete_reason(&e.path()) {
+                None => found.push((n, e.path())),
+                Some(why) => eprintln!(
+                    "warning: skipping the incomplete checkpoint {}: {why}",
+                    e.path().display()
+                ),
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Finds `dir/trainer_state`, or the latest complete `dir/checkpoints/step-*` (incomplete ones are
+/// skipped with a warning).
+pub fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
+    if !dir.exists() {
+        return Err(HealError::Checkpoint(format!(
+            "resume {}: no such directory",
+            dir.display()
+        )));
+    }
+    if !dir.is_dir() {
+        return Err(HealError::Checkpoint(format!(
+            "resume {}: not a directory (give a checkpoint or a heal output directory)",
+            dir.display()
+        )));
+    }
+    if dir.join(STATE_DIR).exists() {
+        return match incomplete_reason(dir) {
+            None => Ok(dir.to_path_buf()),
+            Some(why) => Err(HealError::Checkpoint(format!(
+                "{} is an incomplete checkpoint: {why}",
+                dir.display()
+            ))),
+        };
+    }
+    list_checkpoints(dir).pop().map(|b| b.1).ok_or_else(|| {
+        HealError::Checkpoint(format!(
+            "{} is not a checkpoint (no complete {STATE_DIR}/{STATE_FILE}, no complete \
+             checkpoints/step-*)",
+            dir.display()
+        ))
+    })
+}
+
+/// Reads a checkpoint's state.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(STATE_DIR).join(STATE_FILE);
+    let s = std::fs::read_to_string(&p).map_err(io_err(&p))?;
+    serde_json::from_str(&s).map_err(|e| HealError::Checkpoint(format!("{}: {e}", p.display())))
+}
+
+/// Reads a checkpoint's metrics up to its step.
+pub fn read_metrics(dir: &Path, state: &TrainerState) -> Result<Vec<MetricRow>> {
+    let mut m = read_csv(&dir.join(STATE_DIR).join(METRICS_FILE))?;
+    m.retain(|r| r.step <= state.step);
+    Ok(m)
+}
+
+/// Loads a checkpoint's optimizer moments into `optim`.
+pub fn load_optimizer<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>>(
+    dir: &Path,
+    optim: O,
+    device: &B::Device,
+) -> Result<O> {
+    let path = dir.join(STATE_DIR).join(OPTIM_FILE);
+    let rec = BinFileRecorder::<FullPrecisionSettings>::new()
+        .load(path.clone(), device)
+        .map_err(|e| optimizer_error(&path.with_extension("bin"), e))?;
+    Ok(optim.load_record(rec))
+}
+
+/// Writes a checkpoint into `dir`: `weights` as a model plus `trainer_state/` (optimizer record,
+/// metrics, state), all in one temporary sibling renamed into place at the end, so a crash or a
+/// full disk leaves no half-written `step-N` to block `--resume`.
+pub fn save<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>>(
+    dir: &Path,
+    weights: &Plan,
+    optim: &O,
+    state: &TrainerState,
+    metrics: &[MetricRow],
+) -> Result<()> {
+    let opts = WriteOptions {
+        force: true,
+        description: format!("healing checkpoint, step {}", state.step),
+        ..Default::default()
+    };
+    surgeon_formats::writer::write_model_then(weights, dir, &opts, |tmp| {
+        let sd = tmp.join(STATE_DIR);
+        std::fs::create_dir_all(&sd).map_err(io_err(&sd))?;
+        BinFileRecorder::<FullPrecisionSettings>::new()
+            .record(optim.to_record(), sd.join(OPTIM_FILE))
+            .map_err(|e| {
+                HealError::Checkpoint(format!("{}: saving optimizer state: {e}", sd.display()))
+            })?;
+        write_csv(&sd.join(METRICS_FILE), metrics)?;
+        let json = serde_json::to_string_pretty(state).expect("serialisable");
+        let p = sd.join(STATE_FILE);
+        std::fs::write(&p, json).map_err(io_err(&p))
+    })?;
+    Ok(())
+}

@@ -1,0 +1,812 @@
+//! The Llama-family decoder in burn, generic over the backend so that it also trains under `Autodiff<B>`.
+//!
+//! Covers Llama, Mistral (sliding window), Qwen2 (q/k/v biases) and Mixtral (MoE layers), with per-layer
+//! shapes that may differ. Every weight is a burn [`Param`] holding the tensor in Hugging Face layout
+//! (`nn.Linear` weights `[out, in]`), so a parameter's HF name and shape are those of the checkpoint.
+//!
+//! Each module loads itself next to its `forward`, with names relative to its parent (candle's way:
+//! `Linear::load(vb.pp("q_proj"), ..)`), so every HF tensor name is spelled once, in a `load`. Loading
+//! records each parameter's name by its id ([`ParamNames`]); [`Llama::visit_named`],
+//! [`Llama::map_named`], [`Llama::freeze_where`] and [`Llama::to_plan`] go through burn's module
+//! visitor and mapper and look names up there. Adding a tensor is a field plus a line in the module's
+//! `load` (and its shape in `surgeon_formats::arch::layer_tensors`, the architecture's schema).
+//!
+//! There is one decoder forward ([`DecoderLayer::forward`]); it reports intermediate values to a
+//! [`Probe`] (no-ops by default), from which `crate::probe` builds calibration statistics.
+mod load;
+mod named;
+
+pub use load::{check_supported, param_id_for, ParamNames, VarBuilder};
+pub use named::{NamedParamMapper, ParamRef};
+
+use crate::error::{Error, Result};
+use crate::probe::{NoProbe, Probe};
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::embedding;
+use burn::tensor::{activation, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
+use surgeon_formats::{Attention, Layer, ModelArch, MoeRouting};
+
+/// A linear map `y = x W^T + b` with `W` stored `[out, in]` (HF layout).
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Loads `weight` (and `bias` when `bias`) under `vb`.
+    pub fn load(vb: &mut VarBuilder<'_, '_, B>, bias: bool) -> Result<Self> {
+        Ok(Linear {
+            weight: vb.param("weight")?,
+            bias: if bias { Some(vb.param("bias")?) } else { None },
+        })
+    }
+
+    /// Applies the map to the last dimension of `x` (`[.., in] -> [.., out]`).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let inner = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let w = self.weight.val();
+        let out = w.dims()[0];
+        // One large GEMM over all rows; the transpose is a strided view, not a copy (CPU backend).
+        let mut y = x.reshape([rows, inner]).matmul(w.transpose());
+        if let Some(b) = &self.bias {
+            y = y + b.val().unsqueeze_dim(0);
+        }
+        let mut out_dims = dims;
+        out_dims[D - 1] = out;
+        y.reshape(out_dims)
+    }
+}
+
+/// RMSNorm as in HF Llama: `weight * x / sqrt(mean(x^2) + eps)`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Loads `weight` under `vb`.
+    pub fn load(vb: &mut VarBuilder<'_, '_, B>, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: vb.param("weight")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let var = x.clone().powi_scalar(2).mean_dim(2);
+        let x = x * (var + self.eps).sqrt().recip();
+        x * self.weight.val().unsqueeze::<3>()
+    }
+}
+
+/// Rotary position embedding in HF rotate-half layout (first half / second half of each head).
+#[derive(Clone, Debug)]
+pub struct Rope {
+    /// Inverse frequencies, `head_dim / 2` of them (after llama3/linear scaling).
+    pub inv_freq: Vec<f32>,
+    /// Multiplier of cos and sin (1 for default, linear and llama3 scaling).
+    pub attention_scaling: f32,
+}
+
+impl Rope {
+    /// Frequencies for `head_dim` from `rope_theta` and `rope_scaling` (default, `linear`, `llama3`).
+    pub fn new(head_dim: usize, theta: f64, scaling: Option<&serde_json::Value>) -> Result<Self> {
+        // Same arithmetic as transformers: base ** (arange(0, d, 2) / d) in float32.
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut rope = Rope {
+            inv_freq: inv,
+            attention_scaling: 1.0,
+        };
+        let Some(s) = scaling.filter(|s| !s.is_null()) else {
+            return Ok(rope);
+        };
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let num = |k: &str| -> Result<f32> {
+            s.get(k)
+                .and_then(|v| v.as_f64())
+                .map(|v| v as f32)
+                .ok_or_else(|| Error::Unsupported(format!("rope_scaling {kind} without `{k}`")))
+        };
+        match kind {
+            "default" => {}
+            "linear" => {
+                let f = num("factor")?;
+                rope.inv_freq.iter_mut().for_each(|x| *x /= f);
+            }
+            "llama3" => {
+                let factor = num("factor")?;
+                let low = num("low_freq_factor")?;
+                let high = num("high_freq_factor")?;
+                let old = num("original_max_position_embeddings")?;
+                let low_wavelen = old / low;
+                let high_wavelen = old / high;
+                for f in rope.inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
+                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    *f = if medium {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    };
+                }
+            }
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "rope_scaling type `{other}` (supported: default, linear, llama3)"
+                )))
+            }
+        }
+        Ok(rope)
+    }
+
+    /// `(cos, sin)` of shape `[1, 1, len, head_dim]` for positions `start..start + len`.
+    pub fn tables<B: Backend>(
+        &self,
+        start: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let half = self.inv_freq.len();
+        let d = 2 * half;
+        let mut cos = vec![0f32; len * d];
+        let mut sin = vec![0f32; len * d];
+        for t in 0..len {
+            let p = (start + t) as f32;
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                let a = p * f;
+                let (s, c) = (
+                    a.sin() * self.attention_scaling,
+                    a.cos() * self.attention_scaling,
+                );
+                cos[t * d + i] = c;
+                cos[t * d + half + i] = c;
+                sin[t * d + i] = s;
+                sin[t * d + half + i] = s;
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [1, 1, len, d]), device),
+            Tensor::from_data(TensorData::new(sin, [1, 1, len, d]), device),
+        )
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x` of shape `[B, heads, T, d]`.
+pub fn apply_rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, h, t, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let _ = (b, h, t);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// Tables shared by every layer of one forward call, built once per call: rotary `(cos, sin)` per
+/// head size and the causal (optionally sliding-window) mask per window.
+pub struct Positions<B: Backend> {
+    /// Query positions `start..start + len`; keys cover `0..start + len`.
+    pub start: usize,
+    pub len: usize,
+    rope: Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)>,
+    masks: Vec<(usize, Tensor<B, 4, Bool>)>,
+}
+
+impl<B: Backend> Positions<B> {
+    /// Tables for layers `range` of `model` at positions `start..start + len`.
+    pub fn new(
+        model: &Llama<B>,
+        range: std::ops::Range<usize>,
+        start: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> Self {
+        let mut p = Positions {
+            start,
+            len,
+            rope: vec![],
+            masks: vec![],
+        };
+        for i in range {
+            let Some(a) = model.layers[i].self_attn() else {
+                continue;
+            };
+            if !p.rope.iter().any(|(d, ..)| *d == a.head_dim) {
+                let (c, s) = model.rope[i].tables::<B>(start, len, device);
+                p.rope.push((a.head_dim, c, s));
+            }
+            if !p.masks.iter().any(|(w, _)| *w == a.sliding_window) {
+                let m = causal_mask::<B>(start, len, a.sliding_window, device);
+                p.masks.push((a.sliding_window, m));
+            }
+        }
+        p
+    }
+
+    /// `(cos, sin)` `[1, 1, len, head_dim]` for heads of size `head_dim`.
+    pub fn rope(&self, head_dim: usize) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
+        let (_, c, s) = self
+            .rope
+            .iter()
+            .find(|(d, ..)| *d == head_dim)
+            .expect("rotary tables built for every layer's head size");
+        (c, s)
+    }
+
+    /// `[1, 1, len, start + len]`, true where a query must not see a key.
+    pub fn mask(&self, window: usize) -> &Tensor<B, 4, Bool> {
+        &self
+            .masks
+            .iter()
+            .find(|(w, _)| *w == window)
+            .expect("mask built for every layer's window")
+            .1
+    }
+}
+
+/// Causal mask over keys at positions `0..start + t` for queries at `start..start + t`; with a
+/// sliding window `w > 0`, keys with `q - k >= w` are masked too.
+fn causal_mask<B: Backend>(
+    start: usize,
+    t: usize,
+    w: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let tk = start + t;
+    let mut m = vec![false; t * tk];
+    for i in 0..t {
+        let qpos = i + start;
+        for j in 0..tk {
+            m[i * tk + j] = j > qpos || (w > 0 && qpos - j >= w);
+        }
+    }
+    Tensor::<B, 2, Bool>::from_data(TensorData::new(m, [t, tk]), device).reshape([1, 1, t, tk])
+}
+
+/// Grouped-query causal self-attention (optionally sliding-window) with q/k/v/o projections.
+#[derive(Module, Debug)]
+pub struct SelfAttention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    /// Query/key size per head (the rotary dimension).
+    pub head_dim: usize,
+    /// Value size per head; `o_proj` reads `num_heads * v_head_dim` features.
+    pub v_head_dim: usize,
+    /// Sliding window (keys with `q - k >= window` are masked); 0 means none.
+    pub sliding_window: usize,
+}
+
+impl<B: Backend> SelfAttention<B> {
+    /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` under `vb` (HF `self_attn`).
+    pub fn load(vb: &mut VarBuilder<'_, '_, B>, a: &Attention, window: usize) -> Result<Self> {
+        Ok(SelfAttention {
+            q_proj: Linear::load(&mut vb.pp("q_proj"), a.qkv_bias)?,
+            k_proj: Linear::load(&mut vb.pp("k_proj"), a.qkv_bias)?,
+            v_proj: Linear::load(&mut vb.pp("v_proj"), a.qkv_bias)?,
+            o_proj: Linear::load(&mut vb.pp("o_proj"), false)?,
+            num_heads: a.num_heads,
+            num_kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+            v_head_dim: a.v_head_dim,
+            sliding_window: window,
+        })
+    }
+
+    /// `x`: `[B, T, h]` at the positions of `pos`. With `cache`, keys/values of earlier positions
+    /// are read from and the new ones appended to it.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        pos: &Positions<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, g, d, dv) = (
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.v_head_dim,
+        );
+        let (cos, sin) = pos.rope(d);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, t, h, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, t, g, d])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, g, dv])
+            .swap_dims(1, 2);
+        let q = apply_rope(q, cos, sin);
+        let mut k = apply_rope(k, cos, sin);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let tk = k.dims()[2];
+        debug_assert_eq!(tk, pos.start + t, "cache length and positions disagree");
+        let (k, v) = if g != h {
+            let r = h / g;
+            let k = k
+                .unsqueeze_dim::<5>(2)
+                .expand([b, g, r, tk, d])
+                .reshape([b, h, tk, d]);
+            let v = v
+                .unsqueeze_dim::<5>(2)
+                .expand([b, g, r, tk, dv])
+                .reshape([b, h, tk, dv]);
+            (k, v)
+        } else {
+            (k, v)
+        };
+        let mask = pos.mask(self.sliding_window).clone().expand([b, h, t, tk]);
+        // Attention from basic ops (not burn's fused `attention`/`softmax`), so that the result is
+        // bitwise the same on `B` and `Autodiff<B>` (a teacher and an identical student agree exactly).
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt())
+            .mask_fill(mask, -1.0e30);
+        let y = softmax(scores, 3).matmul(v);
+        let y = y.swap_dims(1, 2).reshape([b, t, h * dv]);
+        self.o_proj.forward(y)
+    }
+}
+
+/// Softmax over `dim` from primitive ops. burn's fused `softmax`/`log_softmax` differ bitwise between
+/// `Autodiff<B>` and `B` (autodiff decomposes them); these compute the same on both.
+pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    let e = (x.clone() - x.max_dim(dim).detach()).exp();
+    e.clone() / e.sum_dim(dim)
+}
+
+/// `log(softmax(x))` over `dim` from primitive ops (see [`softmax`]).
+pub fn log_softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    let z = x.clone() - x.max_dim(dim).detach();
+    z.clone() - z.exp().sum_dim(dim).log()
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct SwiGlu<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+/// HF names of a SwiGLU's gate, up and down projections in a dense layer (`mlp`).
+const DENSE_NAMES: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+/// The same in a Mixtral expert (`block_sparse_moe.experts.{e}`).
+const EXPERT_NAMES: [&str; 3] = ["w1", "w3", "w2"];
+
+impl<B: Backend> SwiGlu<B> {
+    /// Loads the three projections under `vb`, named `[gate, up, down]`.
+    pub fn load(vb: &mut VarBuilder<'_, '_, B>, names: [&str; 3]) -> Result<Self> {
+        Ok(SwiGlu {
+            gate_proj: Linear::load(&mut vb.pp(names[0]), false)?,
+            up_proj: Linear::load(&mut vb.pp(names[1]), false)?,
+            down_proj: Linear::load(&mut vb.pp(names[2]), false)?,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.down_proj.forward(self.activation(x))
+    }
+
+    /// The neuron activations `silu(gate(x)) * up(x)` (the input of `down_proj`).
+    pub fn activation<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let g = activation::silu(self.gate_proj.forward(x.clone()));
+        g * self.up_proj.forward(x)
+    }
+}
+
+/// Routed SwiGLU experts (Mixtral layout). Softmax over experts, top-k, renormalise to sum 1, times
+/// `scale` (1 for Mixtral routing, n/k for LLaMA-MoE). Computed densely over all experts.
+#[derive(Module, Debug)]
+pub struct MoeMlp<B: Backend> {
+    /// Router `[E, h]` (`block_sparse_moe.gate`).
+    pub gate: Linear<B>,
+    /// Experts; `gate_proj`/`up_proj`/`down_proj` are HF's `w1`/`w3`/`w2`.
+    pub experts: Vec<SwiGlu<B>>,
+    pub top_k: usize,
+    pub scale: f64,
+}
+
+impl<B: Backend> MoeMlp<B> {
+    /// Loads the router `gate` and `experts.{e}` under `vb` (HF `block_sparse_moe`).
+    pub fn load(
+        vb: &mut VarBuilder<'_, '_, B>,
+        num_experts: usize,
+        top_k: usize,
+        routing: &MoeRouting,
+    ) -> Result<Self> {
+        let gate = Linear::load(&mut vb.pp("gate"), false)?;
+        let mut experts = Vec::with_capacity(num_experts);
+        for e in 0..num_experts {
+            experts.push(SwiGlu::load(
+                &mut vb.pp(&format!("experts.{e}")),
+                EXPERT_NAMES,
+            )?);
+        }
+        Ok(MoeMlp {
+            gate,
+            experts,
+            top_k,
+            scale: match routing {
+                MoeRouting::Mixtral => 1.0,
+                MoeRouting::Scaled { scale } => *scale,
+            },
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_probed(x, 0, &mut NoProbe)
+    }
+
+    /// [`MoeMlp::forward`] that reports the router logits `[B*T, E]` of layer `l` to `probe`.
+    pub fn forward_probed(
+        &self,
+        x: Tensor<B, 3>,
+        l: usize,
+        probe: &mut dyn Probe<B>,
+    ) -> Tensor<B, 3> {
+        let [b, t, hdim] = x.dims();
+        let n = b * t;
+        let x2 = x.reshape([n, hdim]);
+        let e = self.experts.len();
+        let logits = self.gate.forward(x2.clone());
+        probe.router_logits(l, &logits);
+        let probs = softmax(logits, 1);
+        let (top, idx) = probs.topk_with_indices(self.top_k, 1);
+        let top = top.clone() / top.sum_dim(1);
+        let top = if self.scale != 1.0 {
+            top * self.scale
+        } else {
+            top
+        };
+        let weights =
+            Tensor::<B, 2>::zeros([n, e], &x2.device()).scatter(1, idx, top, IndexingUpdateOp::Add);
+        let mut y: Option<Tensor<B, 2>> = None;
+        for (i, expert) in self.experts.iter().enumerate() {
+            let out = expert.forward(x2.clone()) * weights.clone().narrow(1, i, 1);
+            y = Some(match y {
+                Some(acc) => acc + out,
+                None => out,
+            });
+        }
+        y.expect("MoE layer without experts").reshape([b, t, hdim])
+    }
+}
+
+/// The MLP of one decoder layer.
+#[derive(Module, Debug)]
+pub enum Mlp<B: Backend> {
+    Dense(SwiGlu<B>),
+    Moe(MoeMlp<B>),
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Loads a layer's MLP under the layer's `vb`: `mlp` (dense) or `block_sparse_moe` (MoE). A
+    /// skipped MLP has no module (see [`DecoderLayer::feed_forward`]).
+    pub fn load(vb: &mut VarBuilder<'_, '_, B>, mlp: &surgeon_formats::Mlp) -> Result<Self> {
+        Ok(match mlp {
+            surgeon_formats::Mlp::NoOp => {
+                return Err(Error::Unsupported(
+                    "a skipped (no-op) MLP has no module to load".into(),
+                ))
+            }
+            surgeon_formats::Mlp::Dense { .. } => {
+                Mlp::Dense(SwiGlu::load(&mut vb.pp("mlp"), DENSE_NAMES)?)
+            }
+            surgeon_formats::Mlp::Moe {
+                num_experts,
+                top_k,
+                routing,
+                ..
+            } => Mlp::Moe(MoeMlp::load(
+                &mut vb.pp("block_sparse_moe"),
+                *num_experts,
+                *top_k,
+                routing,
+            )?),
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_probed(x, 0, &mut NoProbe)
+    }
+
+    /// [`Mlp::forward`] reporting the dense activations or the router logits of layer `l`.
+    pub fn forward_probed(
+        &self,
+        x: Tensor<B, 3>,
+        l: usize,
+        probe: &mut dyn Probe<B>,
+    ) -> Tensor<B, 3> {
+        match self {
+            Mlp::Dense(m) => {
+                let a = m.activation(x);
+                probe.mlp_activation(l, &a);
+                m.down_proj.forward(a)
+            }
+            Mlp::Moe(m) => m.forward_probed(x, l, probe),
+        }
+    }
+}
+
+/// The attention half of a decoder layer: `input_layernorm` and `self_attn`.
+#[derive(Module, Debug)]
+pub struct AttentionBlock<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: SelfAttention<B>,
+}
+
+/// The MLP half of a decoder layer: `post_attention_layernorm` and the MLP.
+#[derive(Module, Debug)]
+pub struct MlpBlock<B: Backend> {
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// One pre-norm decoder layer. A skipped (no-op) attention or MLP has neither its norm nor its
+/// projections: that half is `None` and passes its input through (nemotron-nas `no_op`).
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub attention: Option<AttentionBlock<B>>,
+    pub feed_forward: Option<MlpBlock<B>>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// Loads layer `layer` of `arch` under `vb` (HF `model.layers.{i}`).
+    pub fn load(vb: &mut VarBuilder<'_, '_, B>, layer: &Layer, arch: &ModelArch) -> Result<Self> {
+        let eps = arch.rms_norm_eps;
+        let window = arch.sliding_window.unwrap_or(0);
+        let a = &layer.attention;
+        let attention = match a.is_no_op() {
+            true => None,
+            false => Some(AttentionBlock {
+                input_layernorm: RmsNorm::load(&mut vb.pp("input_layernorm"), eps)?,
+                self_attn: SelfAttention::load(&mut vb.pp("self_attn"), a, window)?,
+            }),
+        };
+        let feed_forward = match layer.mlp {
+            surgeon_formats::Mlp::NoOp => None,
+            _ => Some(MlpBlock {
+                post_attention_layernorm: RmsNorm::load(
+                    &mut vb.pp("post_attention_layernorm"),
+                    eps,
+                )?,
+                mlp: Mlp::load(vb, &layer.mlp)?,
+            }),
+        };
+        Ok(DecoderLayer {
+            attention,
+            feed_forward,
+        })
+    }
+
+    /// The attention, if this layer has one.
+    pub fn self_attn(&self) -> Option<&SelfAttention<B>> {
+        self.attention.as_ref().map(|a| &a.self_attn)
+    }
+
+    /// The MLP, if this layer has one.
+    pub fn mlp(&self) -> Option<&Mlp<B>> {
+        self.feed_forward.as_ref().map(|f| &f.mlp)
+    }
+
+    /// Layer `l` on `x` `[B, T, h]`, reporting its input, attention input, MLP input and
+    /// activations, router logits and output to `probe` (a skipped half reports nothing).
+    pub fn forward(
+        &self,
+        l: usize,
+        x: Tensor<B, 3>,
+        pos: &Positions<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        probe: &mut dyn Probe<B>,
+    ) -> Tensor<B, 3> {
+        probe.layer_input(l, &x);
+        let h = match &self.attention {
+            Some(att) => {
+                let a = att.input_layernorm.forward(x.clone());
+                probe.attention_input(l, &a);
+                x + att.self_attn.forward(a, pos, cache)
+            }
+            None => x,
+        };
+        let y = match &self.feed_forward {
+            Some(ff) => {
+                let m = ff.post_attention_layernorm.forward(h.clone());
+                probe.mlp_input(l, &m);
+                h + ff.mlp.forward_probed(m, l, probe)
+            }
+            None => h,
+        };
+        probe.layer_output(l, &y);
+        y
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer (`[B, kv_heads, T, d]`).
+#[derive(Clone, Debug)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+}
+
+/// A Llama-family causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// `model.embed_tokens.weight` `[V, h]` (also the output matrix when tied).
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    /// `model.norm`.
+    pub norm: RmsNorm<B>,
+    /// `lm_head.weight` `[V, h]`; `None` when tied to the embeddings.
+    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// Per-layer rotary tables' frequencies (layers may differ in head_dim).
+    #[module(skip)]
+    pub rope: Vec<Rope>,
+    /// HF tensor name of every parameter, by parameter id (recorded while loading).
+    #[module(skip)]
+    pub names: ParamNames,
+}
+
+impl<B: Backend> Llama<B> {
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.val().device()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.val().dims()[0]
+    }
+
+    /// An empty KV cache for [`Llama::forward_cached`].
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Logits `[B, T, V]` for token ids `[B, T]` at positions `0..T`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.logits(self.hidden(tokens, None))
+    }
+
+    /// [`Llama::forward`] reporting every layer's intermediate values to `probe`.
+    pub fn forward_probed(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        probe: &mut dyn Probe<B>,
+    ) -> Tensor<B, 3> {
+        let x = self.embed(tokens);
+        let x = self.layers_probed(x, 0..self.layers.len(), None, probe);
+        self.logits(self.norm.forward(x))
+    }
+
+    /// Logits of `tokens` that continue the positions held in `cache` (which is extended).
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        self.logits(self.hidden(tokens, Some(cache)))
+    }
+
+    /// Final hidden states (after `model.norm`) `[B, T, h]`.
+    pub fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let x = self.embed(tokens);
+        let x = self.layers_forward(x, 0..self.layers.len(), cache);
+        self.norm.forward(x)
+    }
+
+    /// Token embeddings `[B, T, h]`.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        embedding(self.embed_tokens.val(), tokens)
+    }
+
+    /// Runs decoder layers `range` over hidden states `x` (positions continue `cache` if given; without
+    /// a cache positions start at 0). Lets callers capture per-layer outputs (attention transfer).
+    pub fn layers_forward(
+        &self,
+        x: Tensor<B, 3>,
+        range: std::ops::Range<usize>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.layers_probed(x, range, cache, &mut NoProbe)
+    }
+
+    /// [`Llama::layers_forward`] reporting to `probe`. Rotary tables and masks are built once here.
+    pub fn layers_probed(
+        &self,
+        mut x: Tensor<B, 3>,
+        range: std::ops::Range<usize>,
+        mut cache: Option<&mut KvCache<B>>,
+        probe: &mut dyn Probe<B>,
+    ) -> Tensor<B, 3> {
+        let t = x.dims()[1];
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        let pos = Positions::new(self, range.clone(), start, t, &x.device());
+        for i in range.clone() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = self.layers[i].forward(i, x, &pos, slot, probe);
+        }
+        if let Some(c) = cache {
+            if range.end == self.layers.len() {
+                c.len += t;
+            }
+        }
+        x
+    }
+
+    /// Output projection: hidden `[B, T, h]` -> logits `[B, T, V]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, h] = hidden.dims();
+        let w = match &self.lm_head {
+            Some(w) => w.val(),
+            None => self.embed_tokens.val(),
+        };
+        let v = w.dims()[0];
+        hidden
+            .reshape([b * t, h])
+            .matmul(w.transpose())
+            .reshape([b, t, v])
+    }
+}
