@@ -28,7 +28,9 @@ fn main() {
         let t3 = Instant::now();
         // One layer's pieces.
         let e = model.embed(x.clone());
-        let l = &model.layers[0];
+        let layer = &model.layers[0];
+        let l = layer.attention.as_ref().expect("layer 0 has attention");
+        let ff = layer.feed_forward.as_ref().expect("layer 0 has an MLP");
         let t4 = Instant::now();
         let n = l.input_layernorm.forward(e.clone());
         let _ = n.clone().into_data();
@@ -40,7 +42,7 @@ fn main() {
         let _ = a.into_data();
         let t6 = Instant::now();
         let n2 = n.clone();
-        let m = l.mlp.forward(n);
+        let m = ff.mlp.forward(n);
         let _ = m.into_data();
         let t7 = Instant::now();
         // Attention pieces.

@@ -52,24 +52,90 @@ pub enum AttentionKind {
     Softmax,
     /// Hedgehog linear attention with trainable feature maps of size `feature_dim`.
     Hedgehog { feature_dim: usize },
+    /// No attention at all: the layer has no input norm and no projections, and its MLP reads the
+    /// layer input directly (nemotron-nas `attention.no_op`). The head counts are kept only so the
+    /// model's global head count stays known; see [`Attention::no_op`].
+    NoOp,
 }
 
+/// One layer's attention: `num_heads` query heads and `num_kv_heads` key/value heads; queries and
+/// keys have `head_dim` features per head, values (and the output projection's input) `v_head_dim`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "AttentionRepr")]
 pub struct Attention {
     pub kind: AttentionKind,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Query/key size per head (the rotary dimension).
     pub head_dim: usize,
+    /// Value size per head; `o_proj` reads `num_heads * v_head_dim` features.
+    pub v_head_dim: usize,
     /// q/k/v projections carry biases (Qwen2).
     pub qkv_bias: bool,
 }
 
+/// Serialised form of [`Attention`]: `v_head_dim` may be absent (configs written before it existed
+/// mean "same as head_dim").
+#[derive(Deserialize)]
+struct AttentionRepr {
+    kind: AttentionKind,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    v_head_dim: Option<usize>,
+    qkv_bias: bool,
+}
+
+impl From<AttentionRepr> for Attention {
+    fn from(r: AttentionRepr) -> Self {
+        Attention {
+            kind: r.kind,
+            num_heads: r.num_heads,
+            num_kv_heads: r.num_kv_heads,
+            head_dim: r.head_dim,
+            v_head_dim: r.v_head_dim.unwrap_or(r.head_dim),
+            qkv_bias: r.qkv_bias,
+        }
+    }
+}
+
 impl Attention {
+    /// Standard softmax attention with the same head size for queries, keys and values.
+    pub fn softmax(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        Attention {
+            kind: AttentionKind::Softmax,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            v_head_dim: head_dim,
+            qkv_bias: false,
+        }
+    }
+    /// A skipped attention in a model whose attention layers have `num_heads` heads of `head_dim`.
+    pub fn no_op(num_heads: usize, head_dim: usize) -> Self {
+        Attention {
+            kind: AttentionKind::NoOp,
+            ..Attention::softmax(num_heads, num_heads, head_dim)
+        }
+    }
+    pub fn is_no_op(&self) -> bool {
+        self.kind == AttentionKind::NoOp
+    }
+    /// Rows of `q_proj`.
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }
+    /// Rows of `k_proj`.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+    /// Rows of `v_proj`.
+    pub fn v_dim(&self) -> usize {
+        self.num_kv_heads * self.v_head_dim
+    }
+    /// Columns of `o_proj`.
+    pub fn o_dim(&self) -> usize {
+        self.num_heads * self.v_head_dim
     }
 }
 
@@ -95,6 +161,8 @@ pub enum Mlp {
         intermediate_size: usize,
         routing: MoeRouting,
     },
+    /// No MLP at all: no post-attention norm and no projections (nemotron-nas `ffn.no_op`).
+    NoOp,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -201,18 +269,21 @@ impl ModelArch {
 /// Tensors of decoder layer `i`, HF names and shapes.
 pub fn layer_tensors(i: usize, layer: &Layer, h: usize) -> Vec<(String, Vec<usize>)> {
     let p = format!("model.layers.{i}");
+    let mut out = vec![];
     let a = &layer.attention;
-    let mut out = vec![
-        (format!("{p}.input_layernorm.weight"), vec![h]),
-        (format!("{p}.self_attn.q_proj.weight"), vec![a.q_dim(), h]),
-        (format!("{p}.self_attn.k_proj.weight"), vec![a.kv_dim(), h]),
-        (format!("{p}.self_attn.v_proj.weight"), vec![a.kv_dim(), h]),
-        (format!("{p}.self_attn.o_proj.weight"), vec![h, a.q_dim()]),
-    ];
-    if a.qkv_bias {
+    if !a.is_no_op() {
+        out.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![a.q_dim(), h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![a.kv_dim(), h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![a.v_dim(), h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, a.o_dim()]),
+        ]);
+    }
+    if a.qkv_bias && !a.is_no_op() {
         out.push((format!("{p}.self_attn.q_proj.bias"), vec![a.q_dim()]));
         out.push((format!("{p}.self_attn.k_proj.bias"), vec![a.kv_dim()]));
-        out.push((format!("{p}.self_attn.v_proj.bias"), vec![a.kv_dim()]));
+        out.push((format!("{p}.self_attn.v_proj.bias"), vec![a.v_dim()]));
     }
     if let AttentionKind::Hedgehog { feature_dim } = a.kind {
         out.push((
@@ -224,8 +295,11 @@ pub fn layer_tensors(i: usize, layer: &Layer, h: usize) -> Vec<(String, Vec<usiz
             vec![a.num_heads, a.head_dim, feature_dim],
         ));
     }
-    out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    if layer.mlp != Mlp::NoOp {
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
     match &layer.mlp {
+        Mlp::NoOp => {}
         Mlp::Dense {
             intermediate_size: i_size,
         } => {

@@ -3,6 +3,7 @@
 //! Reads both dialects (transformers >= 5 `rope_parameters`/`dtype`, older top-level `rope_theta`,
 //! `rope_scaling`, `torch_dtype`) and writes both rope spellings so old and new loaders agree.
 use crate::arch::*;
+use crate::export::*;
 use crate::{DType, Error, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -38,6 +39,8 @@ const KNOWN_KEYS: &[&str] = &[
     "num_local_experts",
     "num_experts_per_tok",
     "surgeon",
+    "auto_map",
+    "block_configs",
     "transformers_version",
     "_name_or_path",
 ];
@@ -109,6 +112,9 @@ pub fn read_config(path: &Path) -> Result<ModelArch> {
 }
 
 /// Interprets a parsed config.json; `path` is only used in error messages.
+///
+/// Three dialects: a native class (`llama`, `mistral`, `qwen2`, `mixtral`), `nemotron-nas`
+/// (`block_configs`) and `surgeon` (per-layer shapes in `surgeon.layers`); see [`crate::export`].
 pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
     let map = value
         .as_object()
@@ -118,30 +124,9 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| f.err("model_type", "missing"))?;
-    let family = Family::from_model_type(model_type).ok_or_else(|| {
-        f.err(
-            "model_type",
-            format!(
-                "unsupported model type `{model_type}`; supported: {}",
-                SUPPORTED_MODEL_TYPES.join(", ")
-            ),
-        )
-    })?;
+    let family = family_of(&f, model_type)?;
     let hidden_size = f.usize("hidden_size")?;
     let num_layers = f.usize("num_hidden_layers")?;
-    let num_heads = f.usize("num_attention_heads")?;
-    if num_heads == 0 || hidden_size == 0 {
-        return Err(f.err("num_attention_heads", "must be positive"));
-    }
-    let num_kv_heads = f.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
-    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-        return Err(f.err(
-            "num_key_value_heads",
-            format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
-        ));
-    }
-    let head_dim = f.usize_opt("head_dim")?.unwrap_or(hidden_size / num_heads);
-    let intermediate_size = f.usize("intermediate_size")?;
     let vocab_size = f.usize("vocab_size")?;
     let hidden_act = map
         .get("hidden_act")
@@ -157,88 +142,22 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
     if f.bool_opt("mlp_bias")?.unwrap_or(false) {
         return Err(f.err("mlp_bias", "MLP biases are not supported"));
     }
-    let qkv_bias = match family {
-        Family::Qwen2 => true,
-        _ => {
-            if f.bool_opt("attention_bias")?.unwrap_or(false) {
-                return Err(f.err(
-                    "attention_bias",
-                    "attention biases on a llama/mistral model are not supported",
-                ));
-            }
-            false
-        }
+    let mut layers = match model_type {
+        NEMOTRON_MODEL_TYPE => nemotron_layers(&f, hidden_size, num_layers)?,
+        _ => uniform_layers(&f, family, hidden_size, num_layers)?,
     };
-
-    // Rope: transformers >= 5 nests it in `rope_parameters`; older configs keep it top level.
-    let rope_params = map.get("rope_parameters").and_then(Value::as_object);
-    let default_theta = match family {
-        Family::Mixtral => 1e6,
-        _ => 10000.0,
-    };
-    let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| f.err("rope_parameters.rope_theta", "expected a number"))?,
-        None => f.f64_opt("rope_theta")?.unwrap_or(default_theta),
-    };
-    let rope_scaling = match map.get("rope_scaling") {
-        Some(Value::Null) | None => rope_params.and_then(|p| {
-            let kind = p
-                .get("rope_type")
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            (kind != "default").then(|| {
-                let mut s = p.clone();
-                s.remove("rope_theta");
-                Value::Object(s)
-            })
-        }),
-        Some(v) => Some(v.clone()),
-    };
-
+    let (rope_theta, rope_scaling) = rope(&f, family)?;
     let sliding_window = match family {
-        Family::Qwen2 if !f.bool_opt("use_sliding_window")?.unwrap_or(false) => None,
+        Family::Qwen2
+            if model_type != SURGEON_MODEL_TYPE
+                && !f.bool_opt("use_sliding_window")?.unwrap_or(false) =>
+        {
+            None
+        }
         _ => f.usize_opt("sliding_window")?,
     };
-    let mlp = match family {
-        Family::Mixtral => Mlp::Moe {
-            num_experts: f.usize("num_local_experts")?,
-            top_k: f.usize("num_experts_per_tok")?,
-            intermediate_size,
-            routing: MoeRouting::Mixtral,
-        },
-        _ => Mlp::Dense { intermediate_size },
-    };
-    let attention = Attention {
-        kind: AttentionKind::Softmax,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        qkv_bias,
-    };
-    let mut layers = vec![Layer { attention, mlp }; num_layers];
 
-    let mut surgeon = SurgeonMeta::default();
-    if let Some(s) = map.get("surgeon") {
-        surgeon = serde_json::from_value(s.clone())
-            .map_err(|e| f.err("surgeon", format!("unreadable: {e}")))?;
-        // Layers that differ from one another are spelled out in full.
-        if let Some(per_layer) = s.get("layers") {
-            let explicit: Vec<Layer> = serde_json::from_value(per_layer.clone())
-                .map_err(|e| f.err("surgeon.layers", format!("unreadable: {e}")))?;
-            if explicit.len() != num_layers {
-                return Err(f.err(
-                    "surgeon.layers",
-                    format!(
-                        "lists {} layers but num_hidden_layers = {num_layers}",
-                        explicit.len()
-                    ),
-                ));
-            }
-            layers = explicit;
-        }
-    }
+    let surgeon = surgeon_meta(&f, model_type, num_layers, &mut layers)?;
 
     let torch_dtype = map
         .get("torch_dtype")
@@ -252,24 +171,7 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         .collect();
 
     let rms_norm_eps = f.f64_opt("rms_norm_eps")?.unwrap_or(1e-6);
-    check_numbers(
-        &f,
-        rope_params.is_some_and(|p| p.contains_key("rope_theta")),
-        rope_theta,
-        rms_norm_eps,
-    )?;
-    for (field, v) in [
-        ("vocab_size", vocab_size),
-        ("intermediate_size", intermediate_size),
-        ("head_dim", head_dim),
-    ] {
-        if v == 0 {
-            return Err(f.err(field, "must be positive"));
-        }
-    }
-    if f.usize_opt("max_position_embeddings")? == Some(0) {
-        return Err(f.err("max_position_embeddings", "must be positive"));
-    }
+    check_numbers(&f, rope_theta, rms_norm_eps, vocab_size)?;
 
     Ok(ModelArch {
         family,
@@ -292,11 +194,77 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
     })
 }
 
-/// Floating-point fields must be finite and in range (a negative `rope_theta` or `rms_norm_eps`
-/// turns every forward pass into NaN).
-fn check_numbers(f: &Fields, nested_theta: bool, rope_theta: f64, eps: f64) -> Result<()> {
+/// The family a config describes: its `model_type`, or for the surgeon dialect `surgeon.family`.
+fn family_of(f: &Fields, model_type: &str) -> Result<Family> {
+    Ok(match model_type {
+        NEMOTRON_MODEL_TYPE => Family::Llama,
+        SURGEON_MODEL_TYPE => {
+            let base = f.map
+                .get("surgeon")
+                .and_then(|s| s.get("family"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| f.err("surgeon.family", "missing"))?;
+            Family::from_model_type(base).ok_or_else(|| {
+                f.err("surgeon.family", format!("unsupported family `{base}`"))
+            })?
+        }
+        _ => Family::from_model_type(model_type).ok_or_else(|| {
+            f.err(
+                "model_type",
+                format!(
+                    "unsupported model type `{model_type}`; supported: {}, {NEMOTRON_MODEL_TYPE}, {SURGEON_MODEL_TYPE}",
+                    SUPPORTED_MODEL_TYPES.join(", ")
+                ),
+            )
+        })?,
+    })
+}
+
+/// The `surgeon` block; its `layers`, when present, replace `layers` (layers that differ from
+/// one another are spelled out in full there).
+fn surgeon_meta(
+    f: &Fields,
+    model_type: &str,
+    num_layers: usize,
+    layers: &mut Vec<Layer>,
+) -> Result<SurgeonMeta> {
+    let Some(s) = f.map.get("surgeon") else {
+        if model_type == SURGEON_MODEL_TYPE {
+            return Err(f.err("surgeon.layers", "missing"));
+        }
+        return Ok(SurgeonMeta::default());
+    };
+    let surgeon = serde_json::from_value(s.clone())
+        .map_err(|e| f.err("surgeon", format!("unreadable: {e}")))?;
+    if let Some(per_layer) = s.get("layers") {
+        let explicit: Vec<Layer> = serde_json::from_value(per_layer.clone())
+            .map_err(|e| f.err("surgeon.layers", format!("unreadable: {e}")))?;
+        if explicit.len() != num_layers {
+            return Err(f.err(
+                "surgeon.layers",
+                format!(
+                    "lists {} layers but num_hidden_layers = {num_layers}",
+                    explicit.len()
+                ),
+            ));
+        }
+        *layers = explicit;
+    } else if model_type == SURGEON_MODEL_TYPE {
+        return Err(f.err("surgeon.layers", "missing"));
+    }
+    Ok(surgeon)
+}
+
+/// Numeric fields must be in range (a negative `rope_theta` or `rms_norm_eps` turns every forward
+/// pass into NaN; a zero size makes empty tensors).
+fn check_numbers(f: &Fields, rope_theta: f64, eps: f64, vocab_size: usize) -> Result<()> {
     if !(rope_theta.is_finite() && rope_theta > 0.0) {
-        let field = if nested_theta {
+        let nested = f
+            .map
+            .get("rope_parameters")
+            .and_then(Value::as_object)
+            .is_some_and(|p| p.contains_key("rope_theta"));
+        let field = if nested {
             "rope_parameters.rope_theta"
         } else {
             "rope_theta"
@@ -309,31 +277,198 @@ fn check_numbers(f: &Fields, nested_theta: bool, rope_theta: f64, eps: f64) -> R
     if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
         return Err(f.err("rms_norm_eps", format!("must be in (0, 1), got {eps}")));
     }
+    if vocab_size == 0 {
+        return Err(f.err("vocab_size", "must be positive"));
+    }
+    if f.usize_opt("max_position_embeddings")? == Some(0) {
+        return Err(f.err("max_position_embeddings", "must be positive"));
+    }
     Ok(())
 }
 
-/// Renders config.json for `arch`, stored in `dtype`.
-pub fn config_json(arch: &ModelArch, dtype: DType) -> Result<Value> {
-    let first = arch
-        .layers
-        .first()
-        .ok_or_else(|| Error::invalid("a model needs at least one layer"))?;
-    let a = &first.attention;
-    let mut family = arch.family;
-    let mut m = Map::new();
-    let uniform_mlp = arch.uniform_mlp().cloned();
-    // A uniformly MoE model is exported as Mixtral, whatever family it came from.
-    if let Some(Mlp::Moe { .. }) = uniform_mlp {
-        family = Family::Mixtral;
+/// `num_attention_heads` and `head_dim` (default hidden / heads).
+fn heads(f: &Fields, hidden_size: usize) -> Result<(usize, usize)> {
+    let num_heads = f.usize("num_attention_heads")?;
+    if num_heads == 0 || hidden_size == 0 {
+        return Err(f.err("num_attention_heads", "must be positive"));
     }
-    m.insert("architectures".into(), json!([family.architecture()]));
-    m.insert("model_type".into(), json!(family.model_type()));
+    let head_dim = f.usize_opt("head_dim")?.unwrap_or(hidden_size / num_heads);
+    if head_dim == 0 {
+        return Err(f.err("head_dim", "must be positive"));
+    }
+    Ok((num_heads, head_dim))
+}
+
+/// Layers of a native config: all alike.
+fn uniform_layers(
+    f: &Fields,
+    family: Family,
+    hidden_size: usize,
+    num_layers: usize,
+) -> Result<Vec<Layer>> {
+    let (num_heads, head_dim) = heads(f, hidden_size)?;
+    let num_kv_heads = f.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(f.err(
+            "num_key_value_heads",
+            format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
+        ));
+    }
+    let intermediate_size = f.usize("intermediate_size")?;
+    if intermediate_size == 0 {
+        return Err(f.err("intermediate_size", "must be positive"));
+    }
+    let qkv_bias = match family {
+        Family::Qwen2 => true,
+        _ => {
+            if f.bool_opt("attention_bias")?.unwrap_or(false) {
+                return Err(f.err(
+                    "attention_bias",
+                    "attention biases on a llama/mistral model are not supported",
+                ));
+            }
+            false
+        }
+    };
+    let mlp = match family {
+        Family::Mixtral => Mlp::Moe {
+            num_experts: f.usize("num_local_experts")?,
+            top_k: f.usize("num_experts_per_tok")?,
+            intermediate_size,
+            routing: MoeRouting::Mixtral,
+        },
+        _ => Mlp::Dense { intermediate_size },
+    };
+    let attention = Attention {
+        qkv_bias,
+        ..Attention::softmax(num_heads, num_kv_heads, head_dim)
+    };
+    Ok(vec![Layer { attention, mlp }; num_layers])
+}
+
+/// Layers of a nemotron-nas config (`block_configs`).
+fn nemotron_layers(f: &Fields, hidden_size: usize, num_layers: usize) -> Result<Vec<Layer>> {
+    let (num_heads, head_dim) = heads(f, hidden_size)?;
+    if f.bool_opt("attention_bias")?.unwrap_or(false) {
+        return Err(f.err("attention_bias", "attention biases are not supported"));
+    }
+    let blocks = f
+        .map
+        .get("block_configs")
+        .ok_or_else(|| f.err("block_configs", "missing"))?;
+    layers_from_block_configs(f.path, blocks, num_layers, hidden_size, num_heads, head_dim)
+}
+
+/// Rope base and scaling: transformers >= 5 nests them in `rope_parameters`; older configs keep
+/// them top level.
+fn rope(f: &Fields, family: Family) -> Result<(f64, Option<Value>)> {
+    let rope_params = f.map.get("rope_parameters").and_then(Value::as_object);
+    let default_theta = match family {
+        Family::Mixtral => 1e6,
+        _ => 10000.0,
+    };
+    let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| f.err("rope_parameters.rope_theta", "expected a number"))?,
+        None => f.f64_opt("rope_theta")?.unwrap_or(default_theta),
+    };
+    let rope_scaling = match f.map.get("rope_scaling") {
+        Some(Value::Null) | None => rope_params.and_then(|p| {
+            let kind = p
+                .get("rope_type")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            (kind != "default").then(|| {
+                let mut s = p.clone();
+                s.remove("rope_theta");
+                Value::Object(s)
+            })
+        }),
+        Some(v) => Some(v.clone()),
+    };
+    Ok((rope_theta, rope_scaling))
+}
+
+/// Renders config.json for `arch`, stored in `dtype`, in the dialect [`choose_export`] picks.
+pub fn config_json(arch: &ModelArch, dtype: DType) -> Result<Value> {
+    if arch.layers.is_empty() {
+        return Err(Error::invalid("a model needs at least one layer"));
+    }
+    let format = choose_export(arch).format;
+    let mut m = Map::new();
+    m.insert("architectures".into(), json!([format.architecture()]));
+    m.insert("model_type".into(), json!(format.model_type()));
+    if let Some(auto_map) = format.auto_map() {
+        m.insert("auto_map".into(), auto_map);
+    }
     m.insert("hidden_size".into(), json!(arch.hidden_size));
     m.insert("num_hidden_layers".into(), json!(arch.num_layers()));
+    match format {
+        ExportFormat::NemotronNas => nemotron_shape(arch, &mut m),
+        _ => uniform_shape(arch, &mut m),
+    }
+    m.insert("vocab_size".into(), json!(arch.vocab_size));
+    m.insert("hidden_act".into(), json!(arch.hidden_act));
+    m.insert("rms_norm_eps".into(), json!(arch.rms_norm_eps));
+    insert_rope(arch, &mut m);
+    m.insert(
+        "max_position_embeddings".into(),
+        json!(arch.max_position_embeddings),
+    );
+    m.insert(
+        "tie_word_embeddings".into(),
+        json!(arch.tie_word_embeddings),
+    );
+    match format {
+        ExportFormat::Native(family) => native_attention_fields(arch, family, &mut m)?,
+        ExportFormat::NemotronNas => {
+            m.insert("attention_bias".into(), json!(false));
+            m.insert("mlp_bias".into(), json!(false));
+        }
+        ExportFormat::Surgeon => {
+            m.insert("sliding_window".into(), json!(arch.sliding_window));
+        }
+    }
+    insert_token_ids(arch, &mut m);
+    m.insert("torch_dtype".into(), json!(dtype.torch_name()));
+    for (k, v) in &arch.extra {
+        m.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    if format == ExportFormat::NemotronNas {
+        m.insert("block_configs".into(), block_configs(arch));
+    }
+    let mut surgeon = serde_json::to_value(&arch.surgeon).expect("SurgeonMeta serialises");
+    if format == ExportFormat::Surgeon {
+        surgeon["family"] = json!(arch.family.model_type());
+        surgeon["layers"] = serde_json::to_value(&arch.layers).expect("layers serialise");
+    }
+    if surgeon.as_object().is_some_and(|o| !o.is_empty()) {
+        m.insert("surgeon".into(), surgeon);
+    }
+    Ok(Value::Object(m))
+}
+
+/// Head counts and MLP width of a uniform config (the first layer's, for the surgeon dialect,
+/// whose `surgeon.layers` is authoritative).
+fn uniform_shape(arch: &ModelArch, m: &mut Map<String, Value>) {
+    let a = arch
+        .layers
+        .iter()
+        .map(|l| &l.attention)
+        .find(|a| !a.is_no_op())
+        .unwrap_or(&arch.layers[0].attention);
     m.insert("num_attention_heads".into(), json!(a.num_heads));
     m.insert("num_key_value_heads".into(), json!(a.num_kv_heads));
     m.insert("head_dim".into(), json!(a.head_dim));
-    let (intermediate, experts) = match &first.mlp {
+    let mlp = arch
+        .layers
+        .iter()
+        .map(|l| &l.mlp)
+        .find(|m| **m != Mlp::NoOp)
+        .unwrap_or(&Mlp::NoOp);
+    let (intermediate, experts) = match mlp {
+        Mlp::NoOp => (0, None),
         Mlp::Dense { intermediate_size } => (*intermediate_size, None),
         Mlp::Moe {
             num_experts,
@@ -347,9 +482,23 @@ pub fn config_json(arch: &ModelArch, dtype: DType) -> Result<Value> {
         m.insert("num_local_experts".into(), json!(e));
         m.insert("num_experts_per_tok".into(), json!(k));
     }
-    m.insert("vocab_size".into(), json!(arch.vocab_size));
-    m.insert("hidden_act".into(), json!(arch.hidden_act));
-    m.insert("rms_norm_eps".into(), json!(arch.rms_norm_eps));
+}
+
+/// nemotron-nas: global query heads; KV heads and MLP widths live in `block_configs`.
+fn nemotron_shape(arch: &ModelArch, m: &mut Map<String, Value>) {
+    let a = arch
+        .layers
+        .iter()
+        .map(|l| &l.attention)
+        .find(|a| !a.is_no_op())
+        .expect("checked by choose_export");
+    m.insert("num_attention_heads".into(), json!(a.num_heads));
+    m.insert("num_key_value_heads".into(), Value::Null);
+    m.insert("intermediate_size".into(), Value::Null);
+}
+
+/// Both rope spellings, so that old and new loaders agree.
+fn insert_rope(arch: &ModelArch, m: &mut Map<String, Value>) {
     m.insert("rope_theta".into(), json!(arch.rope_theta));
     m.insert(
         "rope_scaling".into(),
@@ -365,14 +514,14 @@ pub fn config_json(arch: &ModelArch, dtype: DType) -> Result<Value> {
     };
     rope_parameters.insert("rope_theta".into(), json!(arch.rope_theta));
     m.insert("rope_parameters".into(), Value::Object(rope_parameters));
-    m.insert(
-        "max_position_embeddings".into(),
-        json!(arch.max_position_embeddings),
-    );
-    m.insert(
-        "tie_word_embeddings".into(),
-        json!(arch.tie_word_embeddings),
-    );
+}
+
+/// Sliding window and bias flags as each native family spells them.
+fn native_attention_fields(
+    arch: &ModelArch,
+    family: Family,
+    m: &mut Map<String, Value>,
+) -> Result<()> {
     if family == Family::Qwen2 {
         m.insert(
             "use_sliding_window".into(),
@@ -390,6 +539,10 @@ pub fn config_json(arch: &ModelArch, dtype: DType) -> Result<Value> {
         m.insert("attention_bias".into(), json!(false));
         m.insert("mlp_bias".into(), json!(false));
     }
+    Ok(())
+}
+
+fn insert_token_ids(arch: &ModelArch, m: &mut Map<String, Value>) {
     if let Some(b) = arch.bos_token_id {
         m.insert("bos_token_id".into(), json!(b));
     }
@@ -405,34 +558,12 @@ pub fn config_json(arch: &ModelArch, dtype: DType) -> Result<Value> {
     if let Some(p) = arch.pad_token_id {
         m.insert("pad_token_id".into(), json!(p));
     }
-    m.insert("torch_dtype".into(), json!(dtype.torch_name()));
-    for (k, v) in &arch.extra {
-        m.entry(k.clone()).or_insert_with(|| v.clone());
-    }
-    let mut surgeon = serde_json::to_value(&arch.surgeon).expect("SurgeonMeta serialises");
-    let uniform = arch.uniform_attention().is_some() && uniform_mlp.is_some();
-    let standard_attention =
-        matches!(a.kind, AttentionKind::Softmax) && (a.qkv_bias == (family == Family::Qwen2));
-    if !uniform || !standard_attention {
-        surgeon["layers"] = serde_json::to_value(&arch.layers).expect("layers serialise");
-    }
-    if let Some(Mlp::Moe { routing, .. }) = &uniform_mlp {
-        if routing != &MoeRouting::Mixtral {
-            surgeon["layers"] = serde_json::to_value(&arch.layers).expect("layers serialise");
-        }
-    }
-    if surgeon.as_object().is_some_and(|o| !o.is_empty()) {
-        m.insert("surgeon".into(), surgeon);
-    }
-    Ok(Value::Object(m))
 }
 
 /// True when transformers can load the exported config without custom code
 /// (uniform layers, standard attention and routing).
 pub fn is_standard(arch: &ModelArch) -> bool {
-    config_json(arch, DType::F32)
-        .map(|v| v.get("surgeon").and_then(|s| s.get("layers")).is_none())
-        .unwrap_or(false)
+    matches!(choose_export(arch).format, ExportFormat::Native(_))
 }
 
 #[cfg(test)]
@@ -537,7 +668,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral"
+            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral, nemotron-nas, surgeon"
         );
     }
 

@@ -152,6 +152,7 @@ fn layer_from_hyper(hyper: &gguf::LlamaHyper, qkv_bias: bool) -> (Family, Layer)
         num_heads: hyper.head_count,
         num_kv_heads: hyper.head_count_kv,
         head_dim: hyper.head_dim(),
+        v_head_dim: hyper.head_dim(),
         qkv_bias,
     };
     let (family, mlp) = match (hyper.expert_count, hyper.expert_used_count) {

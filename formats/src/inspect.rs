@@ -38,6 +38,10 @@ pub struct ModelSummary {
     pub new_layers: Vec<usize>,
     pub new_token_ids: usize,
     pub history: Vec<String>,
+    /// The config.json dialect an export writes (`llama`, `nemotron-nas`, `surgeon`, ...).
+    pub export_format: String,
+    /// Why that dialect (see [`crate::export::choose_export`]).
+    pub export_reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<TensorSummary>>,
 }
@@ -61,8 +65,16 @@ fn component(name: &str) -> &'static str {
 pub fn summarize(plan: &Plan, with_tensors: bool) -> ModelSummary {
     let a = &plan.arch;
     let first = &a.layers[0];
+    let attention = a
+        .layers
+        .iter()
+        .map(|l| &l.attention)
+        .find(|at| !at.is_no_op())
+        .unwrap_or(&first.attention);
+    let export = crate::export::choose_export(a);
     let (intermediate_size, num_experts, experts_per_token) = match &first.mlp {
         Mlp::Dense { intermediate_size } => (*intermediate_size, None, None),
+        Mlp::NoOp => (0, None, None),
         Mlp::Moe {
             num_experts,
             top_k,
@@ -105,9 +117,9 @@ pub fn summarize(plan: &Plan, with_tensors: bool) -> ModelSummary {
         model_type: a.family.model_type().into(),
         num_layers: a.num_layers(),
         hidden_size: a.hidden_size,
-        num_heads: first.attention.num_heads,
-        num_kv_heads: first.attention.num_kv_heads,
-        head_dim: first.attention.head_dim,
+        num_heads: attention.num_heads,
+        num_kv_heads: attention.num_kv_heads,
+        head_dim: attention.head_dim,
         intermediate_size,
         num_experts,
         experts_per_token,
@@ -123,6 +135,8 @@ pub fn summarize(plan: &Plan, with_tensors: bool) -> ModelSummary {
         new_layers: a.surgeon.new_layers.clone(),
         new_token_ids: a.surgeon.new_token_ids.len(),
         history: a.surgeon.history.clone(),
+        export_format: export.format.model_type().into(),
+        export_reason: export.reason,
         tensors,
     }
 }
@@ -198,6 +212,11 @@ impl ModelSummary {
         for h in &self.history {
             let _ = writeln!(s, "history           {h}");
         }
+        let _ = writeln!(
+            s,
+            "export as         {}: {}",
+            self.export_format, self.export_reason
+        );
         if let Some(ts) = &self.tensors {
             let width = ts.iter().map(|t| t.name.len()).max().unwrap_or(0);
             let _ = writeln!(s, "tensors:");

@@ -4,6 +4,7 @@ pub mod arch;
 pub mod config;
 pub mod dtype;
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod gguf_import;
 pub mod hub;

@@ -569,17 +569,19 @@ impl Plan {
         names
     }
 
-    /// Every disagreement between the tensor table and the architecture, one line each.
+    /// Every disagreement between the tensor table and the architecture, one line each; problems
+    /// with a layer's tensors name the layer and what its config says it is.
     pub fn check(&self) -> Vec<String> {
         let mut problems = vec![];
         let expected = self.arch.expected_tensors();
         for (name, shape) in &expected {
+            let layer = self.layer_context(name);
             match self.tensors.get(name) {
                 None => problems.push(format!(
-                    "tensor `{name}` is missing (expected shape {shape:?})"
+                    "{layer}tensor `{name}` is missing (expected shape {shape:?})"
                 )),
                 Some(t) if &t.shape() != shape => problems.push(format!(
-                    "tensor `{name}` has shape {:?} but the config implies {shape:?}",
+                    "{layer}tensor `{name}` has shape {:?} but the config implies {shape:?}",
                     t.shape()
                 )),
                 _ => {}
@@ -589,10 +591,21 @@ impl Plan {
             expected.iter().map(|(n, _)| n.as_str()).collect();
         for name in self.tensors.keys() {
             if !known.contains(name.as_str()) {
-                problems.push(format!("tensor `{name}` is not part of this architecture"));
+                let layer = self.layer_context(name);
+                problems.push(format!(
+                    "{layer}tensor `{name}` is not part of this architecture"
+                ));
             }
         }
         problems
+    }
+
+    /// `layer 3 (attention ... | mlp ...): ` for a layer's tensor, empty for others.
+    fn layer_context(&self, name: &str) -> String {
+        split_layer_name(name)
+            .and_then(|(i, _)| Some((i, self.arch.layers.get(i)?)))
+            .map(|(i, l)| format!("layer {i} ({}): ", describe_layer(l)))
+            .unwrap_or_default()
     }
 
     /// Fails with every problem [`Plan::check`] finds.
@@ -693,10 +706,12 @@ pub fn describe_layer(l: &crate::arch::Layer) -> String {
     let kind = match at.kind {
         AttentionKind::Softmax => "softmax".to_string(),
         AttentionKind::Hedgehog { feature_dim } => format!("hedgehog(features {feature_dim})"),
+        AttentionKind::NoOp => String::new(),
     };
     let bias = if at.qkv_bias { " qkv-bias" } else { "" };
     let mlp = match &l.mlp {
         Mlp::Dense { intermediate_size } => format!("dense {intermediate_size}"),
+        Mlp::NoOp => "no-op".into(),
         Mlp::Moe {
             num_experts,
             top_k,
@@ -710,8 +725,16 @@ pub fn describe_layer(l: &crate::arch::Layer) -> String {
             format!("moe {num_experts} experts x {intermediate_size}, top-{top_k}, {r}")
         }
     };
+    if at.is_no_op() {
+        return format!("attention no-op | mlp {mlp}");
+    }
+    let v = if at.v_head_dim != at.head_dim {
+        format!(" v_head_dim {}", at.v_head_dim)
+    } else {
+        String::new()
+    };
     format!(
-        "attention {kind} {} heads / {} kv, head_dim {}{bias} | mlp {mlp}",
+        "attention {kind} {} heads / {} kv, head_dim {}{v}{bias} | mlp {mlp}",
         at.num_heads, at.num_kv_heads, at.head_dim
     )
 }

@@ -6,6 +6,7 @@
 //! nothing at the output path.
 use crate::config::config_json;
 use crate::dtype::max_finite;
+use crate::export::{choose_export, ExportFormat};
 use crate::load::input_paths;
 use crate::output::TempOutput;
 use crate::plan::{group_digits, HostTensor, Plan, TensorEntry};
@@ -263,6 +264,11 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
     }
     let dtype = plan.dominant_dtype();
     write_json(&dir.join("config.json"), &config_json(&plan.arch, dtype)?)?;
+    // Remote-code dialects ship their modeling code (regenerated, never copied from an input).
+    for (name, text) in choose_export(&plan.arch).format.code_files() {
+        let target = dir.join(name);
+        std::fs::write(&target, text).map_err(|e| Error::io(&target, e))?;
+    }
     for (name, f) in &plan.files {
         let target = dir.join(name);
         match f {
@@ -565,8 +571,21 @@ fn model_card(plan: &Plan, opts: &WriteOptions) -> String {
             ""
         }
     ));
-    if !crate::config::is_standard(a) {
-        s.push_str("\nLayers differ from one another (see `surgeon` in config.json): transformers cannot load this model without custom code; surgeon's runtime can.\n");
+    let export = choose_export(a);
+    match export.format {
+        ExportFormat::Native(_) => {}
+        ExportFormat::NemotronNas => s.push_str(&format!(
+            "\nLayers differ from one another ({}). config.json is in NVIDIA's nemotron-nas layout \
+             (`DeciLMForCausalLM`, `block_configs`), which vLLM, SGLang, llama.cpp and mlx-lm load \
+             natively; transformers loads it with `trust_remote_code=True` (modeling_decilm.py).\n",
+            export.reason
+        )),
+        ExportFormat::Surgeon => s.push_str(&format!(
+            "\nLayers differ from one another ({}). Load with \
+             `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`: \
+             modeling_surgeon.py in this directory implements it.\n",
+            export.reason
+        )),
     }
     s
 }

@@ -107,7 +107,7 @@ fn read_prompts(a: &Args, plan: &Plan) -> Result<Vec<Vec<Vec<u32>>>> {
 fn dense_width(plan: &Plan, l: usize) -> usize {
     match plan.arch.layers[l].mlp {
         Mlp::Dense { intermediate_size } => intermediate_size,
-        Mlp::Moe { .. } => 0,
+        Mlp::Moe { .. } | Mlp::NoOp => 0,
     }
 }
 

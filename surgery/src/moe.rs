@@ -164,6 +164,11 @@ pub fn check_request(arch: &ModelArch, opts: &MoeOptions) -> Result<()> {
                 "the model is already a mixture of experts (layer {l} has {num_experts} experts)"
             )))
             }
+            Mlp::NoOp => {
+                return Err(Error::invalid(format!(
+                    "layer {l} has no MLP to turn into experts"
+                )))
+            }
             Mlp::Dense { intermediate_size } => {
                 if opts.method.is_split() && intermediate_size % e != 0 {
                     return Err(Error::invalid(format!(
@@ -209,7 +214,7 @@ pub fn check_request(arch: &ModelArch, opts: &MoeOptions) -> Result<()> {
 fn dense_width(arch: &ModelArch, layer: usize) -> usize {
     match arch.layers[layer].mlp {
         Mlp::Dense { intermediate_size } => intermediate_size,
-        Mlp::Moe { .. } => unreachable!("checked by check_request"),
+        Mlp::Moe { .. } | Mlp::NoOp => unreachable!("checked by check_request"),
     }
 }
 

@@ -72,9 +72,9 @@ fn tensors_f32<B: Backend>(
 
 /// The `top_k` of the first routed MoE layer, `None` for a dense model.
 fn moe_top_k<B: Backend>(model: &Llama<B>) -> Option<usize> {
-    model.layers.iter().find_map(|l| match &l.mlp {
-        Mlp::Moe(m) => Some(m.top_k),
-        Mlp::Dense(_) => None,
+    model.layers.iter().find_map(|l| match l.mlp() {
+        Some(Mlp::Moe(m)) => Some(m.top_k),
+        _ => None,
     })
 }
 

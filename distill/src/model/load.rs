@@ -99,16 +99,25 @@ pub fn check_supported(arch: &ModelArch) -> Result<()> {
     }
     for (i, l) in arch.layers.iter().enumerate() {
         let a = &l.attention;
-        if a.kind != AttentionKind::Softmax {
-            return Err(Error::Unsupported(format!(
-                "layer {i}: attention kind {:?} (only softmax)",
-                a.kind
-            )));
+        match a.kind {
+            AttentionKind::Softmax => {}
+            AttentionKind::NoOp => {}
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "layer {i}: attention kind {:?} (only softmax or no-op)",
+                    a.kind
+                )))
+            }
         }
-        if a.num_kv_heads == 0 || a.num_heads % a.num_kv_heads != 0 || a.head_dim % 2 != 0 {
+        let bad = a.num_kv_heads == 0
+            || a.num_heads % a.num_kv_heads != 0
+            || a.head_dim == 0
+            || a.head_dim % 2 != 0
+            || a.v_head_dim == 0;
+        if !a.is_no_op() && bad {
             return Err(Error::Unsupported(format!(
-                "layer {i}: {} query heads, {} kv heads, head_dim {}",
-                a.num_heads, a.num_kv_heads, a.head_dim
+                "layer {i}: {} query heads, {} kv heads, head_dim {}, v_head_dim {}",
+                a.num_heads, a.num_kv_heads, a.head_dim, a.v_head_dim
             )));
         }
         if let surgeon_formats::Mlp::Moe {

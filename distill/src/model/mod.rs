@@ -229,7 +229,9 @@ impl<B: Backend> Positions<B> {
             masks: vec![],
         };
         for i in range {
-            let a = &model.layers[i].self_attn;
+            let Some(a) = model.layers[i].self_attn() else {
+                continue;
+            };
             if !p.rope.iter().any(|(d, ..)| *d == a.head_dim) {
                 let (c, s) = model.rope[i].tables::<B>(start, len, device);
                 p.rope.push((a.head_dim, c, s));
@@ -291,7 +293,10 @@ pub struct SelfAttention<B: Backend> {
     pub o_proj: Linear<B>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Query/key size per head (the rotary dimension).
     pub head_dim: usize,
+    /// Value size per head; `o_proj` reads `num_heads * v_head_dim` features.
+    pub v_head_dim: usize,
     /// Sliding window (keys with `q - k >= window` are masked); 0 means none.
     pub sliding_window: usize,
 }
@@ -307,6 +312,7 @@ impl<B: Backend> SelfAttention<B> {
             num_heads: a.num_heads,
             num_kv_heads: a.num_kv_heads,
             head_dim: a.head_dim,
+            v_head_dim: a.v_head_dim,
             sliding_window: window,
         })
     }
@@ -320,7 +326,12 @@ impl<B: Backend> SelfAttention<B> {
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
-        let (h, g, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (h, g, d, dv) = (
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.v_head_dim,
+        );
         let (cos, sin) = pos.rope(d);
         let q = self
             .q_proj
@@ -332,7 +343,11 @@ impl<B: Backend> SelfAttention<B> {
             .forward(x.clone())
             .reshape([b, t, g, d])
             .swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, g, d]).swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, g, dv])
+            .swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
         let mut k = apply_rope(k, cos, sin);
         let mut v = v;
@@ -353,8 +368,8 @@ impl<B: Backend> SelfAttention<B> {
                 .reshape([b, h, tk, d]);
             let v = v
                 .unsqueeze_dim::<5>(2)
-                .expand([b, g, r, tk, d])
-                .reshape([b, h, tk, d]);
+                .expand([b, g, r, tk, dv])
+                .reshape([b, h, tk, dv]);
             (k, v)
         } else {
             (k, v)
@@ -367,7 +382,7 @@ impl<B: Backend> SelfAttention<B> {
             .mul_scalar(1.0 / (d as f64).sqrt())
             .mask_fill(mask, -1.0e30);
         let y = softmax(scores, 3).matmul(v);
-        let y = y.swap_dims(1, 2).reshape([b, t, h * d]);
+        let y = y.swap_dims(1, 2).reshape([b, t, h * dv]);
         self.o_proj.forward(y)
     }
 }
@@ -505,9 +520,15 @@ pub enum Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    /// Loads a layer's MLP under the layer's `vb`: `mlp` (dense) or `block_sparse_moe` (MoE).
+    /// Loads a layer's MLP under the layer's `vb`: `mlp` (dense) or `block_sparse_moe` (MoE). A
+    /// skipped MLP has no module (see [`DecoderLayer::feed_forward`]).
     pub fn load(vb: &mut VarBuilder<'_, '_, B>, mlp: &surgeon_formats::Mlp) -> Result<Self> {
         Ok(match mlp {
+            surgeon_formats::Mlp::NoOp => {
+                return Err(Error::Unsupported(
+                    "a skipped (no-op) MLP has no module to load".into(),
+                ))
+            }
             surgeon_formats::Mlp::Dense { .. } => {
                 Mlp::Dense(SwiGlu::load(&mut vb.pp("mlp"), DENSE_NAMES)?)
             }
@@ -547,13 +568,26 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// One pre-norm decoder layer.
+/// The attention half of a decoder layer: `input_layernorm` and `self_attn`.
 #[derive(Module, Debug)]
-pub struct DecoderLayer<B: Backend> {
+pub struct AttentionBlock<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: SelfAttention<B>,
+}
+
+/// The MLP half of a decoder layer: `post_attention_layernorm` and the MLP.
+#[derive(Module, Debug)]
+pub struct MlpBlock<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
     pub mlp: Mlp<B>,
+}
+
+/// One pre-norm decoder layer. A skipped (no-op) attention or MLP has neither its norm nor its
+/// projections: that half is `None` and passes its input through (nemotron-nas `no_op`).
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub attention: Option<AttentionBlock<B>>,
+    pub feed_forward: Option<MlpBlock<B>>,
 }
 
 impl<B: Backend> DecoderLayer<B> {
@@ -561,16 +595,42 @@ impl<B: Backend> DecoderLayer<B> {
     pub fn load(vb: &mut VarBuilder<'_, '_, B>, layer: &Layer, arch: &ModelArch) -> Result<Self> {
         let eps = arch.rms_norm_eps;
         let window = arch.sliding_window.unwrap_or(0);
+        let a = &layer.attention;
+        let attention = match a.is_no_op() {
+            true => None,
+            false => Some(AttentionBlock {
+                input_layernorm: RmsNorm::load(&mut vb.pp("input_layernorm"), eps)?,
+                self_attn: SelfAttention::load(&mut vb.pp("self_attn"), a, window)?,
+            }),
+        };
+        let feed_forward = match layer.mlp {
+            surgeon_formats::Mlp::NoOp => None,
+            _ => Some(MlpBlock {
+                post_attention_layernorm: RmsNorm::load(
+                    &mut vb.pp("post_attention_layernorm"),
+                    eps,
+                )?,
+                mlp: Mlp::load(vb, &layer.mlp)?,
+            }),
+        };
         Ok(DecoderLayer {
-            input_layernorm: RmsNorm::load(&mut vb.pp("input_layernorm"), eps)?,
-            self_attn: SelfAttention::load(&mut vb.pp("self_attn"), &layer.attention, window)?,
-            post_attention_layernorm: RmsNorm::load(&mut vb.pp("post_attention_layernorm"), eps)?,
-            mlp: Mlp::load(vb, &layer.mlp)?,
+            attention,
+            feed_forward,
         })
     }
 
+    /// The attention, if this layer has one.
+    pub fn self_attn(&self) -> Option<&SelfAttention<B>> {
+        self.attention.as_ref().map(|a| &a.self_attn)
+    }
+
+    /// The MLP, if this layer has one.
+    pub fn mlp(&self) -> Option<&Mlp<B>> {
+        self.feed_forward.as_ref().map(|f| &f.mlp)
+    }
+
     /// Layer `l` on `x` `[B, T, h]`, reporting its input, attention input, MLP input and
-    /// activations, router logits and output to `probe`.
+    /// activations, router logits and output to `probe` (a skipped half reports nothing).
     pub fn forward(
         &self,
         l: usize,
@@ -580,12 +640,22 @@ impl<B: Backend> DecoderLayer<B> {
         probe: &mut dyn Probe<B>,
     ) -> Tensor<B, 3> {
         probe.layer_input(l, &x);
-        let a = self.input_layernorm.forward(x.clone());
-        probe.attention_input(l, &a);
-        let h = x + self.self_attn.forward(a, pos, cache);
-        let m = self.post_attention_layernorm.forward(h.clone());
-        probe.mlp_input(l, &m);
-        let y = h + self.mlp.forward_probed(m, l, probe);
+        let h = match &self.attention {
+            Some(att) => {
+                let a = att.input_layernorm.forward(x.clone());
+                probe.attention_input(l, &a);
+                x + att.self_attn.forward(a, pos, cache)
+            }
+            None => x,
+        };
+        let y = match &self.feed_forward {
+            Some(ff) => {
+                let m = ff.post_attention_layernorm.forward(h.clone());
+                probe.mlp_input(l, &m);
+                h + ff.mlp.forward_probed(m, l, probe)
+            }
+            None => h,
+        };
         probe.layer_output(l, &y);
         y
     }

@@ -186,9 +186,19 @@ fn check_supported(plan: &Plan) -> Result<()> {
     if att.qkv_bias {
         return Err(unsupported(plan, "q/k/v biases".into()));
     }
+    if att.v_head_dim != att.head_dim {
+        return Err(unsupported(
+            plan,
+            format!(
+                "value head size {} differs from query/key head size {}",
+                att.v_head_dim, att.head_dim
+            ),
+        ));
+    }
     match a.uniform_mlp() {
         Some(Mlp::Dense { .. }) => {}
         Some(Mlp::Moe { .. }) => return Err(unsupported(plan, "MoE layers".into())),
+        Some(Mlp::NoOp) => return Err(unsupported(plan, "layers without an MLP".into())),
         None => {
             return Err(unsupported(
                 plan,
