@@ -4,7 +4,8 @@
 //! new key/value head `g` is the mean of the old heads that the query heads of group `g` read,
 //! one term per query head. Fewer heads mean-pool the old ones (GQA's conversion); more heads
 //! repeat them, which is exact: mean-pooling copies of one row gives the row back. Biases follow
-//! their projections. `G` equal to the current count leaves the plan unchanged.
+//! their projections. `G` equal to the current count leaves the plan unchanged; skipped (no-op)
+//! attention layers stay as they are.
 use crate::{Error, Result};
 use std::sync::Arc;
 use surgeon_formats::plan::{Op, Source, TensorEntry};
@@ -16,17 +17,17 @@ pub fn regroup_kv_heads(plan: &Plan, kv_heads: usize) -> Result<Plan> {
     let mut changed = 0;
     for (l, layer) in plan.arch.layers.iter().enumerate() {
         let a = &layer.attention;
+        // A skipped attention has no heads to regroup.
+        if a.is_no_op() {
+            continue;
+        }
         check_layer(l, &a.kind, a.num_heads, kv_heads)?;
         if a.num_kv_heads == kv_heads {
             continue;
         }
-        let groups = Arc::new(row_groups(
-            a.num_heads,
-            a.num_kv_heads,
-            kv_heads,
-            a.head_dim,
-        ));
-        for proj in ["k_proj", "v_proj"] {
+        // Keys have `head_dim` rows per head, values `v_head_dim`.
+        for (proj, d) in [("k_proj", a.head_dim), ("v_proj", a.v_head_dim)] {
+            let groups = Arc::new(row_groups(a.num_heads, a.num_kv_heads, kv_heads, d));
             for part in ["weight", "bias"] {
                 let name = format!("model.layers.{l}.self_attn.{proj}.{part}");
                 let Some(old) = plan.tensors.get(&name) else {
