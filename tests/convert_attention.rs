@@ -57,6 +57,10 @@ fn smollm2_to_mha_keeps_logits_and_mqa_heals() {
     assert!(diff <= 1e-4, "max |logit diff| {diff}");
 
     let mqa = surgeon_convert::regroup_kv_heads(&plan, 1).unwrap();
+    // The KV cache shrinks by G/H: 30 layers x 3 kv heads x (64 + 64) x 2 bytes, then 1 head.
+    assert_eq!(2 * plan.arch.kv_cache_values_per_token(), 23_040);
+    assert_eq!(2 * mha.arch.kv_cache_values_per_token(), 3 * 23_040);
+    assert_eq!(2 * mqa.arch.kv_cache_values_per_token(), 23_040 / 3);
     let changed = logits(&mqa);
     assert!(want.iter().zip(&changed).any(|(a, b)| a != b));
 

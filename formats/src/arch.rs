@@ -257,6 +257,17 @@ impl ModelArch {
         out
     }
 
+    /// Key and value numbers a softmax-attention KV cache holds per token, over all layers:
+    /// `num_kv_heads * (head_dim + v_head_dim)` per layer. Skipped attention holds nothing, and so
+    /// does linear attention (its state does not grow with the sequence).
+    pub fn kv_cache_values_per_token(&self) -> u64 {
+        self.layers
+            .iter()
+            .filter(|l| l.attention.kind == AttentionKind::Softmax)
+            .map(|l| (l.attention.num_kv_heads * (l.attention.head_dim + l.attention.v_head_dim)) as u64)
+            .sum()
+    }
+
     /// Parameter count from the formula (no tensors needed).
     pub fn parameter_count(&self) -> u64 {
         self.expected_tensors()

@@ -33,6 +33,8 @@ pub struct ModelSummary {
     pub parameters: u64,
     pub bytes: u64,
     pub parameters_by_component: BTreeMap<String, u64>,
+    /// Bytes of KV cache per token at 16-bit precision (bf16/f16), all layers.
+    pub kv_cache_bytes_per_token: u64,
     /// Distinct layer shapes as `first..end: description`.
     pub layers: Vec<String>,
     pub new_layers: Vec<usize>,
@@ -131,6 +133,7 @@ pub fn summarize(plan: &Plan, with_tensors: bool) -> ModelSummary {
         parameters: plan.parameter_count(),
         bytes: plan.byte_size(),
         parameters_by_component: by_component,
+        kv_cache_bytes_per_token: 2 * a.kv_cache_values_per_token(),
         layers,
         new_layers: a.surgeon.new_layers.clone(),
         new_token_ids: a.surgeon.new_token_ids.len(),
@@ -197,6 +200,11 @@ impl ModelSummary {
                 100.0 * *v as f64 / self.parameters.max(1) as f64
             );
         }
+        let _ = writeln!(
+            s,
+            "kv cache          {} bytes per token (16-bit keys and values)",
+            group_digits(self.kv_cache_bytes_per_token)
+        );
         if self.layers.len() > 1 {
             let _ = writeln!(s, "layer shapes:");
         }

@@ -72,6 +72,7 @@ pub fn run(a: Args) -> Result<()> {
             serde_json::json!({
                 "tokens": r.tokens, "nll": r.nll, "ppl": r.ppl, "tokens_per_s": r.tokens_per_s,
                 "windows": r.windows, "seconds": r.seconds, "backend": backend.to_string(),
+                "kv_cache_bytes_per_token": 2 * plan.arch.kv_cache_values_per_token(),
             })
         );
     } else {
