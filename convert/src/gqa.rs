@@ -68,7 +68,7 @@ fn check_layer(l: usize, kind: &AttentionKind, heads: usize, kv_heads: usize) ->
             ),
         });
     }
-    if kv_heads == 0 || heads % kv_heads != 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(Error::Invalid(format!(
             "`kv_heads` {kv_heads} must divide the {heads} query heads of layer {l} (choose one of {})",
             divisors(heads)
@@ -95,7 +95,7 @@ pub fn row_groups(heads: usize, old: usize, new: usize, d: usize) -> Vec<Vec<usi
 
 fn divisors(n: usize) -> String {
     let d: Vec<String> = (1..=n)
-        .filter(|k| n % k == 0)
+        .filter(|&k| n.is_multiple_of(k))
         .map(|k| k.to_string())
         .collect();
     d.join(", ")

@@ -264,7 +264,9 @@ impl ModelArch {
         self.layers
             .iter()
             .filter(|l| l.attention.kind == AttentionKind::Softmax)
-            .map(|l| (l.attention.num_kv_heads * (l.attention.head_dim + l.attention.v_head_dim)) as u64)
+            .map(|l| {
+                (l.attention.num_kv_heads * (l.attention.head_dim + l.attention.v_head_dim)) as u64
+            })
             .sum()
     }
 

@@ -243,13 +243,12 @@ fn split_stats(
     Ok(SplitStats::Importance { scores })
 }
 
+/// Per layer: importance `[E, i]` of each neuron for each token group, and the groups' centroids.
+type ScoresAndCentroids = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// split-importance: per layer, neuron importance per token group `[E, i]` and the groups'
 /// centroids.
-fn importance(
-    a: &Args,
-    plan: &Plan,
-    caps: &[LayerCapture],
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+fn importance(a: &Args, plan: &Plan, caps: &[LayerCapture]) -> Result<ScoresAndCentroids> {
     let h = plan.arch.hidden_size;
     let mut scores = vec![];
     let mut centroids = vec![];

@@ -84,5 +84,5 @@ pub fn plot_loss(path: &Path, rows: &[MetricRow]) -> Result<()> {
             series("learning rate (right axis)", Axis::Right, Mark::Dashed, lr),
         ],
     };
-    Ok(line_chart(path, &chart)?)
+    line_chart(path, &chart)
 }
