@@ -134,6 +134,96 @@ fn quantised_types_reimport_within_a_step() {
     }
 }
 
+/// A synthetic model whose rows are whole 256-value super-blocks, with the test tokenizer.
+fn k_quant_model(dir: &Path) -> PathBuf {
+    let m = dir.join("k-model");
+    surgeon_formats::synthetic::SyntheticSpec {
+        hidden_size: 256,
+        num_layers: 8,
+        num_heads: 4,
+        num_kv_heads: 2,
+        intermediate_size: 512,
+        ..surgeon_formats::synthetic::SyntheticSpec::tiny()
+    }
+    .write(&m, None)
+    .unwrap();
+    for (from, to) in [
+        ("tiny_tokenizer.json", "tokenizer.json"),
+        ("tiny_tokenizer_config.json", "tokenizer_config.json"),
+    ] {
+        std::fs::copy(fixtures().join(from), m.join(to)).unwrap();
+    }
+    m
+}
+
+#[test]
+fn k_quant_mixes_follow_llama_cpp_and_reimport_close() {
+    let d = tempfile::tempdir().unwrap();
+    let m = k_quant_model(d.path());
+    let src = open_model(m.to_str().unwrap()).unwrap();
+    for (ty, base, frac) in [
+        ("q4_k_m", GgmlType::Q4_K, 1.0 / 10.0),
+        ("q5_k_m", GgmlType::Q5_K, 1.0 / 20.0),
+        ("q6_k", GgmlType::Q6_K, 1.0 / 40.0),
+    ] {
+        let out = d.path().join(format!("k.{ty}.gguf"));
+        export(&m, ty, &out);
+        let g = GgufFile::open(&out).unwrap();
+        let ty_of = |n: &str| g.tensor(n).unwrap().ggml_type;
+        let mix = ty != "q6_k";
+        // 8 layers: llama.cpp's use_more_bits picks layers 0 (first eighth), 7 (last eighth), 3
+        // and 6 (every third in between) for Q6_K value and down projections.
+        for l in 0..8 {
+            let more = mix && [0, 3, 6, 7].contains(&l);
+            let want = if more { GgmlType::Q6_K } else { base };
+            assert_eq!(
+                ty_of(&format!("blk.{l}.attn_v.weight")),
+                want,
+                "{ty} layer {l}"
+            );
+            assert_eq!(
+                ty_of(&format!("blk.{l}.ffn_down.weight")),
+                want,
+                "{ty} layer {l}"
+            );
+            assert_eq!(
+                ty_of(&format!("blk.{l}.attn_q.weight")),
+                base,
+                "{ty} layer {l}"
+            );
+            assert_eq!(ty_of(&format!("blk.{l}.attn_norm.weight")), GgmlType::F32);
+        }
+        let out_ty = if mix { GgmlType::Q6_K } else { base };
+        assert_eq!(ty_of("output.weight"), out_ty, "{ty}");
+        assert_eq!(ty_of("token_embd.weight"), base, "{ty}");
+        // Re-import: every 256-value super-block within a fraction of its range.
+        let back = open_model(out.to_str().unwrap()).unwrap();
+        for name in src.tensors.keys() {
+            let (_, a) = src.load_f32(name).unwrap();
+            let (_, b) = back.load_f32(name).unwrap();
+            for (x, y) in a.chunks(256).zip(b.chunks(256)) {
+                let lo = x.iter().fold(f32::MAX, |m, &v| m.min(v));
+                let hi = x.iter().fold(f32::MIN, |m, &v| m.max(v));
+                let worst = x
+                    .iter()
+                    .zip(y)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst <= (hi - lo) * frac + 1e-6, "{ty} {name}: {worst}");
+            }
+        }
+    }
+    // Rows of 64 values are not whole super-blocks: Q4_K falls back to Q5_0 as in llama.cpp.
+    let tiny = tiny(d.path(), "f32");
+    let out = d.path().join("tiny.q4_k.gguf");
+    export(&tiny, "q4_k", &out);
+    let g = GgufFile::open(&out).unwrap();
+    assert_eq!(
+        g.tensor("blk.0.attn_q.weight").unwrap().ggml_type,
+        GgmlType::Q5_0
+    );
+}
+
 /// What llama.cpp's Python reader (`gguf` 0.19) read from these exports, recorded by
 /// scripts/goldens/gguf_export_goldens.py: the same bytes now, and surgeon reads the same values.
 #[test]
@@ -257,14 +347,17 @@ fn never_overwrites_without_force_nor_an_input() {
         "export-gguf",
         m.to_str().unwrap(),
         "--type",
-        "q4_k_m",
+        "q2_k",
         "--out",
-        "x.gguf",
+        d.path().join("x.gguf").to_str().unwrap(),
     ]);
     assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("supported: f32, f16, bf16, q8_0, q4_0, q4_1")
+        e.contains("supported: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k"),
+        "{e}"
     );
+    assert!(!d.path().join("x.gguf").exists());
 }
 
 /// The real model: SmolLM2 (Q4_1 GGUF) -> surgeon plan (f32) -> Q8_0 GGUF. The tokenizer metadata

@@ -10,7 +10,8 @@ pub struct Args {
     /// Output file (.gguf). Written to a temporary sibling, renamed at the end.
     #[arg(long)]
     pub out: PathBuf,
-    /// Type of the weight matrices: f32, f16, bf16, q8_0, q4_0, q4_1 (norms stay f32).
+    /// Type of the weight matrices: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k,
+    /// or the mixes q4_k_m, q5_k_m (norms stay f32).
     #[arg(id = "type", long = "type", default_value = "f16", value_name = "TYPE")]
     pub ty: ExportType,
     /// llama.cpp pre-tokenizer name (tokenizer.ggml.pre), e.g. smollm, llama-bpe, qwen2, gpt2;

@@ -1,12 +1,19 @@
-//! Quantisation to ggml block formats, bit for bit as ggml's reference (`quantize_row_*_ref`) does:
-//! Q8_0, Q4_0 and Q4_1 (32 values per block, an f16 scale first). The inverse is [`super::dequantize`].
+//! Quantisation to ggml block formats. Q8_0, Q4_0 and Q4_1 (32 values per block, an f16 scale
+//! first) are written here, bit for bit as ggml's reference (`quantize_row_*_ref`) does; Q5_0, Q5_1
+//! and the k-quants Q4_K, Q5_K, Q6_K (256 values per super-block) use candle-core's ports of ggml's
+//! reference quantisers (`k_quants::GgmlType::from_float`), the same crate that reads them back.
+//! The inverse is [`super::dequantize`].
 use super::GgmlType;
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, GgmlType as CandleBlock,
+};
 use half::f16;
 use rayon::prelude::*;
 
 /// Types [`quantize`] can produce.
 pub fn is_supported(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+    use GgmlType::*;
+    matches!(ty, Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K)
 }
 
 /// Quantises `values` (a whole number of 32-value blocks) to `ty`; `None` for other types or lengths.
@@ -19,7 +26,12 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
     let f: fn(&[f32], &mut [u8]) = match ty {
         GgmlType::Q8_0 => q8_0,
         GgmlType::Q4_0 => q4_0,
-        _ => q4_1,
+        GgmlType::Q4_1 => q4_1,
+        GgmlType::Q5_0 => candle_blocks::<BlockQ5_0>,
+        GgmlType::Q5_1 => candle_blocks::<BlockQ5_1>,
+        GgmlType::Q4_K => candle_blocks::<BlockQ4K>,
+        GgmlType::Q5_K => candle_blocks::<BlockQ5K>,
+        _ => candle_blocks::<BlockQ6K>,
     };
     out.par_chunks_mut(size * 1024)
         .zip(values.par_chunks(block * 1024))
@@ -29,6 +41,25 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
             }
         });
     Some(out)
+}
+
+/// Quantises whole blocks of `x` with candle's block type `B` into `y` (`size_of::<B>()` bytes per
+/// block, ggml's on-disk layout).
+fn candle_blocks<B: CandleBlock>(x: &[f32], y: &mut [u8]) {
+    let nb = x.len() / B::BLCK_SIZE;
+    let size = std::mem::size_of::<B>();
+    debug_assert_eq!(nb * size, y.len());
+    let mut blocks: Vec<B> = Vec::with_capacity(nb);
+    // SAFETY: candle's block types are `repr(C)` plain-old-data (f16/f32 scales and integer
+    // arrays), valid for every bit pattern, zeros included; `blocks` has room for `nb` of them.
+    unsafe {
+        std::ptr::write_bytes(blocks.as_mut_ptr(), 0, nb);
+        blocks.set_len(nb);
+    }
+    B::from_float(x, &mut blocks);
+    // SAFETY: the same `nb` blocks viewed as their `nb * size` bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, nb * size) };
+    y.copy_from_slice(bytes);
 }
 
 fn q8_0(x: &[f32], y: &mut [u8]) {
@@ -122,7 +153,48 @@ mod tests {
             }
         }
         assert!(quantize(GgmlType::Q8_0, &x[..31]).is_none());
-        assert!(quantize(GgmlType::Q4_K, &x).is_none());
+        assert!(quantize(GgmlType::Q4_K, &x[..32 * 7]).is_none());
+        assert!(quantize(GgmlType::Q2_K, &x).is_none());
+    }
+
+    /// candle's k-quants and Q5_0/Q5_1 read back (with the importer's decoder) close to the input:
+    /// the error of each super-block stays under a fraction of its range that shrinks with the bits.
+    #[test]
+    fn candle_types_round_trip() {
+        let x = values(256 * 12);
+        for (ty, frac) in [
+            (GgmlType::Q5_0, 1.0 / 16.0),
+            (GgmlType::Q5_1, 1.0 / 31.0),
+            (GgmlType::Q4_K, 1.0 / 10.0),
+            (GgmlType::Q5_K, 1.0 / 20.0),
+            (GgmlType::Q6_K, 1.0 / 40.0),
+        ] {
+            let q = quantize(ty, &x).unwrap();
+            assert_eq!(q.len() as u64, ty.byte_len(x.len() as u64).unwrap(), "{ty}");
+            let back = super::super::dequantize(ty, &q, x.len()).unwrap();
+            for (xb, yb) in x.chunks(256).zip(back.chunks(256)) {
+                let lo = xb.iter().fold(f32::MAX, |m, &v| m.min(v));
+                let hi = xb.iter().fold(f32::MIN, |m, &v| m.max(v));
+                let tol = (hi - lo) * frac;
+                let worst = xb
+                    .iter()
+                    .zip(yb)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst <= tol, "{ty}: error {worst} above {tol}");
+            }
+        }
+        // More bits, smaller error.
+        let err = |ty| {
+            let q = quantize(ty, &x).unwrap();
+            let back = super::super::dequantize(ty, &q, x.len()).unwrap();
+            x.iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .sum::<f64>()
+        };
+        assert!(err(GgmlType::Q6_K) < err(GgmlType::Q5_K));
+        assert!(err(GgmlType::Q5_K) < err(GgmlType::Q4_K));
     }
 
     /// Known blocks: all zeros, and a ramp whose codes can be worked out by hand.

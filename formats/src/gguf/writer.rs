@@ -5,12 +5,14 @@
 //!   ids, `add_bos_token`) and `tokenizer.chat_template`.
 //! * Tensors: llama.cpp names; q/k rows permuted again for llama.cpp's interleaved RoPE
 //!   ([`super::names::rope_row_order`]); 1-D tensors in F32, matrices in the chosen type (F32, F16,
-//!   BF16, Q8_0, Q4_0, Q4_1; a matrix whose rows are not whole 32-value blocks falls back to F16).
+//!   BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q4_K, Q5_K, Q6_K, and llama.cpp's mixes
+//!   Q4_K_M / Q5_K_M, see [`tensor_type`]). A matrix whose rows are not whole blocks falls back as
+//!   llama.cpp does (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0), and to F16 below 32-value blocks.
 //! * The file is written to a temporary sibling, synced and renamed into place; an existing file is
 //!   replaced only with `force`, never when it is one of the plan's inputs.
 //!
 //! Not covered (a clear error): MoE layers, layers of different shapes, q/k/v biases, non-softmax
-//! attention, `rope_scaling`, SentencePiece-style tokenizers, k-quants and i-quants.
+//! attention, `rope_scaling`, SentencePiece-style tokenizers, Q2_K/Q3_K and i-quants.
 use super::names::rope_row_order;
 use super::quant;
 use super::reader::{GgmlType, GgufValue, DEFAULT_ALIGNMENT, GGUF_MAGIC};
@@ -22,8 +24,9 @@ use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-/// The element type of the exported matrices.
+/// The element type of the exported matrices (ggml's names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
 pub enum ExportType {
     F32,
     F16,
@@ -31,10 +34,24 @@ pub enum ExportType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    /// Every matrix Q4_K (llama.cpp's Q4_K_S file type, without its exceptions).
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    /// Q4_K, with Q6_K for the output matrix and for the value and down projections of the layers
+    /// llama.cpp's `use_more_bits` picks.
+    Q4_K_M,
+    /// The same mix around Q5_K.
+    Q5_K_M,
 }
 
 impl ExportType {
-    pub const NAMES: &'static [&'static str] = &["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"];
+    pub const NAMES: &'static [&'static str] = &[
+        "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k",
+        "q4_k_m", "q5_k_m",
+    ];
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.to_ascii_lowercase().as_str() {
@@ -44,10 +61,18 @@ impl ExportType {
             "q8_0" => ExportType::Q8_0,
             "q4_0" => ExportType::Q4_0,
             "q4_1" => ExportType::Q4_1,
+            "q5_0" => ExportType::Q5_0,
+            "q5_1" => ExportType::Q5_1,
+            "q4_k" | "q4_k_s" => ExportType::Q4_K,
+            "q5_k" | "q5_k_s" => ExportType::Q5_K,
+            "q6_k" => ExportType::Q6_K,
+            "q4_k_m" => ExportType::Q4_K_M,
+            "q5_k_m" => ExportType::Q5_K_M,
             _ => return None,
         })
     }
 
+    /// The type of most matrices (a mix's base type).
     pub fn ggml(self) -> GgmlType {
         match self {
             ExportType::F32 => GgmlType::F32,
@@ -56,7 +81,17 @@ impl ExportType {
             ExportType::Q8_0 => GgmlType::Q8_0,
             ExportType::Q4_0 => GgmlType::Q4_0,
             ExportType::Q4_1 => GgmlType::Q4_1,
+            ExportType::Q5_0 => GgmlType::Q5_0,
+            ExportType::Q5_1 => GgmlType::Q5_1,
+            ExportType::Q4_K | ExportType::Q4_K_M => GgmlType::Q4_K,
+            ExportType::Q5_K | ExportType::Q5_K_M => GgmlType::Q5_K,
+            ExportType::Q6_K => GgmlType::Q6_K,
         }
+    }
+
+    /// Whether the matrices are quantised (then `general.quantization_version` is written).
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, ExportType::F32 | ExportType::F16 | ExportType::BF16)
     }
 
     /// llama.cpp's `llama_ftype` (`general.file_type`).
@@ -67,6 +102,13 @@ impl ExportType {
             ExportType::Q4_0 => 2,
             ExportType::Q4_1 => 3,
             ExportType::Q8_0 => 7,
+            ExportType::Q5_0 => 8,
+            ExportType::Q5_1 => 9,
+            ExportType::Q4_K => 14,
+            ExportType::Q4_K_M => 15,
+            ExportType::Q5_K => 16,
+            ExportType::Q5_K_M => 17,
+            ExportType::Q6_K => 18,
             ExportType::BF16 => 32,
         }
     }
@@ -77,7 +119,7 @@ impl std::str::FromStr for ExportType {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         ExportType::parse(s).ok_or_else(|| {
             format!(
-                "unknown GGUF type `{s}` (supported: {}; k-quants such as q4_k_m are not)",
+                "unknown GGUF type `{s}` (supported: {}; q2_k, q3_k and i-quants are not)",
                 ExportType::NAMES.join(", ")
             )
         })
@@ -220,6 +262,8 @@ fn check_supported(plan: &Plan) -> Result<()> {
 
 fn plan_tensors(plan: &Plan, ty: ExportType, notes: &mut Vec<String>) -> Result<Vec<Planned>> {
     let att = plan.arch.uniform_attention().expect("checked");
+    let layers = plan.arch.num_layers();
+    let tied = !plan.tensors.contains_key("lm_head.weight");
     let mut out = vec![];
     let mut fallback = 0;
     for name in plan.ordered_names() {
@@ -234,10 +278,10 @@ fn plan_tensors(plan: &Plan, ty: ExportType, notes: &mut Vec<String>) -> Result<
         let mut t = if shape.len() == 1 {
             GgmlType::F32
         } else {
-            ty.ggml()
+            tensor_type(ty, &gguf, layers, tied)
         };
-        if !cols.is_multiple_of(t.block_layout().0) {
-            t = GgmlType::F16;
+        while !cols.is_multiple_of(t.block_layout().0) {
+            t = row_fallback(t);
             fallback += 1;
         }
         let n: u64 = shape.iter().product::<usize>() as u64;
@@ -252,10 +296,51 @@ fn plan_tensors(plan: &Plan, ty: ExportType, notes: &mut Vec<String>) -> Result<
     }
     if fallback > 0 {
         notes.push(format!(
-            "{fallback} matrices whose rows are not whole 32-value blocks are stored as F16"
+            "{fallback} matrices whose rows are not whole blocks of their type fell back to a \
+             smaller block (as llama.cpp does: Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, else F16)"
         ));
     }
     Ok(out)
+}
+
+/// The type of matrix `gguf` (a llama.cpp tensor name) in an export of type `ty`: the mixes give
+/// the output matrix (the token embeddings when tied) Q6_K, and the value and down projections of
+/// the layers [`use_more_bits`] picks Q6_K, as llama.cpp's `llama_tensor_get_type` does for
+/// Q4_K_M/Q5_K_M (its other special cases, e.g. for many experts or GQA groups, are not copied).
+pub fn tensor_type(ty: ExportType, gguf: &str, layers: usize, tied: bool) -> GgmlType {
+    if !matches!(ty, ExportType::Q4_K_M | ExportType::Q5_K_M) {
+        return ty.ggml();
+    }
+    if gguf == "output.weight" || (tied && gguf == "token_embd.weight") {
+        return GgmlType::Q6_K;
+    }
+    let layer = gguf
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok());
+    let more = [".attn_v.weight", ".ffn_down.weight"]
+        .iter()
+        .any(|s| gguf.ends_with(s));
+    match layer {
+        Some(i) if more && use_more_bits(i, layers) => GgmlType::Q6_K,
+        _ => ty.ggml(),
+    }
+}
+
+/// llama.cpp's choice of layers that get more bits: the first and last eighth, and every third
+/// layer in between.
+pub fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+/// The next type to try when a row is not a whole number of `t`'s blocks.
+fn row_fallback(t: GgmlType) -> GgmlType {
+    match t {
+        GgmlType::Q4_K => GgmlType::Q5_0,
+        GgmlType::Q5_K => GgmlType::Q5_1,
+        GgmlType::Q6_K => GgmlType::Q8_0,
+        _ => GgmlType::F16,
+    }
 }
 
 fn model_metadata(plan: &Plan, opts: &ExportOptions) -> Vec<(String, GgufValue)> {
@@ -281,10 +366,7 @@ fn model_metadata(plan: &Plan, opts: &ExportOptions) -> Vec<(String, GgufValue)>
             GgufValue::U32(opts.ty.file_type()),
         ),
     ];
-    if matches!(
-        opts.ty,
-        ExportType::Q8_0 | ExportType::Q4_0 | ExportType::Q4_1
-    ) {
+    if opts.ty.is_quantized() {
         m.push(("general.quantization_version".into(), GgufValue::U32(2)));
     }
     m.extend([
@@ -851,7 +933,8 @@ mod tests {
 
     #[test]
     fn types_parse() {
-        for n in ExportType::NAMES {
+        // A mix's matrices are mostly its base type.
+        for n in ExportType::NAMES.iter().filter(|n| !n.ends_with("_m")) {
             assert_eq!(
                 ExportType::parse(n)
                     .unwrap()
@@ -861,7 +944,31 @@ mod tests {
                 *n
             );
         }
-        let e = "q4_k_m".parse::<ExportType>().unwrap_err();
-        assert!(e.contains("not"), "{e}");
+        assert_eq!(ExportType::parse("q4_k_m").unwrap().ggml(), GgmlType::Q4_K);
+        assert_eq!(ExportType::parse("Q5_K_M").unwrap().ggml(), GgmlType::Q5_K);
+        let e = "q2_k".parse::<ExportType>().unwrap_err();
+        assert!(e.contains("q2_k, q3_k and i-quants are not"), "{e}");
+    }
+
+    #[test]
+    fn mixes_give_q6_k_where_llama_cpp_does() {
+        // 30 layers (SmolLM2): the first 3, the last 4, and every third in between.
+        let more: Vec<usize> = (0..30).filter(|&i| use_more_bits(i, 30)).collect();
+        assert_eq!(
+            more,
+            vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+        );
+        let t = |n: &str, tied| tensor_type(ExportType::Q4_K_M, n, 30, tied);
+        assert_eq!(t("blk.5.attn_v.weight", false), GgmlType::Q6_K);
+        assert_eq!(t("blk.6.attn_v.weight", false), GgmlType::Q4_K);
+        assert_eq!(t("blk.8.ffn_down.weight", false), GgmlType::Q6_K);
+        assert_eq!(t("blk.8.ffn_up.weight", false), GgmlType::Q4_K);
+        assert_eq!(t("output.weight", false), GgmlType::Q6_K);
+        assert_eq!(t("token_embd.weight", false), GgmlType::Q4_K);
+        assert_eq!(t("token_embd.weight", true), GgmlType::Q6_K);
+        assert_eq!(
+            tensor_type(ExportType::Q4_K, "output.weight", 30, false),
+            GgmlType::Q4_K
+        );
     }
 }
