@@ -77,7 +77,53 @@ fn parse(json: &[u8]) -> Result<Value> {
 }
 
 fn load(json: &[u8]) -> Result<Tokenizer> {
+    if let Ok(v) = serde_json::from_slice::<Value>(json) {
+        check_bpe_merges(&v)?;
+    }
     Tokenizer::from_bytes(json).map_err(|e| invalid(format!("tokenizer.json does not load: {e}")))
+}
+
+/// Checks that every BPE merge joins two vocabulary tokens into a vocabulary token. tokenizers 0.23
+/// builds its merge table in a buffer as long as the longest token and panics (slice index out of
+/// range) on a merge whose result is longer, before it would report the token missing (found by
+/// fuzzing); so we report it first, naming the merge. Malformed merges are left to tokenizers.
+fn check_bpe_merges(v: &Value) -> Result<()> {
+    let model = &v["model"];
+    if model["type"].as_str().is_some_and(|t| t != "BPE") {
+        return Ok(());
+    }
+    let (Some(vocab), Some(merges)) = (model["vocab"].as_object(), model["merges"].as_array())
+    else {
+        return Ok(());
+    };
+    // tokenizers joins `a` with `b` minus as many bytes as this prefix has (it assumes `b` has it).
+    let prefix = model["continuing_subword_prefix"].as_str().unwrap_or("");
+    for (i, m) in merges.iter().enumerate() {
+        let (a, b) = match m {
+            Value::String(s) => match s.split_once(' ') {
+                Some(pair) => pair,
+                None => continue,
+            },
+            Value::Array(p) if p.len() == 2 => match (p[0].as_str(), p[1].as_str()) {
+                (Some(a), Some(b)) => (a, b),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        let bad = |m: String| invalid(format!("tokenizer.json: model.merges[{i}] `{a} {b}`: {m}"));
+        let Some(rest) = b.get(prefix.len()..) else {
+            return Err(bad(format!(
+                "`{b}` is too short for continuing_subword_prefix `{prefix}`"
+            )));
+        };
+        let merged = format!("{a}{rest}");
+        for t in [a, b, merged.as_str()] {
+            if !vocab.contains_key(t) {
+                return Err(bad(format!("`{t}` is not in model.vocab")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn contains_type(v: &Value, ty: &str) -> bool {
@@ -749,4 +795,48 @@ pub fn update_tokenizer_config(config: &[u8], ext: &Extension, added: bool) -> R
     }
     serde_json::to_vec_pretty(&v)
         .map_err(|e| invalid(format!("serialising tokenizer_config.json: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bpe_json(vocab: Value, merges: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges}
+        }))
+        .unwrap()
+    }
+
+    /// Fuzzing (tokenizer_json) found this: tokenizers 0.23 panics (slice index out of range) on a
+    /// merge whose result is longer than every vocabulary token, instead of reporting the token
+    /// missing. We report it, naming the merge.
+    #[test]
+    fn merge_into_a_missing_token_is_an_error_not_a_panic() {
+        let bad = bpe_json(json!({"a": 0, "b": 1}), json!(["a b"]));
+        let e = encode(&bad, "ab").unwrap_err().to_string();
+        assert!(
+            e.contains("tokenizer.json: model.merges[0] `a b`: `ab` is not in model.vocab"),
+            "{e}"
+        );
+        let e = add_tokens(&bad, &["zz".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.merges[0]"), "{e}");
+        let e = encode(&bpe_json(json!({"a": 0}), json!([["a", "c"]])), "a")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.merges[0] `a c`: `c` is not in model.vocab"),
+            "{e}"
+        );
+        // The same tokenizer with the merged token loads and applies the merge.
+        let good = bpe_json(json!({"a": 0, "b": 1, "ab": 2}), json!(["a b"]));
+        assert_eq!(encode(&good, "ab").unwrap(), vec![2]);
+    }
 }
