@@ -1,5 +1,6 @@
 //! The `surgeon` command line: a thin layer over the library crates.
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::process::ExitCode;
 
 mod commands;
 mod pipeline;
@@ -35,6 +36,8 @@ enum Command {
     Upscale(commands::upscale::Args),
     /// Block expansion (LLaMA Pro): insert identity copies of blocks for new-block training.
     Expand(commands::expand::Args),
+    /// Regroup attention heads: grouped-query (--to gqa --kv-heads G) or multi-head (--to mha).
+    ConvertAttention(commands::convert_attention::Args),
     /// Remove decoder layers.
     DropLayers(commands::drop_layers::Args),
     /// Perplexity of a model on a text file (windowed next-token prediction).
@@ -49,8 +52,10 @@ enum Command {
     Run(commands::run::Args),
 }
 
-fn main() {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let flags = subcommand_flags(matches.subcommand_name());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Writers remove their unfinished output on SIGINT/SIGTERM and exit 130. `heal` installs its
     // own (checkpoint first); `run` leaves signals to its steps, which share its process group.
     let writes = !matches!(
@@ -64,7 +69,7 @@ fn main() {
     if writes {
         if let Err(e) = surgeon_formats::output::install_signal_handlers(None) {
             eprintln!("error: installing the signal handler: {e}");
-            std::process::exit(1);
+            return ExitCode::FAILURE;
         }
     }
     let result = match cli.command {
@@ -77,14 +82,80 @@ fn main() {
         Command::Upscale(a) => commands::upscale::run(a),
         Command::Expand(a) => commands::expand::run(a),
         Command::DropLayers(a) => commands::drop_layers::run(a),
+        Command::ConvertAttention(a) => commands::convert_attention::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Moe(a) => commands::moe::run(a),
         Command::Heal(a) => commands::heal::run(a),
         Command::Run(a) => commands::run::run(a),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<commands::common::Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("error: {}", with_flag_names(&format!("{e:#}"), &flags));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The long flags of subcommand `name`, without their dashes.
+fn subcommand_flags(name: Option<&str>) -> Vec<String> {
+    let cmd = Cli::command();
+    let Some(sub) = name.and_then(|n| cmd.find_subcommand(n)) else {
+        return vec![];
+    };
+    sub.get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect()
+}
+
+/// Library messages name configuration fields in backticks (`top_k`); on the command line each
+/// field that is a flag of this command reads as the flag (--top-k).
+fn with_flag_names(message: &str, flags: &[String]) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find('`') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('`') else { break };
+        let word = &after[..close];
+        let flag = word.replace('_', "-");
+        out.push_str(&rest[..open]);
+        if flags.contains(&flag) {
+            out.push_str("--");
+            out.push_str(&flag);
+        } else {
+            out.push_str(&rest[open..open + close + 2]);
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_that_are_flags_become_flags() {
+        let flags = subcommand_flags(Some("moe"));
+        assert!(flags.contains(&"top-k".to_string()), "{flags:?}");
+        assert_eq!(
+            with_flag_names(
+                "`top_k` must be between 1 and `experts` = 4 (got 5)",
+                &flags
+            ),
+            "--top-k must be between 1 and --experts = 4 (got 5)"
+        );
+        // Tensor names, values and unknown words keep their backticks; an odd backtick stays.
+        assert_eq!(
+            with_flag_names("`model.norm.weight` and `zeros` in `x", &flags),
+            "`model.norm.weight` and `zeros` in `x"
+        );
+        assert!(subcommand_flags(Some("no-such-command")).is_empty());
     }
 }

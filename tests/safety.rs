@@ -494,7 +494,7 @@ fn nan_weights_are_never_written() {
     let e = surgeon_surgery::moe::check_request(&plan.arch, &opts)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--router-std"), "{e}");
+    assert!(e.contains("`router_std`"), "{e}");
     let _ = DType::F16;
 }
 

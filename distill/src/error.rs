@@ -23,8 +23,12 @@ pub enum Error {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A configuration value out of range, named by its field.
     #[error("{0}")]
     Invalid(String),
+    /// A training checkpoint that cannot be written or resumed.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -51,12 +51,12 @@ impl GenerateOptions {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(format!(
-                "--temperature must be a finite number >= 0 (0 is greedy), got {}",
+                "`temperature` must be a finite number >= 0 (0 is greedy), got {}",
                 self.temperature
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("--top-p must be in (0, 1], got {}", self.top_p));
+            return Err(format!("`top_p` must be in (0, 1], got {}", self.top_p));
         }
         Ok(())
     }

@@ -5,10 +5,13 @@
 //! - [`eval::perplexity`]: windowed next-token perplexity.
 //! - [`generate`]: sampling with a KV cache, streaming text.
 //! - [`text`]: tokenizer and chat template of a plan.
+//! - [`calibrate`]: calibration statistics on a text file (block influence, MLP captures), the
+//!   library form of the CLI's `--data`/`--max-tokens`/`--window`.
 //! - [`probe`]: hooks into the forward pass and the calibration statistics built on them (block
 //!   influence for `drop-layers --count`, MLP captures for `moe`, router logits for healing).
 //! - [`plot`]: line and bar charts (SVG/PNG) with an embedded font.
 pub mod backend;
+pub mod calibrate;
 pub mod error;
 pub mod eval;
 pub mod generate;

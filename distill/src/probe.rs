@@ -233,6 +233,17 @@ mod tests {
     type B = burn::backend::Flex;
 
     #[test]
+    fn token_influence_is_one_minus_cosine() {
+        let x = [1.0, 0.0, 0.0, 2.0];
+        assert!(token_influence(&x[..2], &x[..2]).abs() < 1e-12);
+        assert!((token_influence(&x[..2], &x[2..]) - 1.0).abs() < 1e-12);
+        // Opposite directions: the largest influence, 2.
+        assert!((token_influence(&[1.0, 1.0], &[-2.0, -2.0]) - 2.0).abs() < 1e-12);
+        // A zero vector has nothing in common with anything.
+        assert_eq!(token_influence(&[0.0, 0.0], &[1.0, 0.0]), 1.0);
+    }
+
+    #[test]
     fn scores_are_finite_and_in_range() {
         let plan = SyntheticSpec {
             num_layers: 4,

@@ -56,7 +56,7 @@ pub fn check_output(out: &Path, inputs: &[PathBuf], force: bool) -> Result<()> {
         }
         if abs_in.starts_with(&abs_out) {
             return refuse(format!(
-                "holds the input {} (it would be replaced; even --force never does that)",
+                "holds the input {} (it would be replaced; even `force` never does that)",
                 input.display()
             ));
         }
@@ -68,7 +68,7 @@ pub fn check_output(out: &Path, inputs: &[PathBuf], force: bool) -> Result<()> {
         return Ok(());
     };
     if !force {
-        return refuse("already exists (use --force to replace it)".into());
+        return refuse("already exists (use `force` to replace it)".into());
     }
     if !md.is_dir() {
         return refuse(
@@ -81,7 +81,7 @@ pub fn check_output(out: &Path, inputs: &[PathBuf], force: bool) -> Result<()> {
         return Ok(());
     }
     refuse(format!(
-        "already exists and was not written by surgeon (no {MARKER} file): --force replaces only \
+        "already exists and was not written by surgeon (no {MARKER} file): `force` replaces only \
          surgeon's outputs; remove it yourself or choose another --out"
     ))
 }
@@ -334,7 +334,7 @@ mod tests {
             assert!(e.contains(want), "{out:?}: {e}");
         }
         let e = check_output(&data, &[], false).unwrap_err().to_string();
-        assert!(e.contains("already exists (use --force"), "{e}");
+        assert!(e.contains("already exists (use `force`"), "{e}");
         let e = check_output(&data, &[], true).unwrap_err().to_string();
         assert!(e.contains("was not written by surgeon"), "{e}");
         let e = check_output(&file, &[], true).unwrap_err().to_string();

@@ -381,7 +381,7 @@ pub fn learn_merges(
 ) -> Result<Extension> {
     if n == 0 {
         return Err(invalid(
-            "--add must be at least 1 (asked to learn 0 new tokens)",
+            "`add` must be at least 1 (asked to learn 0 new tokens)",
         ));
     }
     let mut v = parse(json)?;

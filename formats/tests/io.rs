@@ -303,7 +303,7 @@ fn existing_output_and_output_inside_input() {
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "precious").unwrap();
     let e = write_model(&plan, &out, &opts()).unwrap_err().to_string();
-    assert!(e.contains("already exists (use --force"), "{e}");
+    assert!(e.contains("already exists (use `force`"), "{e}");
     assert_eq!(
         std::fs::read_to_string(out.join("keep.txt")).unwrap(),
         "precious"

@@ -1,6 +1,8 @@
-//! Flags shared by every command that writes a model.
+//! Flag groups shared by commands: output, backend, calibration.
 use anyhow::Result;
 use std::path::PathBuf;
+use surgeon_distill::calibrate::Calibration;
+use surgeon_distill::BackendKind;
 use surgeon_formats::writer::{parse_size, WriteOptions};
 use surgeon_formats::{DType, Plan};
 
@@ -64,7 +66,54 @@ impl OutputArgs {
     }
 }
 
+/// A run stopped by Ctrl-C after saving its state; `main` prints the message (no `error:`) and
+/// exits with status 130, as a shell expects of an interrupted program.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// The command line as typed, for the model card.
 pub fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+/// `--backend`: which burn backend runs the model (every command that runs it).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct BackendArgs {
+    /// cpu (burn Flex), wgpu or cuda (those two need the cargo features of the same name).
+    #[arg(long, default_value_t = BackendKind::default())]
+    pub backend: BackendKind,
+}
+
+/// `--data`, `--max-tokens`, `--window`: calibration text for operators that look at activations.
+/// The defaults are the library's ([`Calibration`]).
+#[derive(clap::Args, Clone, Debug)]
+pub struct CalibrationArgs {
+    /// Calibration text (.txt, or .jsonl with a "text" field).
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Use at most this many calibration tokens (from the start of --data).
+    #[arg(long, default_value_t = Calibration::DEFAULT_MAX_TOKENS)]
+    pub max_tokens: usize,
+    /// Tokens per calibration forward pass (capped at the model's context).
+    #[arg(long, default_value_t = Calibration::DEFAULT_WINDOW)]
+    pub window: usize,
+}
+
+impl CalibrationArgs {
+    /// The library's calibration settings, when --data was given.
+    pub fn calibration(&self) -> Option<Calibration> {
+        self.data.as_ref().map(|data| Calibration {
+            data: data.clone(),
+            max_tokens: self.max_tokens,
+            window: self.window,
+        })
+    }
 }

@@ -1,9 +1,9 @@
 //! `surgeon drop-layers`: remove decoder layers, given by index (`--layers`) or chosen as the `--count`
 //! layers of lowest block influence on calibration text (`--data`).
-use super::common::{command_line, OutputArgs};
+use super::common::{command_line, BackendArgs, CalibrationArgs, OutputArgs};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use surgeon_distill::{probe, text, Llama};
+use surgeon_distill::calibrate;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,15 +21,10 @@ pub struct Args {
     /// the tokens of --data); the scores are printed.
     #[arg(long, value_name = "K", requires = "data")]
     pub count: Option<usize>,
-    /// Calibration text (.txt, or .jsonl with a "text" field) for --count.
-    #[arg(long, value_name = "FILE")]
-    pub data: Option<PathBuf>,
-    /// Score on at most this many calibration tokens.
-    #[arg(long, default_value_t = 4096)]
-    pub max_tokens: usize,
-    /// Tokens per scoring window (capped at the model's context).
-    #[arg(long, default_value_t = 512)]
-    pub window: usize,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// With --count: draw the block influence of every layer, dropped layers highlighted
     /// (FILE.svg or FILE.png).
     #[arg(long, value_name = "FILE", requires = "count")]
@@ -42,51 +37,39 @@ pub fn run(a: Args) -> Result<()> {
     let plan = surgeon_formats::open_model(&a.model)?;
     let layers = match (&a.layers, a.count) {
         (Some(l), _) => surgeon_surgery::parse_indices(l)?,
-        (None, Some(k)) => {
-            let path = a.data.as_ref().expect("clap requires --data with --count");
-            let n = plan.arch.num_layers();
-            if k == 0 || k >= n {
-                bail!("--count {k}: the model has {n} layers, so --count must be in 1..{n}");
-            }
-            let tok = text::load_tokenizer(&plan)?;
-            let data = surgeon_distill::eval::read_text(path)?;
-            let ids = text::encode(&tok, &data)?;
-            let ids = &ids[..ids.len().min(a.max_tokens)];
-            if ids.is_empty() {
-                bail!("{}: no calibration tokens", path.display());
-            }
-            let window = a
-                .window
-                .max(1)
-                .min(plan.arch.max_position_embeddings.max(1));
-            type B = surgeon_distill::burn::backend::Flex;
-            let model = Llama::<B>::from_plan(&plan, &Default::default())?;
-            let scores = probe::block_influences(&model, ids, window).context("scoring layers")?;
-            println!(
-                "block influence on {} tokens (1 - cos, lower = less important):",
-                ids.len()
-            );
-            for (i, s) in scores.iter().enumerate() {
-                println!("  layer {i:>3}: {s:.6}");
-            }
-            let drop = surgeon_surgery::lowest_influence(&scores, k)?;
-            if let Some(p) = &a.plot {
-                plot_influence(p, &scores, &drop, ids.len())?;
-                eprintln!("wrote {}", p.display());
-            }
-            println!(
-                "dropping {}",
-                drop.iter()
-                    .map(|i| i.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
-            drop
-        }
+        (None, Some(k)) => choose_by_influence(&a, &plan, k)?,
         (None, None) => bail!("give --layers I,J,... or --count K --data FILE"),
     };
     let plan = surgeon_surgery::drop_layers(&plan, &layers)?;
     a.output.finish(plan, command_line())
+}
+
+/// The `k` layers of lowest block influence on the calibration text; prints every score.
+fn choose_by_influence(a: &Args, plan: &surgeon_formats::Plan, k: usize) -> Result<Vec<usize>> {
+    let cal = a
+        .calibration
+        .calibration()
+        .expect("clap requires --data with --count");
+    let n = plan.arch.num_layers();
+    if k == 0 || k >= n {
+        bail!("--count {k}: the model has {n} layers, so --count must be in 1..{n}");
+    }
+    let bi = calibrate::block_influence(plan, &cal, a.backend.backend).context("scoring layers")?;
+    println!(
+        "block influence on {} tokens (1 - cos, lower = less important):",
+        bi.tokens
+    );
+    for (i, s) in bi.scores.iter().enumerate() {
+        println!("  layer {i:>3}: {s:.6}");
+    }
+    let drop = surgeon_surgery::lowest_influence(&bi.scores, k)?;
+    if let Some(p) = &a.plot {
+        plot_influence(p, &bi.scores, &drop, bi.tokens)?;
+        eprintln!("wrote {}", p.display());
+    }
+    let list: Vec<String> = drop.iter().map(|i| i.to_string()).collect();
+    println!("dropping {}", list.join(","));
+    Ok(drop)
 }
 
 /// Bar chart of the block influence per layer, the dropped layers in the second colour.

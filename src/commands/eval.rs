@@ -1,8 +1,9 @@
 //! `surgeon eval`: perplexity of a model on a text file.
+use super::common::BackendArgs;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::time::Instant;
-use surgeon_distill::backend::{BackendJob, BackendKind};
+use surgeon_distill::backend::BackendJob;
 use surgeon_distill::burn::tensor::backend::Backend;
 use surgeon_distill::eval::{perplexity, read_text, EvalOptions, EvalReport};
 use surgeon_distill::{text, Llama};
@@ -16,17 +17,16 @@ pub struct Args {
     #[arg(long)]
     pub data: PathBuf,
     /// Predicted tokens per window (windows of window+1 tokens, no overlap).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = EvalOptions::default().window)]
     pub window: usize,
     /// Score only the first N tokens.
     #[arg(long)]
     pub max_tokens: Option<usize>,
     /// Windows per forward pass.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = EvalOptions::default().batch_size)]
     pub batch_size: usize,
-    /// cpu, wgpu or cuda.
-    #[arg(long, default_value = "cpu")]
-    pub backend: BackendKind,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Print one JSON object (`tokens`, `nll`, `ppl`, `tokens_per_s`).
     #[arg(long)]
     pub json: bool,
@@ -58,8 +58,8 @@ pub fn run(a: Args) -> Result<()> {
         batch_size: a.batch_size,
         progress: !a.json,
     };
-    let r = a
-        .backend
+    let backend = a.backend.backend;
+    let r = backend
         .run(Job {
             plan: &plan,
             ids: &ids,
@@ -71,7 +71,7 @@ pub fn run(a: Args) -> Result<()> {
             "{}",
             serde_json::json!({
                 "tokens": r.tokens, "nll": r.nll, "ppl": r.ppl, "tokens_per_s": r.tokens_per_s,
-                "windows": r.windows, "seconds": r.seconds, "backend": a.backend.to_string(),
+                "windows": r.windows, "seconds": r.seconds, "backend": backend.to_string(),
             })
         );
     } else {
@@ -81,7 +81,7 @@ pub fn run(a: Args) -> Result<()> {
         println!("perplexity     {:.4}", r.ppl);
         println!(
             "tokens/s       {:.1} ({} backend, {:.1} s)",
-            r.tokens_per_s, a.backend, r.seconds
+            r.tokens_per_s, backend, r.seconds
         );
         eprintln!("total time     {:.1} s", t0.elapsed().as_secs_f64());
     }

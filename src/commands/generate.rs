@@ -1,7 +1,8 @@
 //! `surgeon generate`: stream a model's continuation of a prompt.
+use super::common::BackendArgs;
 use anyhow::{Context, Result};
 use std::io::Write;
-use surgeon_distill::backend::{BackendJob, BackendKind};
+use surgeon_distill::backend::BackendJob;
 use surgeon_distill::burn::tensor::backend::Backend;
 use surgeon_distill::generate::{generate, GenerateOptions, GenerateReport, TextStream};
 use surgeon_distill::text::{self, ChatTemplate, Message};
@@ -17,18 +18,17 @@ pub struct Args {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = GenerateOptions::default().max_new_tokens)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = GenerateOptions::default().temperature)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = GenerateOptions::default().top_p)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = GenerateOptions::default().seed)]
     pub seed: u64,
-    /// cpu, wgpu or cuda.
-    #[arg(long, default_value = "cpu")]
-    pub backend: BackendKind,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Print speed statistics to stderr at the end.
     #[arg(long)]
     pub stats: bool,
@@ -89,6 +89,7 @@ pub fn run(a: Args) -> Result<()> {
         stop_tokens: text::stop_tokens(&plan, &tok),
     };
     let r = a
+        .backend
         .backend
         .run(Job {
             plan: &plan,

@@ -1,10 +1,10 @@
 //! `surgeon heal`: train a surgically changed model back to health (LM loss and/or distillation).
-use super::common::command_line;
+use super::common::{command_line, BackendArgs, Interrupted};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 use surgeon_distill::heal::{
-    heal_with, install_ctrlc, BackendKind, Budget, DataSpec, HealConfig, HealObserver, LossKind,
-    MetricRow, Schedule, TrainSet,
+    heal_with, install_ctrlc, Budget, DataSpec, HealConfig, HealObserver, LossKind, MetricRow,
+    Schedule, TrainSet,
 };
 
 #[derive(clap::Args)]
@@ -24,16 +24,16 @@ pub struct Args {
     #[arg(long)]
     pub loss: Option<LossKind>,
     /// W in W*KD + (1-W)*LM for --loss kd+lm.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = defaults().kd_weight)]
     pub kd_weight: f64,
     /// Weight of the MoE load-balancing loss added when the model has routed MoE layers.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = defaults().aux_coef)]
     pub aux_coef: f64,
     /// Distillation temperature T (the KL is multiplied by T^2).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = defaults().temperature)]
     pub temperature: f64,
     /// all, new-blocks, embeddings, new-embeddings, or a regex over HF tensor names.
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value_t = defaults().train)]
     pub train: TrainSet,
     /// Optimizer steps.
     #[arg(long, conflicts_with = "tokens")]
@@ -41,45 +41,49 @@ pub struct Args {
     /// Training tokens (rounded up to whole steps).
     #[arg(long)]
     pub tokens: Option<u64>,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = defaults().seq_len)]
     pub seq_len: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = defaults().batch)]
     pub batch: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults().grad_accum)]
     pub grad_accum: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = defaults().lr)]
     pub lr: f64,
     /// Warmup steps.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = defaults().warmup)]
     pub warmup: u64,
     /// linear (to zero), cosine or constant.
-    #[arg(long, default_value = "linear")]
+    #[arg(long, default_value_t = defaults().schedule)]
     pub schedule: Schedule,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = defaults().weight_decay)]
     pub weight_decay: f64,
     /// Global gradient-norm clip (0: off; otherwise positive and finite).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = defaults().clip.unwrap_or(0.0))]
     pub clip: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = defaults().seed)]
     pub seed: u64,
     /// Held-out text (default: the last 5% of --data).
     #[arg(long, num_args = 1..)]
     pub eval_data: Vec<PathBuf>,
     /// Evaluate perplexity every N steps (0: only before and after).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = defaults().eval_every)]
     pub eval_every: u64,
     /// Checkpoint every N steps into OUT/checkpoints/step-N (Ctrl-C also checkpoints).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = defaults().save_every)]
     pub save_every: u64,
     /// Continue from a checkpoint (or from OUT, taking its latest checkpoint).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// cpu (burn Flex), wgpu or cuda (those need the build features).
-    #[arg(long, default_value = "cpu")]
-    pub backend: BackendKind,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Replace an existing output directory.
     #[arg(long)]
     pub force: bool,
+}
+
+/// The library's defaults, which the flags show and use.
+fn defaults() -> HealConfig {
+    HealConfig::default()
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -122,7 +126,7 @@ pub fn run(a: Args) -> Result<()> {
         eval_every: a.eval_every,
         save_every: a.save_every,
         resume: a.resume,
-        backend: a.backend,
+        backend: a.backend.backend,
         force: a.force,
         stop: Some(install_ctrlc()?),
         stop_after: None,
@@ -131,7 +135,7 @@ pub fn run(a: Args) -> Result<()> {
     let r = heal_with(&cfg, student, teacher, &mut Progress::new())?;
     let ppl = |p: Option<f64>| p.map(|p| format!("{p:.3}")).unwrap_or("-".into());
     if r.interrupted {
-        eprintln!(
+        return Err(Interrupted(format!(
             "interrupted at step {}/{}; checkpoint {} (continue with --resume {})",
             r.steps,
             r.total_steps,
@@ -140,8 +144,8 @@ pub fn run(a: Args) -> Result<()> {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             cfg.out.display()
-        );
-        std::process::exit(130);
+        ))
+        .into());
     }
     eprintln!(
         "healed {} tensors ({} parameters) for {} steps, {} tokens at {:.0} tokens/s; \

@@ -1,6 +1,7 @@
 //! One module per subcommand: argument definitions and a call into the library.
 pub mod common;
 pub mod convert;
+pub mod convert_attention;
 pub mod drop_layers;
 pub mod eval;
 pub mod expand;

@@ -1,9 +1,10 @@
 //! `surgeon moe`: a mixture of experts from a dense model (sparse upcycling or expert splitting).
-use super::common::{command_line, OutputArgs};
+use super::common::{command_line, BackendArgs, CalibrationArgs, OutputArgs};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use surgeon_distill::backend::{BackendJob, BackendKind};
+use surgeon_distill::backend::BackendJob;
 use surgeon_distill::burn::tensor::backend::Backend;
+use surgeon_distill::calibrate::{self, Calibration};
 use surgeon_distill::moe_stats::{self, LayerCapture};
 use surgeon_distill::{text, Llama};
 use surgeon_formats::{Mlp, Plan};
@@ -47,15 +48,9 @@ pub struct Args {
     /// per expert, one prompt per line), or exactly one line per expert.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// Calibration text for split-coactivation / split-importance (plain text or .jsonl `text`).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Calibration tokens used from --data.
-    #[arg(long, default_value_t = 512)]
-    pub max_tokens: usize,
-    /// Tokens per calibration forward pass.
-    #[arg(long, default_value_t = 256)]
-    pub window: usize,
+    /// Calibration text for split-coactivation / split-importance.
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     /// split-coactivation: a neuron fires on a token when its |activation| is in this top fraction.
     #[arg(long, default_value_t = 0.1)]
     pub fire_fraction: f64,
@@ -65,24 +60,10 @@ pub struct Args {
     pub fold_scale: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Backend for calibration forward passes: cpu, wgpu or cuda.
-    #[arg(long, default_value = "cpu")]
-    pub backend: BackendKind,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     #[command(flatten)]
     pub output: OutputArgs,
-}
-
-struct CaptureJob<'a> {
-    plan: &'a Plan,
-    windows: Vec<&'a [u32]>,
-}
-
-impl BackendJob for CaptureJob<'_> {
-    type Output = surgeon_distill::Result<Vec<LayerCapture>>;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let model = Llama::<B>::from_plan(self.plan, &device)?;
-        moe_stats::capture_layers(&model, &self.windows, true)
-    }
 }
 
 struct HiddenJob<'a> {
@@ -141,132 +122,14 @@ pub fn run(a: Args) -> Result<()> {
     };
     // Fail on a bad request before any forward pass.
     op::check_request(&plan.arch, &opts)?;
-    if !(a.fire_fraction > 0.0 && a.fire_fraction <= 1.0) {
-        bail!("--fire-fraction must be in (0, 1], got {}", a.fire_fraction);
+    check_flags(&a)?;
+    if let Some(router) = router_from_prompts(&a, &plan)? {
+        opts.router = router;
     }
-    if a.router == Router::Clusters && a.method != MoeMethod::SplitImportance {
-        bail!("--router clusters needs --method split-importance");
-    }
-    if a.method.needs_activations() && a.data.is_none() {
-        bail!("--method {} needs calibration text (--data FILE)", a.method);
-    }
-    if !a.method.needs_activations() && a.data.is_some() {
-        bail!("--data is only used by split-coactivation and split-importance");
-    }
-    if a.prompts.is_some() && !matches!(a.router, Router::Hidden | Router::CheapEmbed) {
-        bail!("--prompts is only used by --router hidden or cheap-embed");
-    }
-
-    match a.router {
-        Router::Hidden => {
-            let prompts = read_prompts(&a, &plan)?;
-            eprintln!(
-                "router: hidden states of {} prompts",
-                prompts.iter().map(Vec::len).sum::<usize>()
-            );
-            let rows = a
-                .backend
-                .run(HiddenJob {
-                    plan: &plan,
-                    prompts,
-                })?
-                .context("computing prompt hidden states")?;
-            opts.router = RouterInit::Given {
-                label: "hidden states of expert prompts".into(),
-                rows,
-            };
-        }
-        Router::CheapEmbed => {
-            let prompts = read_prompts(&a, &plan)?;
-            let rows = moe_stats::router_rows_embed(&plan, &prompts)?;
-            opts.router = RouterInit::Given {
-                label: "token embeddings of expert prompts".into(),
-                rows: vec![rows],
-            };
-        }
-        _ => {}
-    }
-
-    let mut stats = None;
-    if let Some(path) = &a.data {
-        let tok = text::load_tokenizer(&plan)?;
-        let data = surgeon_distill::eval::read_text(path)?;
-        let ids = text::encode(&tok, &data)?;
-        let ids = &ids[..ids.len().min(a.max_tokens)];
-        if ids.len() < a.experts {
-            bail!(
-                "{}: only {} calibration tokens, need at least --experts = {}",
-                path.display(),
-                ids.len(),
-                a.experts
-            );
-        }
-        let windows: Vec<&[u32]> = ids.chunks(a.window.max(1)).collect();
-        eprintln!(
-            "calibration: {} tokens in {} windows",
-            ids.len(),
-            windows.len()
-        );
-        let caps = a
-            .backend
-            .run(CaptureJob {
-                plan: &plan,
-                windows,
-            })?
-            .context("capturing activations")?;
-        let h = plan.arch.hidden_size;
-        stats = Some(match a.method {
-            MoeMethod::SplitCoactivation => {
-                let t = ids.len();
-                let features = caps
-                    .iter()
-                    .enumerate()
-                    .map(|(l, c)| {
-                        op::coactivation_features(
-                            &c.activations,
-                            t,
-                            dense_width(&plan, l),
-                            a.fire_fraction,
-                        )
-                    })
-                    .collect();
-                SplitStats::Coactivation {
-                    features,
-                    tokens: t,
-                }
-            }
-            _ => {
-                let mut scores = vec![];
-                let mut centroids = vec![];
-                for (l, c) in caps.iter().enumerate() {
-                    let i = dense_width(&plan, l);
-                    let (shape, down) =
-                        plan.load_f32(&format!("model.layers.{l}.mlp.down_proj.weight"))?;
-                    let norms = op::column_norms(&down, shape[0], i);
-                    let (s, cent) = op::importance_scores(
-                        &c.mlp_input,
-                        &c.activations,
-                        &norms,
-                        c.tokens,
-                        h,
-                        i,
-                        a.experts,
-                        a.seed.wrapping_add(l as u64),
-                    );
-                    scores.push(s);
-                    centroids.push(cent);
-                }
-                if a.router == Router::Clusters {
-                    opts.router = RouterInit::Given {
-                        label: "centroids of calibration-token groups".into(),
-                        rows: centroids,
-                    };
-                }
-                SplitStats::Importance { scores }
-            }
-        });
-    }
-
+    let stats = match a.calibration.calibration() {
+        Some(cal) => Some(split_stats(&a, &plan, &cal, &mut opts)?),
+        None => None,
+    };
     let t0 = std::time::Instant::now();
     let moe = op::build(&plan, &opts, stats.as_ref())?;
     eprintln!(
@@ -283,4 +146,129 @@ pub fn run(a: Args) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     a.output.finish(moe, command_line())
+}
+
+/// Flag combinations that make no sense, refused before any work.
+fn check_flags(a: &Args) -> Result<()> {
+    if !(a.fire_fraction > 0.0 && a.fire_fraction <= 1.0) {
+        bail!("--fire-fraction must be in (0, 1], got {}", a.fire_fraction);
+    }
+    if a.router == Router::Clusters && a.method != MoeMethod::SplitImportance {
+        bail!("--router clusters needs --method split-importance");
+    }
+    let data = a.calibration.data.is_some();
+    if a.method.needs_activations() && !data {
+        bail!("--method {} needs calibration text (--data FILE)", a.method);
+    }
+    if !a.method.needs_activations() && data {
+        bail!("--data is only used by split-coactivation and split-importance");
+    }
+    if a.prompts.is_some() && !matches!(a.router, Router::Hidden | Router::CheapEmbed) {
+        bail!("--prompts is only used by --router hidden or cheap-embed");
+    }
+    Ok(())
+}
+
+/// Router rows from prompts per expert (`--router hidden` or `cheap-embed`), else `None`.
+fn router_from_prompts(a: &Args, plan: &Plan) -> Result<Option<RouterInit>> {
+    Ok(match a.router {
+        Router::Hidden => {
+            let prompts = read_prompts(a, plan)?;
+            eprintln!(
+                "router: hidden states of {} prompts",
+                prompts.iter().map(Vec::len).sum::<usize>()
+            );
+            let job = HiddenJob { plan, prompts };
+            let rows = a
+                .backend
+                .backend
+                .run(job)?
+                .context("computing prompt hidden states")?;
+            Some(RouterInit::Given {
+                label: "hidden states of expert prompts".into(),
+                rows,
+            })
+        }
+        Router::CheapEmbed => {
+            let prompts = read_prompts(a, plan)?;
+            let rows = moe_stats::router_rows_embed(plan, &prompts)?;
+            Some(RouterInit::Given {
+                label: "token embeddings of expert prompts".into(),
+                rows: vec![rows],
+            })
+        }
+        _ => None,
+    })
+}
+
+/// Calibration statistics for the split methods; `--router clusters` also sets the router.
+fn split_stats(
+    a: &Args,
+    plan: &Plan,
+    cal: &Calibration,
+    opts: &mut MoeOptions,
+) -> Result<SplitStats> {
+    let (caps, tokens) = calibrate::mlp_captures(plan, cal, true, a.backend.backend)
+        .context("capturing activations")?;
+    if tokens < a.experts {
+        bail!(
+            "{}: only {tokens} calibration tokens, need at least --experts = {}",
+            cal.data.display(),
+            a.experts
+        );
+    }
+    eprintln!("calibration: {tokens} tokens");
+    if a.method == MoeMethod::SplitCoactivation {
+        let features = caps
+            .iter()
+            .enumerate()
+            .map(|(l, c)| {
+                op::coactivation_features(
+                    &c.activations,
+                    tokens,
+                    dense_width(plan, l),
+                    a.fire_fraction,
+                )
+            })
+            .collect();
+        return Ok(SplitStats::Coactivation { features, tokens });
+    }
+    let (scores, centroids) = importance(a, plan, &caps)?;
+    if a.router == Router::Clusters {
+        opts.router = RouterInit::Given {
+            label: "centroids of calibration-token groups".into(),
+            rows: centroids,
+        };
+    }
+    Ok(SplitStats::Importance { scores })
+}
+
+/// split-importance: per layer, neuron importance per token group `[E, i]` and the groups'
+/// centroids.
+fn importance(
+    a: &Args,
+    plan: &Plan,
+    caps: &[LayerCapture],
+) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    let h = plan.arch.hidden_size;
+    let mut scores = vec![];
+    let mut centroids = vec![];
+    for (l, c) in caps.iter().enumerate() {
+        let i = dense_width(plan, l);
+        let (shape, down) = plan.load_f32(&format!("model.layers.{l}.mlp.down_proj.weight"))?;
+        let norms = op::column_norms(&down, shape[0], i);
+        let (s, cent) = op::importance_scores(
+            &c.mlp_input,
+            &c.activations,
+            &norms,
+            c.tokens,
+            h,
+            i,
+            a.experts,
+            a.seed.wrapping_add(l as u64),
+        );
+        scores.push(s);
+        centroids.push(cent);
+    }
+    Ok((scores, centroids))
 }

@@ -266,36 +266,12 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
         Some(e) => e.clone(),
         None => std::env::current_exe().context("locating the surgeon executable")?,
     };
-    let from = match &opts.from {
-        Some(f) => Some(
-            recipe
-                .steps
-                .iter()
-                .position(|s| &s.name == f)
-                .with_context(|| {
-                    format!(
-                        "--from {f}: no such step (steps: {})",
-                        recipe
-                            .steps
-                            .iter()
-                            .map(|s| s.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })?,
-        ),
-        None => None,
-    };
+    let from = start_index(recipe, opts)?;
     let mut hashes: BTreeMap<String, String> = BTreeMap::new();
     // A dry run writes nothing, so it keeps the cache in memory only.
     let mut cache = HashCache::open(&recipe.workdir);
     if opts.dry_run {
         cache.file = None;
-    }
-    // Steps that are (or, in a dry run, would be) up to date.
-    let mut ready: BTreeMap<String, bool> = BTreeMap::new();
-    let mut rows = vec![];
-    if opts.dry_run {
         println!(
             "recipe {} ({} steps), workdir {}",
             recipe.file,
@@ -306,220 +282,27 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
             println!("var {k} = {v}");
         }
     }
+    // Steps that are (or, in a dry run, would be) up to date.
+    let mut ready: BTreeMap<String, bool> = BTreeMap::new();
+    let mut rows = vec![];
     for (i, step) in recipe.steps.iter().enumerate() {
         let hash = step_hash(step, &hashes, &mut cache);
         hashes.insert(step.name.clone(), hash.clone());
-        let rec = read_record(recipe, &step.name);
-        let out_ok = step.out.as_ref().is_none_or(|o| o.exists());
-        let done = rec
-            .as_ref()
-            .is_some_and(|r| r.status == "done" && r.hash == hash)
-            && out_ok;
-        let forced = from.is_some_and(|f| i >= f);
-        let skip = done && !forced;
-        let resume = step.kind == "heal"
-            && step.has_resume
-            && !skip
-            && rec
-                .as_ref()
-                .is_some_and(|r| r.status == "running" && r.hash == hash)
-            && step.out.as_ref().is_some_and(|o| heal_checkpoint_exists(o));
-        let row = |status: &str, rec: Option<&StepRecord>| SummaryRow {
-            step: step.name.clone(),
-            kind: step.kind.clone(),
-            status: status.to_string(),
-            out: step
-                .out
-                .as_ref()
-                .map(|o| o.display().to_string())
-                .unwrap_or_else(|| "-".into()),
-            seconds: rec.map(|r| r.seconds),
-            parameters: rec.and_then(|r| r.parameters),
-            ppl: rec
-                .and_then(|r| r.eval.as_ref())
-                .and_then(|e| e.get("ppl"))
-                .and_then(|p| p.as_f64()),
-        };
-
+        let state = step_state(recipe, step, &hash, from.is_some_and(|f| i >= f));
         if opts.dry_run {
-            let missing: Vec<&String> = step
-                .deps
-                .iter()
-                .filter(|d| !ready.get(*d).copied().unwrap_or(false))
-                .collect();
-            let state = if skip {
-                "up to date, would skip".to_string()
-            } else if resume {
-                "would resume from its last checkpoint".to_string()
-            } else {
-                "would run".to_string()
-            };
-            ready.insert(step.name.clone(), skip);
-            println!(
-                "\n== step {} ({}), line {}: {state}",
-                step.name, step.kind, step.line
-            );
-            let mut extra = vec![];
-            if resume {
-                extra.push(format!("--resume={}", step.out.as_ref().unwrap().display()));
-            }
-            println!("$ {}", command_line(step, &extra));
-            if skip {
-                continue;
-            }
-            if !missing.is_empty() {
-                println!(
-                    "input not built yet: {} (made by an earlier step of this run)",
-                    missing
-                        .iter()
-                        .map(|s| format!("${{steps.{s}}}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                continue;
-            }
-            if step.has_dry_run {
-                let mut args = step.argv.clone();
-                if let Some(o) = &step.out {
-                    args.push(format!("--out={}", o.display()));
-                }
-                args.push("--dry-run".into());
-                let o = Command::new(&exe)
-                    .args(&args)
-                    .stdin(Stdio::null())
-                    .output()
-                    .with_context(|| format!("running {}", exe.display()))?;
-                if o.status.success() {
-                    print!("{}", String::from_utf8_lossy(&o.stdout));
-                } else {
-                    let e = String::from_utf8_lossy(&o.stderr);
-                    println!(
-                        "plan unavailable: {}",
-                        e.lines().last().unwrap_or("").trim_start_matches("error: ")
-                    );
-                }
-            } else {
-                println!("({} has no --dry-run; it would run as shown)", step.kind);
-            }
+            ready.insert(step.name.clone(), state.skip);
+            describe_step(step, &state, &exe, &ready)?;
             continue;
         }
-
-        if skip {
+        if state.skip {
             eprintln!("== {}: up to date, skipped", step.name);
-            rows.push(row("skipped", rec.as_ref()));
+            rows.push(summary_row(step, "skipped", state.rec.as_ref()));
             continue;
         }
-        for d in &step.deps {
-            if let Some(r) = read_record(recipe, d) {
-                if r.status != "done" || Some(&r.hash) != hashes.get(d) {
-                    bail!(
-                        "step `{}` needs step `{d}`, which is not up to date (run without --from)",
-                        step.name
-                    );
-                }
-            } else {
-                bail!(
-                    "step `{}` needs step `{d}`, which has not run (run without --from)",
-                    step.name
-                );
-            }
-        }
-        let mut extra = vec![];
-        if resume {
-            extra.push(format!("--resume={}", step.out.as_ref().unwrap().display()));
-        } else if let Some(out) = step.out.as_ref().filter(|o| o.exists()) {
-            // Only an output this step wrote before (its record says so) is replaced.
-            let ours = rec.as_ref().is_some_and(|r| r.out.as_ref() == Some(out));
-            if !ours || !step.has_force {
-                bail!(
-                    "{}:{}: step `{}`: its output {} already exists and was not written by this \
-                     step of the recipe (no record in {}); remove it or choose another `out:`",
-                    recipe.file,
-                    step.line,
-                    step.name,
-                    out.display(),
-                    record_path(recipe, &step.name).display()
-                );
-            }
-            extra.push("--force".into());
-            // Checkpoints of an earlier run with other settings must not be resumed later.
-            let out = step.out.as_ref().unwrap();
-            if step.kind == "heal" && out.starts_with(&recipe.workdir) {
-                let ck = surgeon_distill::heal::checkpoint::checkpoints_dir(out);
-                if ck.exists() {
-                    std::fs::remove_dir_all(&ck)
-                        .with_context(|| format!("removing stale {}", ck.display()))?;
-                }
-            }
-        }
-        let capture_json = step.kind == "eval" && step.has_json;
-        if capture_json && !step.argv.iter().any(|a| a == "--json") {
-            extra.push("--json".into());
-        }
-        eprintln!(
-            "== {}{}: {}",
-            step.name,
-            if resume {
-                " (resuming from its last checkpoint)"
-            } else {
-                ""
-            },
-            command_line(step, &extra)
-        );
-        std::fs::create_dir_all(&recipe.workdir)
-            .with_context(|| format!("creating {}", recipe.workdir.display()))?;
-        let mut new = StepRecord {
-            name: step.name.clone(),
-            kind: step.kind.clone(),
-            hash: hash.clone(),
-            status: "running".into(),
-            argv: step.argv.clone(),
-            out: step.out.clone(),
-            resumed: resume,
-            ..Default::default()
-        };
-        write_record(recipe, &new)?;
-        cache.save()?;
-        let mut args = step.argv.clone();
-        if let Some(o) = &step.out {
-            args.push(format!("--out={}", o.display()));
-        }
-        args.extend(extra);
-        let t0 = Instant::now();
-        let mut cmd = Command::new(&exe);
-        cmd.args(&args).stdin(Stdio::null());
-        if capture_json {
-            cmd.stdout(Stdio::piped());
-        }
-        let o = cmd
-            .spawn()
-            .with_context(|| format!("running {}", exe.display()))?
-            .wait_with_output()?;
-        if !o.status.success() {
-            let how = match o.status.code() {
-                Some(130) => "was interrupted (rerun `surgeon run` to continue)".to_string(),
-                Some(c) => format!("failed (exit code {c})"),
-                None => "was killed".to_string(),
-            };
-            bail!(
-                "{}:{}: step `{}` ({}) {how}",
-                recipe.file,
-                step.line,
-                step.name,
-                step.kind
-            );
-        }
-        new.seconds = t0.elapsed().as_secs_f64();
-        if capture_json {
-            let text = String::from_utf8_lossy(&o.stdout);
-            let line = text.lines().rev().find(|l| l.trim_start().starts_with('{'));
-            new.eval = line.and_then(|l| serde_json::from_str(l).ok());
-            print!("{text}");
-        }
-        new.parameters = step.out.as_deref().and_then(parameter_count);
-        new.status = "done".into();
-        write_record(recipe, &new)?;
-        rows.push(row("ran", Some(&new)));
+        check_dependencies(recipe, step, &hashes)?;
+        let extra = output_flags(recipe, step, &state)?;
+        let rec = execute(recipe, step, &exe, &hash, &extra, state.resume, &mut cache)?;
+        rows.push(summary_row(step, "ran", Some(&rec)));
     }
     if !opts.dry_run {
         if recipe.workdir.exists() {
@@ -528,6 +311,286 @@ pub fn run(recipe: &Recipe, opts: &RunOptions) -> Result<Vec<SummaryRow>> {
         print!("{}", render_summary(&rows));
     }
     Ok(rows)
+}
+
+/// The index of `--from`'s step (steps from there on run even when up to date).
+fn start_index(recipe: &Recipe, opts: &RunOptions) -> Result<Option<usize>> {
+    let Some(f) = &opts.from else {
+        return Ok(None);
+    };
+    let pos = recipe.steps.iter().position(|s| &s.name == f);
+    pos.map(Some).with_context(|| {
+        let names: Vec<&str> = recipe.steps.iter().map(|s| s.name.as_str()).collect();
+        format!("--from {f}: no such step (steps: {})", names.join(", "))
+    })
+}
+
+/// Where one step stands before this run: its record, and whether it is skipped or resumed.
+struct StepState {
+    rec: Option<StepRecord>,
+    skip: bool,
+    resume: bool,
+}
+
+fn step_state(recipe: &Recipe, step: &Step, hash: &str, forced: bool) -> StepState {
+    let rec = read_record(recipe, &step.name);
+    let out_ok = step.out.as_ref().is_none_or(|o| o.exists());
+    let done = rec
+        .as_ref()
+        .is_some_and(|r| r.status == "done" && r.hash == hash)
+        && out_ok;
+    let skip = done && !forced;
+    // A heal interrupted with the same settings continues from its last checkpoint.
+    let resume = step.kind == "heal"
+        && step.has_resume
+        && !skip
+        && rec
+            .as_ref()
+            .is_some_and(|r| r.status == "running" && r.hash == hash)
+        && step.out.as_ref().is_some_and(|o| heal_checkpoint_exists(o));
+    StepState { rec, skip, resume }
+}
+
+fn summary_row(step: &Step, status: &str, rec: Option<&StepRecord>) -> SummaryRow {
+    SummaryRow {
+        step: step.name.clone(),
+        kind: step.kind.clone(),
+        status: status.to_string(),
+        out: step
+            .out
+            .as_ref()
+            .map(|o| o.display().to_string())
+            .unwrap_or_else(|| "-".into()),
+        seconds: rec.map(|r| r.seconds),
+        parameters: rec.and_then(|r| r.parameters),
+        ppl: rec
+            .and_then(|r| r.eval.as_ref())
+            .and_then(|e| e.get("ppl"))
+            .and_then(|p| p.as_f64()),
+    }
+}
+
+fn resume_flag(step: &Step) -> String {
+    let out = step.out.as_ref().expect("a resumed heal has an output");
+    format!("--resume={}", out.display())
+}
+
+/// Dry run: what the step would do, its command line and (when it can say) its plan.
+fn describe_step(
+    step: &Step,
+    state: &StepState,
+    exe: &Path,
+    ready: &BTreeMap<String, bool>,
+) -> Result<()> {
+    let what = if state.skip {
+        "up to date, would skip"
+    } else if state.resume {
+        "would resume from its last checkpoint"
+    } else {
+        "would run"
+    };
+    println!(
+        "\n== step {} ({}), line {}: {what}",
+        step.name, step.kind, step.line
+    );
+    let extra: Vec<String> = state
+        .resume
+        .then(|| resume_flag(step))
+        .into_iter()
+        .collect();
+    println!("$ {}", command_line(step, &extra));
+    if state.skip {
+        return Ok(());
+    }
+    let missing: Vec<String> = step
+        .deps
+        .iter()
+        .filter(|d| !ready.get(*d).copied().unwrap_or(false))
+        .map(|d| format!("${{steps.{d}}}"))
+        .collect();
+    if !missing.is_empty() {
+        println!(
+            "input not built yet: {} (made by an earlier step of this run)",
+            missing.join(", ")
+        );
+        return Ok(());
+    }
+    if !step.has_dry_run {
+        println!("({} has no --dry-run; it would run as shown)", step.kind);
+        return Ok(());
+    }
+    print_plan(step, exe)
+}
+
+/// The step's own `--dry-run` output, or why there is none.
+fn print_plan(step: &Step, exe: &Path) -> Result<()> {
+    let mut args = step.argv.clone();
+    if let Some(o) = &step.out {
+        args.push(format!("--out={}", o.display()));
+    }
+    args.push("--dry-run".into());
+    let o = Command::new(exe)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if o.status.success() {
+        print!("{}", String::from_utf8_lossy(&o.stdout));
+    } else {
+        let e = String::from_utf8_lossy(&o.stderr);
+        println!(
+            "plan unavailable: {}",
+            e.lines().last().unwrap_or("").trim_start_matches("error: ")
+        );
+    }
+    Ok(())
+}
+
+/// Every step this one reads must be done, with the settings of this recipe.
+fn check_dependencies(
+    recipe: &Recipe,
+    step: &Step,
+    hashes: &BTreeMap<String, String>,
+) -> Result<()> {
+    for d in &step.deps {
+        match read_record(recipe, d) {
+            Some(r) if r.status == "done" && Some(&r.hash) == hashes.get(d) => {}
+            Some(_) => bail!(
+                "step `{}` needs step `{d}`, which is not up to date (run without --from)",
+                step.name
+            ),
+            None => bail!(
+                "step `{}` needs step `{d}`, which has not run (run without --from)",
+                step.name
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// `--resume` or `--force` for the step's output. Only an output this step wrote before (its record
+/// says so) is replaced; a replaced heal loses the checkpoints of its earlier settings.
+fn output_flags(recipe: &Recipe, step: &Step, state: &StepState) -> Result<Vec<String>> {
+    if state.resume {
+        return Ok(vec![resume_flag(step)]);
+    }
+    let Some(out) = step.out.as_ref().filter(|o| o.exists()) else {
+        return Ok(vec![]);
+    };
+    let ours = state
+        .rec
+        .as_ref()
+        .is_some_and(|r| r.out.as_ref() == Some(out));
+    if !ours || !step.has_force {
+        bail!(
+            "{}:{}: step `{}`: its output {} already exists and was not written by this \
+             step of the recipe (no record in {}); remove it or choose another `out:`",
+            recipe.file,
+            step.line,
+            step.name,
+            out.display(),
+            record_path(recipe, &step.name).display()
+        );
+    }
+    if step.kind == "heal" && out.starts_with(&recipe.workdir) {
+        let ck = surgeon_distill::heal::checkpoint::checkpoints_dir(out);
+        if ck.exists() {
+            std::fs::remove_dir_all(&ck)
+                .with_context(|| format!("removing stale {}", ck.display()))?;
+        }
+    }
+    Ok(vec!["--force".into()])
+}
+
+/// Runs the step as a child `surgeon` process, recording it as running, then done.
+fn execute(
+    recipe: &Recipe,
+    step: &Step,
+    exe: &Path,
+    hash: &str,
+    extra: &[String],
+    resume: bool,
+    cache: &mut HashCache,
+) -> Result<StepRecord> {
+    let mut extra = extra.to_vec();
+    let capture_json = step.kind == "eval" && step.has_json;
+    if capture_json && !step.argv.iter().any(|a| a == "--json") {
+        extra.push("--json".into());
+    }
+    let how = if resume {
+        " (resuming from its last checkpoint)"
+    } else {
+        ""
+    };
+    eprintln!("== {}{how}: {}", step.name, command_line(step, &extra));
+    std::fs::create_dir_all(&recipe.workdir)
+        .with_context(|| format!("creating {}", recipe.workdir.display()))?;
+    let mut rec = StepRecord {
+        name: step.name.clone(),
+        kind: step.kind.clone(),
+        hash: hash.to_string(),
+        status: "running".into(),
+        argv: step.argv.clone(),
+        out: step.out.clone(),
+        resumed: resume,
+        ..Default::default()
+    };
+    write_record(recipe, &rec)?;
+    cache.save()?;
+    let t0 = Instant::now();
+    let stdout = spawn_step(recipe, step, exe, &extra, capture_json)?;
+    rec.seconds = t0.elapsed().as_secs_f64();
+    if capture_json {
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'));
+        rec.eval = line.and_then(|l| serde_json::from_str(l).ok());
+        print!("{stdout}");
+    }
+    rec.parameters = step.out.as_deref().and_then(parameter_count);
+    rec.status = "done".into();
+    write_record(recipe, &rec)?;
+    Ok(rec)
+}
+
+/// Runs `surgeon <argv> --out=OUT <extra>`; its stdout when captured. A failure names the step.
+fn spawn_step(
+    recipe: &Recipe,
+    step: &Step,
+    exe: &Path,
+    extra: &[String],
+    capture: bool,
+) -> Result<String> {
+    let mut args = step.argv.clone();
+    if let Some(o) = &step.out {
+        args.push(format!("--out={}", o.display()));
+    }
+    args.extend(extra.iter().cloned());
+    let mut cmd = Command::new(exe);
+    cmd.args(&args).stdin(Stdio::null());
+    if capture {
+        cmd.stdout(Stdio::piped());
+    }
+    let o = cmd
+        .spawn()
+        .with_context(|| format!("running {}", exe.display()))?
+        .wait_with_output()?;
+    if !o.status.success() {
+        let how = match o.status.code() {
+            Some(130) => "was interrupted (rerun `surgeon run` to continue)".to_string(),
+            Some(c) => format!("failed (exit code {c})"),
+            None => "was killed".to_string(),
+        };
+        bail!(
+            "{}:{}: step `{}` ({}) {how}",
+            recipe.file,
+            step.line,
+            step.name,
+            step.kind
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 /// The summary table.

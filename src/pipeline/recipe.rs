@@ -168,239 +168,363 @@ pub fn load(path: &Path, sets: &[(String, String)], workdir: Option<&Path>) -> R
     parse(&path.display().to_string(), &text, sets, workdir)
 }
 
+/// A recipe being parsed: its name for messages and the line of every key.
+struct Parser<'a> {
+    file: &'a str,
+    lines: Lines,
+}
+
+/// A step as written, before its references and options are resolved.
+struct RawStep<'a> {
+    line: usize,
+    keys: BTreeMap<String, usize>,
+    name: String,
+    kind: String,
+    map: &'a serde_yaml::Mapping,
+}
+
+impl RawStep<'_> {
+    /// The line of key `k`, or of the step when the key has none.
+    fn line_of(&self, k: &str) -> usize {
+        self.keys.get(k).copied().unwrap_or(self.line)
+    }
+}
+
+/// What every step's values may refer to: variables, the work directory, step outputs.
+struct Scope<'a> {
+    vars: &'a BTreeMap<String, String>,
+    workdir: &'a Path,
+    outs: &'a BTreeMap<String, Option<PathBuf>>,
+}
+
+impl Scope<'_> {
+    fn lookup(&self, kind: &str, name: &str) -> Option<String> {
+        match kind {
+            "steps" => self
+                .outs
+                .get(name)
+                .cloned()
+                .flatten()
+                .map(|p| p.display().to_string()),
+            "workdir" => Some(self.workdir.display().to_string()),
+            _ => lookup_var(self.vars, kind, name),
+        }
+    }
+}
+
+/// Options a step may not set: the runner manages them.
+const MANAGED: &[&str] = &["out", "force", "dry_run", "resume", "help"];
+
 pub fn parse(
     file: &str,
     text: &str,
     sets: &[(String, String)],
     workdir: Option<&Path>,
 ) -> Result<Recipe> {
-    let lines = scan_lines(text);
-    let err = |line: usize, message: String| -> anyhow::Error {
+    let p = Parser {
+        file,
+        lines: scan_lines(text),
+    };
+    let doc = p.document(text)?;
+    let map = doc.as_mapping().expect("document() checks the mapping");
+    let vars = p.variables(map, sets)?;
+    let workdir = match workdir {
+        Some(w) => w.to_path_buf(),
+        None => p.workdir(map, &vars)?,
+    };
+    let cli = crate::Cli::command();
+    let raws = p.raw_steps(map, &cli)?;
+    let outs = p.outputs(&raws, &cli, &vars, &workdir)?;
+    let refs = p.references(&raws)?;
+    p.check_references(&raws, &refs, &outs)?;
+    let scope = Scope {
+        vars: &vars,
+        workdir: &workdir,
+        outs: &outs,
+    };
+    let steps = raws
+        .iter()
+        .zip(&refs)
+        .map(|(r, deps)| p.step(r, deps, &cli, &scope))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Recipe {
+        file: file.to_string(),
+        workdir,
+        vars,
+        steps,
+    })
+}
+
+impl Parser<'_> {
+    fn err(&self, line: usize, message: String) -> anyhow::Error {
         RecipeError {
-            file: file.to_string(),
+            file: self.file.to_string(),
             line,
             message,
         }
         .into()
-    };
-    let doc: Value = serde_yaml::from_str(text).map_err(|e| {
-        let line = e.location().map(|l| l.line()).unwrap_or(1);
-        err(line, format!("not valid YAML: {e}"))
-    })?;
-    let map = doc.as_mapping().ok_or_else(|| {
-        err(
-            1,
-            "a recipe is a mapping with `steps:` (and `vars:`, `workdir:`)".into(),
-        )
-    })?;
-    for (k, _) in map {
-        let k = scalar(k).unwrap_or_default();
-        if !["steps", "vars", "workdir", "description"].contains(&k.as_str()) {
-            let line = lines.top.get(&k).copied().unwrap_or(1);
-            return Err(err(
-                line,
-                format!("unknown top-level key `{k}` (steps, vars, workdir, description)"),
-            ));
-        }
     }
 
-    // Variables: recipe values, then --set overrides; values may use ${env.X} and other vars.
-    let mut raw_vars: BTreeMap<String, (String, usize)> = BTreeMap::new();
-    if let Some(v) = map.get("vars") {
-        let m = v
-            .as_mapping()
-            .ok_or_else(|| err(lines.top["vars"], "`vars:` must be a mapping".into()))?;
-        for (k, v) in m {
+    /// The YAML document: a mapping with known top-level keys only.
+    fn document(&self, text: &str) -> Result<Value> {
+        let doc: Value = serde_yaml::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line()).unwrap_or(1);
+            self.err(line, format!("not valid YAML: {e}"))
+        })?;
+        let map = doc.as_mapping().ok_or_else(|| {
+            self.err(
+                1,
+                "a recipe is a mapping with `steps:` (and `vars:`, `workdir:`)".into(),
+            )
+        })?;
+        for (k, _) in map {
             let k = scalar(k).unwrap_or_default();
-            let line = lines.vars.get(&k).copied().unwrap_or(lines.top["vars"]);
-            let v = scalar(v).ok_or_else(|| err(line, format!("var `{k}` must be a scalar")))?;
-            raw_vars.insert(k, (v, line));
+            if !["steps", "vars", "workdir", "description"].contains(&k.as_str()) {
+                let line = self.lines.top.get(&k).copied().unwrap_or(1);
+                return Err(self.err(
+                    line,
+                    format!("unknown top-level key `{k}` (steps, vars, workdir, description)"),
+                ));
+            }
         }
+        Ok(doc)
     }
-    for (k, v) in sets {
-        let Some(line) = raw_vars.get(k).map(|x| x.1) else {
-            let known: Vec<&str> = raw_vars.keys().map(String::as_str).collect();
-            anyhow::bail!(
-                "--set {k}: {file} has no variable `{k}` (vars: {})",
-                if known.is_empty() {
+
+    /// Variables: recipe values, then `--set` overrides; values may use `${env.X}` and other vars.
+    fn variables(
+        &self,
+        map: &serde_yaml::Mapping,
+        sets: &[(String, String)],
+    ) -> Result<BTreeMap<String, String>> {
+        let mut raw = self.raw_variables(map)?;
+        for (k, v) in sets {
+            let Some(line) = raw.get(k).map(|x| x.1) else {
+                let known: Vec<&str> = raw.keys().map(String::as_str).collect();
+                let known = if known.is_empty() {
                     "none".to_string()
                 } else {
                     known.join(", ")
+                };
+                anyhow::bail!(
+                    "--set {k}: {} has no variable `{k}` (vars: {known})",
+                    self.file
+                );
+            };
+            raw.insert(k.clone(), (v.clone(), line));
+        }
+        let mut vars = BTreeMap::new();
+        for (k, (v, line)) in &raw {
+            let mut s = v.clone();
+            for _ in 0..16 {
+                if !s.contains("${") {
+                    break;
                 }
-            );
+                s = substitute(&s, &|kind, name| match kind {
+                    "vars" => raw.get(name).map(|x| x.0.clone()),
+                    "env" => env_var(name),
+                    _ => None,
+                })
+                .map_err(|m| self.err((*line).max(1), format!("var `{k}`: {m}")))?;
+            }
+            if s.contains("${vars.") {
+                return Err(self.err((*line).max(1), format!("var `{k}` refers to itself")));
+            }
+            vars.insert(k.clone(), s);
+        }
+        Ok(vars)
+    }
+
+    /// `vars:` as written: value and line of each.
+    fn raw_variables(
+        &self,
+        map: &serde_yaml::Mapping,
+    ) -> Result<BTreeMap<String, (String, usize)>> {
+        let mut raw = BTreeMap::new();
+        let Some(v) = map.get("vars") else {
+            return Ok(raw);
         };
-        raw_vars.insert(k.clone(), (v.clone(), line));
-    }
-    let mut vars = BTreeMap::new();
-    for (k, (v, line)) in &raw_vars {
-        let mut s = v.clone();
-        for _ in 0..16 {
-            if !s.contains("${") {
-                break;
-            }
-            s = substitute(&s, &|kind, name| match kind {
-                "vars" => raw_vars.get(name).map(|x| x.0.clone()),
-                "env" => env_var(name),
-                _ => None,
-            })
-            .map_err(|m| err((*line).max(1), format!("var `{k}`: {m}")))?;
-        }
-        if s.contains("${vars.") {
-            return Err(err((*line).max(1), format!("var `{k}` refers to itself")));
-        }
-        vars.insert(k.clone(), s);
-    }
-
-    let workdir = match workdir {
-        Some(w) => w.to_path_buf(),
-        None => match map.get("workdir") {
-            Some(w) => {
-                let w = scalar(w).unwrap_or_default();
-                PathBuf::from(
-                    substitute(&w, &|kind, name| lookup_var(&vars, kind, name))
-                        .map_err(|m| err(lines.top["workdir"], m))?,
-                )
-            }
-            None => {
-                let stem = Path::new(file)
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "recipe".into());
-                PathBuf::from("work").join(stem)
-            }
-        },
-    };
-
-    let steps_v = map
-        .get("steps")
-        .ok_or_else(|| err(1, "the recipe has no `steps:`".into()))?;
-    let steps_line = lines.top.get("steps").copied().unwrap_or(1);
-    let items = steps_v
-        .as_sequence()
-        .ok_or_else(|| err(steps_line, "`steps:` must be a list of steps".into()))?;
-
-    // First pass: names, kinds, lines.
-    struct Raw<'a> {
-        line: usize,
-        keys: BTreeMap<String, usize>,
-        name: String,
-        kind: String,
-        map: &'a serde_yaml::Mapping,
-    }
-    let cli = crate::Cli::command();
-    let kinds: Vec<String> = cli
-        .get_subcommands()
-        .map(|c| c.get_name().to_string())
-        .filter(|k| k != "run" && k != "help")
-        .collect();
-    let mut raws: Vec<Raw> = vec![];
-    for (i, item) in items.iter().enumerate() {
-        let (line, keys) = lines
-            .steps
-            .get(i)
-            .cloned()
-            .unwrap_or((steps_line, BTreeMap::new()));
-        let at = |k: &str| keys.get(k).copied().unwrap_or(line);
-        let m = item
+        let top = self.lines.top["vars"];
+        let m = v
             .as_mapping()
-            .ok_or_else(|| err(line, "a step is a mapping with `name:` and `kind:`".into()))?;
-        let name = m
+            .ok_or_else(|| self.err(top, "`vars:` must be a mapping".into()))?;
+        for (k, v) in m {
+            let k = scalar(k).unwrap_or_default();
+            let line = self.lines.vars.get(&k).copied().unwrap_or(top);
+            let v =
+                scalar(v).ok_or_else(|| self.err(line, format!("var `{k}` must be a scalar")))?;
+            raw.insert(k, (v, line));
+        }
+        Ok(raw)
+    }
+
+    /// `workdir:` with variables substituted, else `work/<recipe stem>`.
+    fn workdir(
+        &self,
+        map: &serde_yaml::Mapping,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<PathBuf> {
+        if let Some(w) = map.get("workdir") {
+            let w = scalar(w).unwrap_or_default();
+            let w = substitute(&w, &|kind, name| lookup_var(vars, kind, name))
+                .map_err(|m| self.err(self.lines.top["workdir"], m))?;
+            return Ok(PathBuf::from(w));
+        }
+        let stem = Path::new(self.file)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "recipe".into());
+        Ok(PathBuf::from("work").join(stem))
+    }
+
+    /// Every step's name, kind and lines, with names and kinds checked.
+    fn raw_steps<'m>(
+        &self,
+        map: &'m serde_yaml::Mapping,
+        cli: &clap::Command,
+    ) -> Result<Vec<RawStep<'m>>> {
+        let steps_v = map
+            .get("steps")
+            .ok_or_else(|| self.err(1, "the recipe has no `steps:`".into()))?;
+        let steps_line = self.lines.top.get("steps").copied().unwrap_or(1);
+        let items = steps_v
+            .as_sequence()
+            .ok_or_else(|| self.err(steps_line, "`steps:` must be a list of steps".into()))?;
+        let kinds: Vec<String> = cli
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .filter(|k| k != "run" && k != "help")
+            .collect();
+        let mut raws: Vec<RawStep> = vec![];
+        for (i, item) in items.iter().enumerate() {
+            let (line, keys) = self
+                .lines
+                .steps
+                .get(i)
+                .cloned()
+                .unwrap_or((steps_line, BTreeMap::new()));
+            let m = item.as_mapping().ok_or_else(|| {
+                self.err(line, "a step is a mapping with `name:` and `kind:`".into())
+            })?;
+            let mut raw = RawStep {
+                line,
+                keys,
+                name: String::new(),
+                kind: String::new(),
+                map: m,
+            };
+            raw.name = self.step_name(&raw, &raws)?;
+            raw.kind = self.step_kind(&raw, &kinds)?;
+            raws.push(raw);
+        }
+        Ok(raws)
+    }
+
+    /// The step's `name:`: well formed and not used by an earlier step.
+    fn step_name(&self, r: &RawStep, earlier: &[RawStep]) -> Result<String> {
+        let name = r
+            .map
             .get("name")
             .and_then(scalar)
-            .ok_or_else(|| err(line, "step has no `name:`".into()))?;
-        if name.is_empty()
-            || !name
+            .ok_or_else(|| self.err(r.line, "step has no `name:`".into()))?;
+        let well_formed = !name.is_empty()
+            && !name.starts_with('.')
+            && name
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-            || name.starts_with('.')
-        {
-            return Err(err(
-                at("name"),
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !well_formed {
+            return Err(self.err(
+                r.line_of("name"),
                 format!("step name `{name}` must be letters, digits, `-`, `_`, `.`"),
             ));
         }
-        if let Some(prev) = raws.iter().find(|r| r.name == name) {
-            return Err(err(
-                at("name"),
+        if let Some(prev) = earlier.iter().find(|p| p.name == name) {
+            return Err(self.err(
+                r.line_of("name"),
                 format!(
                     "step `{name}` is defined twice (first on line {})",
                     prev.line
                 ),
             ));
         }
-        let kind = m
+        Ok(name)
+    }
+
+    /// The step's `kind:`: one of surgeon's subcommands (not `run`).
+    fn step_kind(&self, r: &RawStep, kinds: &[String]) -> Result<String> {
+        let kind = r
+            .map
             .get("kind")
             .and_then(scalar)
-            .ok_or_else(|| err(line, format!("step `{name}` has no `kind:`")))?;
+            .ok_or_else(|| self.err(r.line, format!("step `{}` has no `kind:`", r.name)))?;
         if !kinds.contains(&kind) {
-            let hint = suggest(&kind, &kinds)
+            let hint = suggest(&kind, kinds)
                 .map(|s| format!(" (did you mean `{s}`?)"))
                 .unwrap_or_default();
-            return Err(err(
-                at("kind"),
+            return Err(self.err(
+                r.line_of("kind"),
                 format!(
                     "unknown step kind \"{kind}\"{hint}; kinds: {}",
                     kinds.join(", ")
                 ),
             ));
         }
-        raws.push(Raw {
-            line,
-            keys,
-            name,
-            kind,
-            map: m,
-        });
+        Ok(kind)
     }
 
-    // Output paths.
-    let mut outs: BTreeMap<String, Option<PathBuf>> = BTreeMap::new();
-    for r in &raws {
-        let sub = cli.find_subcommand(&r.kind).unwrap();
-        let has_out = sub.get_arguments().any(|a| a.get_id() == "out");
-        let out = match r.map.get("out").and_then(scalar) {
-            Some(o) => {
-                let o = substitute(&o, &|kind, name| {
-                    lookup_var(&vars, kind, name)
-                        .or_else(|| (kind == "workdir").then(|| workdir.display().to_string()))
-                })
-                .map_err(|m| err(r.keys.get("out").copied().unwrap_or(r.line), m))?;
-                Some(PathBuf::from(o))
+    /// Where each step writes: its `out:`, else `<workdir>/<name>` (`.gguf` for a GGUF export);
+    /// `None` for commands that write no model.
+    fn outputs(
+        &self,
+        raws: &[RawStep],
+        cli: &clap::Command,
+        vars: &BTreeMap<String, String>,
+        workdir: &Path,
+    ) -> Result<BTreeMap<String, Option<PathBuf>>> {
+        let mut outs = BTreeMap::new();
+        for r in raws {
+            let sub = cli.find_subcommand(&r.kind).expect("kind checked");
+            let has_out = sub.get_arguments().any(|a| a.get_id() == "out");
+            if !has_out && r.map.contains_key("out") {
+                return Err(self.err(
+                    r.keys["out"],
+                    format!("`{}` writes no model: it takes no `out:`", r.kind),
+                ));
             }
-            // A GGUF export writes one file.
-            None if r.kind == "export-gguf" => Some(workdir.join(format!("{}.gguf", r.name))),
-            None => has_out.then(|| workdir.join(&r.name)),
-        };
-        if !has_out && r.map.contains_key("out") {
-            return Err(err(
-                r.keys["out"],
-                format!("`{}` writes no model: it takes no `out:`", r.kind),
-            ));
+            let out = match r.map.get("out").and_then(scalar) {
+                Some(o) => {
+                    let o = substitute(&o, &|kind, name| {
+                        lookup_var(vars, kind, name)
+                            .or_else(|| (kind == "workdir").then(|| workdir.display().to_string()))
+                    })
+                    .map_err(|m| self.err(r.line_of("out"), m))?;
+                    Some(PathBuf::from(o))
+                }
+                None if r.kind == "export-gguf" => Some(workdir.join(format!("{}.gguf", r.name))),
+                None => has_out.then(|| workdir.join(&r.name)),
+            };
+            outs.insert(r.name.clone(), out);
         }
-        outs.insert(r.name.clone(), out);
+        Ok(outs)
     }
 
-    // References between steps: unknown names, cycles, forward references.
-    let index: BTreeMap<&str, usize> = raws
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.name.as_str(), i))
-        .collect();
-    let mut refs: Vec<Vec<(String, usize)>> = vec![];
-    for r in &raws {
-        let mut v = vec![];
-        for (k, val) in r.map {
-            let k = scalar(k).unwrap_or_default();
-            let line = r.keys.get(&k).copied().unwrap_or(r.line);
-            for s in flatten(val) {
-                for (kind, name) in placeholders(&s) {
-                    if kind == "steps" {
-                        if !index.contains_key(name.as_str()) {
-                            let names: Vec<String> = raws.iter().map(|r| r.name.clone()).collect();
+    /// Per step, the steps it refers to (`${steps.NAME}`) and the line of each reference.
+    fn references(&self, raws: &[RawStep]) -> Result<Vec<Vec<(String, usize)>>> {
+        let names: Vec<String> = raws.iter().map(|r| r.name.clone()).collect();
+        let mut refs = vec![];
+        for r in raws {
+            let mut v = vec![];
+            for (k, val) in r.map {
+                let line = r.line_of(&scalar(k).unwrap_or_default());
+                for s in flatten(val) {
+                    for (kind, name) in placeholders(&s) {
+                        if kind != "steps" {
+                            continue;
+                        }
+                        if !names.contains(&name) {
                             let hint = suggest(&name, &names)
                                 .map(|s| format!(" (did you mean `{s}`?)"))
                                 .unwrap_or_default();
-                            return Err(err(
+                            return Err(self.err(
                                 line,
                                 format!(
                                     "step `{}` refers to step `{name}`, which does not exist{hint}",
@@ -412,61 +536,56 @@ pub fn parse(
                     }
                 }
             }
+            refs.push(v);
         }
-        refs.push(v);
-    }
-    for (i, r) in raws.iter().enumerate() {
-        for (dep, line) in &refs[i] {
-            let j = index[dep.as_str()];
-            if j == i {
-                return Err(err(*line, format!("step `{}` refers to itself", r.name)));
-            }
-            if j > i {
-                // Is there a way back from `dep` to this step? Then it is a cycle.
-                if let Some(path) = find_path(&refs, &index, j, i) {
-                    let mut names = vec![r.name.clone()];
-                    names.extend(path.iter().map(|&k| raws[k].name.clone()));
-                    return Err(err(
-                        *line,
-                        format!("cycle between steps: {}", names.join(" -> ")),
-                    ));
-                }
-                return Err(err(
-                    *line,
-                    format!(
-                        "step `{}` refers to step `{dep}`, which comes later (line {}); steps run in order",
-                        r.name, raws[j].line
-                    ),
-                ));
-            }
-            if outs[dep].is_none() {
-                return Err(err(
-                    *line,
-                    format!(
-                        "step `{}` refers to step `{dep}`, whose kind `{}` writes no output",
-                        r.name, raws[j].kind
-                    ),
-                ));
-            }
-        }
+        Ok(refs)
     }
 
-    // Build argv and validate with the real parser.
-    let mut steps = vec![];
-    for (i, r) in raws.iter().enumerate() {
-        let sub = cli.find_subcommand(&r.kind).unwrap();
-        let resolve = |s: &str, line: usize| -> Result<String> {
-            substitute(s, &|kind, name| match kind {
-                "steps" => outs
-                    .get(name)
-                    .cloned()
-                    .flatten()
-                    .map(|p| p.display().to_string()),
-                "workdir" => Some(workdir.display().to_string()),
-                _ => lookup_var(&vars, kind, name),
-            })
-            .map_err(|m| err(line, format!("step `{}`: {m}", r.name)))
-        };
+    /// References go to earlier steps that write an output; no step refers to itself or to a
+    /// cycle.
+    fn check_references(
+        &self,
+        raws: &[RawStep],
+        refs: &[Vec<(String, usize)>],
+        outs: &BTreeMap<String, Option<PathBuf>>,
+    ) -> Result<()> {
+        let index: BTreeMap<&str, usize> = raws
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), i))
+            .collect();
+        for (i, r) in raws.iter().enumerate() {
+            for (dep, line) in &refs[i] {
+                let j = index[dep.as_str()];
+                if j == i {
+                    return Err(self.err(*line, format!("step `{}` refers to itself", r.name)));
+                }
+                if j > i {
+                    return Err(self.err(*line, forward_reference(raws, refs, &index, i, j)));
+                }
+                if outs[dep].is_none() {
+                    return Err(self.err(
+                        *line,
+                        format!(
+                            "step `{}` refers to step `{dep}`, whose kind `{}` writes no output",
+                            r.name, raws[j].kind
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The resolved step: its argument vector, checked by the real command-line parser.
+    fn step(
+        &self,
+        r: &RawStep,
+        refs: &[(String, usize)],
+        cli: &clap::Command,
+        scope: &Scope,
+    ) -> Result<Step> {
+        let sub = cli.find_subcommand(&r.kind).expect("kind checked");
         let mut positional: Vec<(usize, Vec<String>)> = vec![];
         let mut named: Vec<String> = vec![];
         let mut plain_values = vec![];
@@ -475,76 +594,20 @@ pub fn parse(
             if STEP_KEYS.contains(&k.as_str()) {
                 continue;
             }
-            let line = r.keys.get(&k).copied().unwrap_or(r.line);
-            let id = k.replace('-', "_");
-            let Some(arg) = sub.get_arguments().find(|a| a.get_id() == id.as_str()) else {
-                let names: Vec<String> = sub
-                    .get_arguments()
-                    .filter(|a| {
-                        !["out", "force", "dry_run", "resume", "help"]
-                            .contains(&a.get_id().as_str())
-                    })
-                    .map(|a| a.get_id().as_str().replace('_', "-"))
-                    .collect();
-                let hint = suggest(&k, &names)
-                    .map(|s| format!(" (did you mean `{s}`?)"))
-                    .unwrap_or_default();
-                return Err(err(
-                    line,
-                    format!("unknown option `{k}` for step kind `{}`{hint}", r.kind),
-                ));
-            };
-            if ["out", "force", "dry_run", "resume", "help"].contains(&id.as_str()) {
-                return Err(err(
-                    line,
-                    format!(
-                        "`{k}` is managed by `surgeon run` (use the step's `out:` for the output)"
-                    ),
-                ));
-            }
-            let values: Vec<String> = match val {
-                Value::Sequence(s) => s
-                    .iter()
-                    .map(|v| {
-                        scalar(v).ok_or_else(|| {
-                            err(line, format!("option `{k}`: list items must be scalars"))
-                        })
-                    })
-                    .collect::<Result<_>>()?,
-                v => vec![scalar(v).ok_or_else(|| {
-                    err(
-                        line,
-                        format!("option `{k}` must be a scalar or a list of scalars"),
-                    )
-                })?],
-            };
+            let line = r.line_of(&k);
+            let arg = self.option(r, sub, &k, line)?;
             let mut resolved = vec![];
-            for v in &values {
-                let rv = resolve(v, line)?;
-                if placeholders(v).iter().all(|(kind, _)| kind != "steps") {
+            for v in self.option_values(&k, val, line)? {
+                let rv = substitute(&v, &|kind, name| scope.lookup(kind, name))
+                    .map_err(|m| self.err(line, format!("step `{}`: {m}", r.name)))?;
+                if placeholders(&v).iter().all(|(kind, _)| kind != "steps") {
                     plain_values.push(rv.clone());
                 }
                 resolved.push(rv);
             }
-            let long = arg.get_long().map(|l| format!("--{l}"));
-            let multi = arg.get_num_args().is_some_and(|n| n.max_values() > 1);
-            match (long, arg.get_action()) {
-                (None, _) => positional.push((arg.get_index().unwrap_or(0), resolved)),
-                (Some(l), ArgAction::SetTrue) => match resolved.as_slice() {
-                    [b] if b == "true" => named.push(l),
-                    [b] if b == "false" => {}
-                    _ => return Err(err(line, format!("option `{k}` is a flag: true or false"))),
-                },
-                (Some(l), ArgAction::Append) if !multi => {
-                    for v in resolved {
-                        named.push(format!("{l}={v}"));
-                    }
-                }
-                (Some(l), _) if multi => {
-                    named.push(l);
-                    named.extend(resolved);
-                }
-                (Some(l), _) => named.push(format!("{l}={}", resolved.join(","))),
+            match arg.get_long() {
+                None => positional.push((arg.get_index().unwrap_or(0), resolved)),
+                Some(l) => named.extend(self.flag_words(arg, l, &k, resolved, line)?),
             }
         }
         positional.sort_by_key(|p| p.0);
@@ -553,45 +616,12 @@ pub fn parse(
             argv.extend(v);
         }
         argv.extend(named);
-        // Check with the real parser (plus the pieces the runner adds).
-        let out = outs[&r.name].clone();
-        let mut check = vec!["surgeon".to_string()];
-        check.extend(argv.iter().cloned());
-        if let Some(o) = &out {
-            check.push(format!("--out={}", o.display()));
-        }
-        if let Err(e) = <crate::Cli as clap::Parser>::try_parse_from(&check) {
-            let msg = e.to_string();
-            // clap's message up to its usage line, on one line.
-            let first = msg
-                .lines()
-                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
-                .collect::<Vec<_>>()
-                .join(" ")
-                .trim_start_matches("error: ")
-                .to_string();
-            // Point to the option's line when clap names it.
-            let line = r
-                .keys
-                .iter()
-                .filter(|(k, _)| !STEP_KEYS.contains(&k.as_str()))
-                .find(|(k, _)| {
-                    let flag = format!("--{}", k.replace('_', "-"));
-                    first.contains(&format!("'{flag}")) || first.contains(&format!("'{flag} "))
-                })
-                .map(|(_, l)| *l)
-                .unwrap_or(r.line);
-            return Err(err(
-                line,
-                format!("step `{}` ({}): {first}", r.name, r.kind),
-            ));
-        }
+        let out = scope.outs[&r.name].clone();
+        self.check_with_clap(r, &argv, out.as_deref())?;
         let has = |id: &str| sub.get_arguments().any(|a| a.get_id() == id);
-        let mut deps: Vec<String> = refs[i].iter().map(|d| d.0.clone()).collect();
+        let mut deps: Vec<String> = refs.iter().map(|d| d.0.clone()).collect();
         deps.dedup();
-        steps.push(Step {
+        Ok(Step {
             name: r.name.clone(),
             kind: r.kind.clone(),
             line: r.line,
@@ -603,14 +633,137 @@ pub fn parse(
             has_force: has("force"),
             has_resume: has("resume"),
             has_json: has("json"),
-        });
+        })
     }
-    Ok(Recipe {
-        file: file.to_string(),
-        workdir,
-        vars,
-        steps,
-    })
+
+    /// The command's argument for option key `k`; unknown and runner-managed keys are errors.
+    fn option<'c>(
+        &self,
+        r: &RawStep,
+        sub: &'c clap::Command,
+        k: &str,
+        line: usize,
+    ) -> Result<&'c clap::Arg> {
+        let id = k.replace('-', "_");
+        let Some(arg) = sub.get_arguments().find(|a| a.get_id() == id.as_str()) else {
+            let names: Vec<String> = sub
+                .get_arguments()
+                .filter(|a| !MANAGED.contains(&a.get_id().as_str()))
+                .map(|a| a.get_id().as_str().replace('_', "-"))
+                .collect();
+            let hint = suggest(k, &names)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            return Err(self.err(
+                line,
+                format!("unknown option `{k}` for step kind `{}`{hint}", r.kind),
+            ));
+        };
+        if MANAGED.contains(&id.as_str()) {
+            return Err(self.err(
+                line,
+                format!("`{k}` is managed by `surgeon run` (use the step's `out:` for the output)"),
+            ));
+        }
+        Ok(arg)
+    }
+
+    /// The value(s) of option `k`: a scalar or a list of scalars.
+    fn option_values(&self, k: &str, val: &Value, line: usize) -> Result<Vec<String>> {
+        match val {
+            Value::Sequence(s) => s
+                .iter()
+                .map(|v| {
+                    scalar(v).ok_or_else(|| {
+                        self.err(line, format!("option `{k}`: list items must be scalars"))
+                    })
+                })
+                .collect(),
+            v => Ok(vec![scalar(v).ok_or_else(|| {
+                self.err(
+                    line,
+                    format!("option `{k}` must be a scalar or a list of scalars"),
+                )
+            })?]),
+        }
+    }
+
+    /// The command-line words for flag `--long` with `values`, by the argument's kind.
+    fn flag_words(
+        &self,
+        arg: &clap::Arg,
+        long: &str,
+        k: &str,
+        values: Vec<String>,
+        line: usize,
+    ) -> Result<Vec<String>> {
+        let l = format!("--{long}");
+        let multi = arg.get_num_args().is_some_and(|n| n.max_values() > 1);
+        Ok(match arg.get_action() {
+            ArgAction::SetTrue => match values.as_slice() {
+                [b] if b == "true" => vec![l],
+                [b] if b == "false" => vec![],
+                _ => return Err(self.err(line, format!("option `{k}` is a flag: true or false"))),
+            },
+            ArgAction::Append if !multi => values.into_iter().map(|v| format!("{l}={v}")).collect(),
+            _ if multi => std::iter::once(l).chain(values).collect(),
+            _ => vec![format!("{l}={}", values.join(","))],
+        })
+    }
+
+    /// Runs clap on the step's words (plus the `--out` the runner adds); its complaint points to
+    /// the option's line when it names the option.
+    fn check_with_clap(&self, r: &RawStep, argv: &[String], out: Option<&Path>) -> Result<()> {
+        let mut check = vec!["surgeon".to_string()];
+        check.extend(argv.iter().cloned());
+        if let Some(o) = out {
+            check.push(format!("--out={}", o.display()));
+        }
+        let Err(e) = <crate::Cli as clap::Parser>::try_parse_from(&check) else {
+            return Ok(());
+        };
+        let msg = e.to_string();
+        // clap's message up to its usage line, on one line.
+        let first = msg
+            .lines()
+            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+            .collect::<Vec<_>>()
+            .join(" ")
+            .trim_start_matches("error: ")
+            .to_string();
+        let line = r
+            .keys
+            .iter()
+            .filter(|(k, _)| !STEP_KEYS.contains(&k.as_str()))
+            .find(|(k, _)| {
+                let flag = format!("--{}", k.replace('_', "-"));
+                first.contains(&format!("'{flag}")) || first.contains(&format!("'{flag} "))
+            })
+            .map(|(_, l)| *l)
+            .unwrap_or(r.line);
+        Err(self.err(line, format!("step `{}` ({}): {first}", r.name, r.kind)))
+    }
+}
+
+/// The message for step `i` referring to the later step `j`: a cycle when `j` leads back to `i`.
+fn forward_reference(
+    raws: &[RawStep],
+    refs: &[Vec<(String, usize)>],
+    index: &BTreeMap<&str, usize>,
+    i: usize,
+    j: usize,
+) -> String {
+    if let Some(path) = find_path(refs, index, j, i) {
+        let mut names = vec![raws[i].name.clone()];
+        names.extend(path.iter().map(|&k| raws[k].name.clone()));
+        return format!("cycle between steps: {}", names.join(" -> "));
+    }
+    format!(
+        "step `{}` refers to step `{}`, which comes later (line {}); steps run in order",
+        raws[i].name, raws[j].name, raws[j].line
+    )
 }
 
 fn find_path(

@@ -13,7 +13,7 @@ pub enum Error {
     #[error("slice {start}..{end} is reversed (slices are half-open ranges A..B with A < B)")]
     ReversedSlice { start: usize, end: usize },
     #[error(
-        "cannot add {p} blocks to {n} layers evenly: {p} does not divide {n} (give --positions)"
+        "cannot add {p} blocks to {n} layers evenly: {p} does not divide {n} (give `positions`)"
     )]
     NotDivisible { n: usize, p: usize },
     #[error("layer {layer} is named twice")]
@@ -24,8 +24,17 @@ pub enum Error {
     InvalidTarget { n: usize, s: usize },
     #[error("{0}")]
     Syntax(String),
+    /// A request the operator cannot carry out on this model (MoE, vocabulary).
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Formats(#[from] surgeon_formats::Error),
+}
+
+impl Error {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::Invalid(message.into())
+    }
 }
 
 /// A valid SOLAR target for `n` layers (3n/2 rounded to even), for error messages.
@@ -34,6 +43,6 @@ fn solar_example(n: usize) -> String {
     if s > n && s < 2 * n {
         s.to_string()
     } else {
-        "none exists for so few layers; use --slices".into()
+        "none exists for so few layers; use `slices`".into()
     }
 }

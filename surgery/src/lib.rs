@@ -276,50 +276,12 @@ pub fn drop_layers(plan: &Plan, layers: &[usize]) -> Result<Plan> {
     Ok(out)
 }
 
-/// Block influence of one layer on one token: 1 - cosine(hidden in, hidden out).
-/// A zero vector on either side counts as influence 1 (nothing in common).
-pub fn token_influence(h_in: &[f32], h_out: &[f32]) -> f64 {
-    let (mut dot, mut a, mut b) = (0f64, 0f64, 0f64);
-    for (&x, &y) in h_in.iter().zip(h_out) {
-        dot += x as f64 * y as f64;
-        a += x as f64 * x as f64;
-        b += y as f64 * y as f64;
-    }
-    if a == 0.0 || b == 0.0 {
-        return 1.0;
-    }
-    1.0 - dot / (a.sqrt() * b.sqrt())
-}
-
-/// Block influence of a layer: [`token_influence`] averaged over tokens. `h_in` and `h_out` hold
-/// `tokens x hidden` values, row-major.
-pub fn block_influence(h_in: &[f32], h_out: &[f32], hidden: usize) -> Result<f64> {
-    if hidden == 0
-        || h_in.len() != h_out.len()
-        || !h_in.len().is_multiple_of(hidden)
-        || h_in.is_empty()
-    {
-        return Err(Error::Syntax(format!(
-            "hidden states of {} and {} values do not form tokens of width {hidden}",
-            h_in.len(),
-            h_out.len()
-        )));
-    }
-    let tokens = h_in.len() / hidden;
-    let sum: f64 = h_in
-        .chunks(hidden)
-        .zip(h_out.chunks(hidden))
-        .map(|(x, y)| token_influence(x, y))
-        .sum();
-    Ok(sum / tokens as f64)
-}
-
 /// The `k` layers with the lowest influence `scores` (one per layer), ascending by layer index.
 /// Ties go to the lower layer index. `k` must leave at least one layer; scores must not be NaN.
 pub fn lowest_influence(scores: &[f64], k: usize) -> Result<Vec<usize>> {
     let n = scores.len();
     if k == 0 {
-        return Err(Error::Syntax("--count must be at least 1".into()));
+        return Err(Error::Syntax("`count` must be at least 1".into()));
     }
     if k >= n {
         return Err(Error::DropAll { n });
@@ -385,11 +347,5 @@ mod tests {
             Err(Error::DropAll { n: 2 })
         ));
         assert!(lowest_influence(&[0.1, f64::NAN], 1).is_err());
-        let x = [1.0, 0.0, 0.0, 2.0];
-        assert!(token_influence(&x[..2], &x[..2]).abs() < 1e-12);
-        assert!((token_influence(&x[..2], &x[2..]) - 1.0).abs() < 1e-12);
-        let bi = block_influence(&[1.0, 0.0, 1.0, 0.0], &[2.0, 0.0, 0.0, 1.0], 2).unwrap();
-        assert!((bi - 0.5).abs() < 1e-12);
-        assert!(block_influence(&[1.0; 3], &[1.0; 3], 2).is_err());
     }
 }

@@ -9,14 +9,13 @@
 //! Calibration statistics that need a forward pass (co-activation, activation importance, hidden
 //! states of prompts for the router) are computed by `surgeon_distill::moe_stats` and passed in as
 //! plain vectors, so this crate stays free of the runtime.
+use crate::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::sync::Arc;
-use surgeon_formats::{
-    Error, HostTensor, Mlp, ModelArch, MoeRouting, Op, Plan, Result, Source, TensorEntry,
-};
+use surgeon_formats::{HostTensor, Mlp, ModelArch, MoeRouting, Op, Plan, Source, TensorEntry};
 
 /// How experts are made from the dense MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,12 +146,12 @@ pub fn check_request(arch: &ModelArch, opts: &MoeOptions) -> Result<()> {
     let (e, k) = (opts.num_experts, opts.top_k);
     if e < 2 {
         return Err(Error::invalid(format!(
-            "--experts must be at least 2 (got {e})"
+            "`experts` must be at least 2 (got {e})"
         )));
     }
     if k == 0 || k > e {
         return Err(Error::invalid(format!(
-            "--top-k must be between 1 and --experts = {e} (got {k})"
+            "`top_k` must be between 1 and `experts` = {e} (got {k})"
         )));
     }
     if arch.layers.is_empty() {
@@ -173,7 +172,7 @@ pub fn check_request(arch: &ModelArch, opts: &MoeOptions) -> Result<()> {
             Mlp::Dense { intermediate_size } => {
                 if opts.method.is_split() && intermediate_size % e != 0 {
                     return Err(Error::invalid(format!(
-                        "--experts {e} does not divide the FFN width {intermediate_size} of layer {l} \
+                        "`experts` {e} does not divide the FFN width {intermediate_size} of layer {l} \
                          (a split needs equal experts)"
                     )));
                 }
@@ -183,13 +182,13 @@ pub fn check_request(arch: &ModelArch, opts: &MoeOptions) -> Result<()> {
     if let RouterInit::Random { std } = opts.router {
         if !(std.is_finite() && (0.0..=1.0).contains(&std)) {
             return Err(Error::invalid(format!(
-                "--router-std must be a finite number in [0, 1], got {std}"
+                "`router_std` must be a finite number in [0, 1], got {std}"
             )));
         }
     }
     if opts.fold_scale && !opts.method.is_split() {
         return Err(Error::invalid(
-            "--fold-scale applies to split methods only (upcycling uses Mixtral routing)",
+            "`fold_scale` applies to split methods only (upcycling uses Mixtral routing)",
         ));
     }
     if let RouterInit::Given { rows, .. } = &opts.router {
@@ -362,7 +361,7 @@ pub fn partitions(
                 }
                 _ => {
                     return Err(Error::invalid(
-                        "split-coactivation needs neuron firing statistics from calibration text (--data)",
+                        "split-coactivation needs neuron firing statistics from calibration text (`data`)",
                     ))
                 }
             },
@@ -373,7 +372,7 @@ pub fn partitions(
                 }
                 _ => {
                     return Err(Error::invalid(
-                        "split-importance needs activation statistics from calibration text (--data)",
+                        "split-importance needs activation statistics from calibration text (`data`)",
                     ))
                 }
             },

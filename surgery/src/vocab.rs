@@ -4,10 +4,10 @@
 //! Nothing is computed here except for `--init random` (which needs the old rows' statistics): the new
 //! matrices are `concat[dim 0](old, new rows)` with the new rows a lazy mean of old rows, so old rows
 //! are copied bitwise and, for text without new tokens, old-vocabulary logits are unchanged.
+use crate::{Error, Result};
 use std::sync::Arc;
 use surgeon_formats::plan::{AuxFile, Op, Plan, Source, TensorEntry};
 use surgeon_formats::tokenizer_extend::{self, Extension, NewToken};
-use surgeon_formats::{Error, Result};
 
 pub const EMBED: &str = "model.embed_tokens.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
@@ -76,6 +76,7 @@ fn tokenizer_bytes(plan: &Plan) -> Result<Vec<u8>> {
             ))
         })?
         .read()
+        .map_err(Error::from)
 }
 
 /// `extend-vocab --tokens`: adds `tokens` (skipping existing ones) and resizes the model.
@@ -135,7 +136,7 @@ fn apply(
     let mut v_new = v_old + k;
     if let Some(m) = opts.pad_to_multiple {
         if m == 0 {
-            return Err(Error::invalid("--pad-to-multiple must be at least 1"));
+            return Err(Error::invalid("`pad_to_multiple` must be at least 1"));
         }
         v_new = v_new.div_ceil(m) * m;
     }
@@ -322,7 +323,7 @@ pub fn new_rows(
 /// Reads a `--tokens` file: one token per line (the line ending is not part of the token; empty lines
 /// are ignored).
 pub fn read_token_file(path: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| surgeon_formats::Error::io(path, e))?;
     let tokens: Vec<String> = text
         .split('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
@@ -330,10 +331,11 @@ pub fn read_token_file(path: &std::path::Path) -> Result<Vec<String>> {
         .map(str::to_string)
         .collect();
     if tokens.is_empty() {
-        return Err(Error::format(
+        return Err(surgeon_formats::Error::format(
             path,
             "the token file is empty (one token per line expected)",
-        ));
+        )
+        .into());
     }
     Ok(tokens)
 }
@@ -342,7 +344,7 @@ pub fn read_token_file(path: &std::path::Path) -> Result<Vec<String>> {
 pub fn read_corpus(paths: &[std::path::PathBuf]) -> Result<Vec<String>> {
     let mut out = vec![];
     for p in paths {
-        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        let text = std::fs::read_to_string(p).map_err(|e| surgeon_formats::Error::io(p, e))?;
         out.extend(
             text.lines()
                 .filter(|l| !l.trim().is_empty())

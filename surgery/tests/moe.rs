@@ -65,18 +65,18 @@ fn errors_are_one_line_and_clear() {
     let p = tiny();
     let e = err(&p, &opts(MoeMethod::SplitRandom, 3, 1));
     assert!(
-        e.contains("--experts 3 does not divide the FFN width 128 of layer 0"),
+        e.contains("`experts` 3 does not divide the FFN width 128 of layer 0"),
         "{e}"
     );
     let e = err(&p, &opts(MoeMethod::Upcycle, 4, 5));
     assert!(
-        e.contains("--top-k must be between 1 and --experts = 4 (got 5)"),
+        e.contains("`top_k` must be between 1 and `experts` = 4 (got 5)"),
         "{e}"
     );
     let e = err(&p, &opts(MoeMethod::Upcycle, 4, 0));
-    assert!(e.contains("--top-k must be between 1"), "{e}");
+    assert!(e.contains("`top_k` must be between 1"), "{e}");
     let e = err(&p, &opts(MoeMethod::SplitRandom, 1, 1));
-    assert!(e.contains("--experts must be at least 2 (got 1)"), "{e}");
+    assert!(e.contains("`experts` must be at least 2 (got 1)"), "{e}");
     let moe = upcycle(&p, &opts(MoeMethod::Upcycle, 4, 2)).unwrap();
     let e = err(&moe, &opts(MoeMethod::Upcycle, 4, 2));
     assert!(

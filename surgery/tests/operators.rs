@@ -262,7 +262,7 @@ fn errors_are_one_line_and_specific() {
     assert!(matches!(e, Error::NotDivisible { n: 8, p: 3 }));
     assert_eq!(
         msg(e),
-        "cannot add 3 blocks to 8 layers evenly: 3 does not divide 8 (give --positions)"
+        "cannot add 3 blocks to 8 layers evenly: 3 does not divide 8 (give `positions`)"
     );
     assert!(matches!(
         expand(&plan, &[1, 1]),

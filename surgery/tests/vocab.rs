@@ -412,7 +412,7 @@ fn learned_merges_extend_sentencepiece_bpe() {
 fn clear_errors() {
     let plan = model_with(byte_level_json(300), true);
     let opts = VocabOptions::default();
-    let one_line = |e: surgeon_formats::Error| {
+    let one_line = |e: surgeon_surgery::Error| {
         let s = e.to_string();
         assert!(!s.contains('\n'), "{s}");
         s

@@ -3,7 +3,7 @@
 //! write of that layout lives here.
 use super::metrics::{read_csv, write_csv};
 use super::plan::Trajectory;
-use super::{io_err, HealError, MetricRow, Result};
+use super::{io_err, Error, MetricRow, Result};
 use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
@@ -81,12 +81,12 @@ pub fn incomplete_reason(dir: &Path) -> Option<String> {
 
 /// The error for an optimizer record that does not load: names the file and keeps the
 /// recorder's (often very long) message to its first line.
-pub fn optimizer_error(path: &Path, e: impl std::fmt::Display) -> HealError {
+pub fn optimizer_error(path: &Path, e: impl std::fmt::Display) -> Error {
     let text = e.to_string();
     let first = text.lines().next().unwrap_or_default();
     let short: String = first.chars().take(160).collect();
     let ellipsis = if short.len() < text.len() { "..." } else { "" };
-    HealError::Checkpoint(format!(
+    Error::Checkpoint(format!(
         "{}: the optimizer state does not load (truncated or corrupt; resume from an earlier \
          checkpoint): {short}{ellipsis}",
         path.display()
@@ -120,13 +120,13 @@ pub fn list_checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
 /// skipped with a warning).
 pub fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
     if !dir.exists() {
-        return Err(HealError::Checkpoint(format!(
+        return Err(Error::Checkpoint(format!(
             "resume {}: no such directory",
             dir.display()
         )));
     }
     if !dir.is_dir() {
-        return Err(HealError::Checkpoint(format!(
+        return Err(Error::Checkpoint(format!(
             "resume {}: not a directory (give a checkpoint or a heal output directory)",
             dir.display()
         )));
@@ -134,14 +134,14 @@ pub fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
     if dir.join(STATE_DIR).exists() {
         return match incomplete_reason(dir) {
             None => Ok(dir.to_path_buf()),
-            Some(why) => Err(HealError::Checkpoint(format!(
+            Some(why) => Err(Error::Checkpoint(format!(
                 "{} is an incomplete checkpoint: {why}",
                 dir.display()
             ))),
         };
     }
     list_checkpoints(dir).pop().map(|b| b.1).ok_or_else(|| {
-        HealError::Checkpoint(format!(
+        Error::Checkpoint(format!(
             "{} is not a checkpoint (no complete {STATE_DIR}/{STATE_FILE}, no complete \
              checkpoints/step-*)",
             dir.display()
@@ -153,7 +153,7 @@ pub fn find_checkpoint(dir: &Path) -> Result<PathBuf> {
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join(STATE_DIR).join(STATE_FILE);
     let s = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-    serde_json::from_str(&s).map_err(|e| HealError::Checkpoint(format!("{}: {e}", p.display())))
+    serde_json::from_str(&s).map_err(|e| Error::Checkpoint(format!("{}: {e}", p.display())))
 }
 
 /// Reads a checkpoint's metrics up to its step.
@@ -197,7 +197,7 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>>(
         BinFileRecorder::<FullPrecisionSettings>::new()
             .record(optim.to_record(), sd.join(OPTIM_FILE))
             .map_err(|e| {
-                HealError::Checkpoint(format!("{}: saving optimizer state: {e}", sd.display()))
+                Error::Checkpoint(format!("{}: saving optimizer state: {e}", sd.display()))
             })?;
         write_csv(&sd.join(METRICS_FILE), metrics)?;
         let json = serde_json::to_string_pretty(state).expect("serialisable");

@@ -1,6 +1,6 @@
 //! Training data: text / jsonl files, tokenised with the model's tokenizer, packed into fixed-length
 //! sequences with EOS between documents, and visited in a seeded shuffled order.
-use super::{io_err, HealError, Result};
+use super::{io_err, Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -21,7 +21,7 @@ pub enum DataSpec {
 /// Reads documents from files: `.jsonl`/`.json` lines with a `text` field, anything else as one document.
 pub fn read_documents(files: &[PathBuf]) -> Result<Vec<String>> {
     if files.is_empty() {
-        return Err(HealError::Invalid("no --data files given".into()));
+        return Err(Error::Invalid("no `data` files given".into()));
     }
     let mut docs = Vec::new();
     for f in files {
@@ -36,10 +36,10 @@ pub fn read_documents(files: &[PathBuf]) -> Result<Vec<String>> {
                     continue;
                 }
                 let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                    HealError::Invalid(format!("{}:{}: not JSON: {e}", f.display(), i + 1))
+                    Error::Invalid(format!("{}:{}: not JSON: {e}", f.display(), i + 1))
                 })?;
                 let text = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
-                    HealError::Invalid(format!("{}:{}: no string field `text`", f.display(), i + 1))
+                    Error::Invalid(format!("{}:{}: no string field `text`", f.display(), i + 1))
                 })?;
                 if !text.is_empty() {
                     docs.push(text.to_string());
@@ -55,15 +55,15 @@ pub fn read_documents(files: &[PathBuf]) -> Result<Vec<String>> {
 /// Loads the plan's `tokenizer.json`.
 pub fn tokenizer(plan: &Plan) -> Result<tokenizers::Tokenizer> {
     let f = plan.files.get("tokenizer.json").ok_or_else(|| {
-        HealError::Tokenizer(format!(
-            "{} has no tokenizer.json (needed to tokenise --data)",
+        Error::Tokenizer(format!(
+            "{} has no tokenizer.json (needed to tokenise `data`)",
             plan.origin
         ))
     })?;
     let bytes = f.read()?;
     let tok = tokenizers::Tokenizer::from_bytes(&bytes)
-        .map_err(|e| HealError::Tokenizer(format!("{}: tokenizer.json: {e}", plan.origin)))?;
-    crate::text::check_vocab(plan, &tok).map_err(HealError::Tokenizer)?;
+        .map_err(|e| Error::Tokenizer(format!("{}: tokenizer.json: {e}", plan.origin)))?;
+    crate::text::check_vocab(plan, &tok).map_err(Error::Tokenizer)?;
     Ok(tok)
 }
 
@@ -73,7 +73,7 @@ pub fn tokenize(plan: &Plan, spec: &DataSpec) -> Result<Vec<Vec<u32>>> {
         DataSpec::Tokens(t) => {
             let v = plan.arch.vocab_size;
             if let Some(id) = t.iter().flatten().find(|&&id| id as usize >= v) {
-                return Err(HealError::Tokenizer(format!(
+                return Err(Error::Tokenizer(format!(
                     "token id {id} is outside {}'s vocabulary of {v} tokens",
                     plan.origin
                 )));
@@ -89,7 +89,7 @@ pub fn tokenize(plan: &Plan, spec: &DataSpec) -> Result<Vec<Vec<u32>>> {
     let tok = tokenizer(plan)?;
     let enc = tok
         .encode_batch(docs, false)
-        .map_err(|e| HealError::Tokenizer(e.to_string()))?;
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
 }
 
@@ -128,7 +128,7 @@ pub fn prepare(
     seq_len: usize,
 ) -> Result<Dataset> {
     let eos = *plan.arch.eos_token_ids.first().ok_or_else(|| {
-        HealError::Invalid(format!(
+        Error::Invalid(format!(
             "{}: no eos_token_id to separate documents",
             plan.origin
         ))
@@ -136,7 +136,7 @@ pub fn prepare(
     let vocab = plan.arch.vocab_size;
     let check = |docs: &[Vec<u32>]| -> Result<()> {
         if let Some(&bad) = docs.iter().flatten().find(|&&t| t as usize >= vocab) {
-            return Err(HealError::Invalid(format!(
+            return Err(Error::Invalid(format!(
                 "token id {bad} is outside the model's vocabulary of {vocab}"
             )));
         }
@@ -146,20 +146,20 @@ pub fn prepare(
     check(&docs)?;
     let ntok: usize = docs.iter().map(Vec::len).sum();
     if ntok == 0 {
-        return Err(HealError::Invalid(
+        return Err(Error::Invalid(
             "the training data is empty (no tokens)".into(),
         ));
     }
     let mut seqs = pack(&docs, eos, seq_len);
     let need = if eval.is_none() { 2 } else { 1 };
     if seqs.len() < need {
-        return Err(HealError::Invalid(format!(
+        return Err(Error::Invalid(format!(
             "the training data has {} tokens: too few for {need} sequence(s) of {} tokens \
-             (lower --seq-len{})",
+             (lower `seq_len`{})",
             ntok + docs.len(),
             seq_len + 1,
             if eval.is_none() {
-                " or pass --eval-data"
+                " or pass `eval_data`"
             } else {
                 ""
             }
@@ -171,7 +171,7 @@ pub fn prepare(
             check(&d)?;
             let e = pack(&d, eos, seq_len);
             if e.is_empty() {
-                return Err(HealError::Invalid(format!(
+                return Err(Error::Invalid(format!(
                     "the eval data is shorter than one sequence of {} tokens",
                     seq_len + 1
                 )));

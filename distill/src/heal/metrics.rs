@@ -1,5 +1,5 @@
 //! `metrics.csv` and the loss curves `loss.png` / `loss.svg`.
-use super::{io_err, HealError, MetricRow, Result};
+use super::{io_err, Error, MetricRow, Result};
 use std::path::Path;
 
 pub const CSV_HEADER: &str = "step,tokens,loss,lr,grad_norm,eval_ppl";
@@ -23,7 +23,7 @@ pub fn write_csv(path: &Path, rows: &[MetricRow]) -> Result<()> {
 
 pub fn read_csv(path: &Path) -> Result<Vec<MetricRow>> {
     let s = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let bad = |l: &str| HealError::Checkpoint(format!("{}: bad line `{l}`", path.display()));
+    let bad = |l: &str| Error::Checkpoint(format!("{}: bad line `{l}`", path.display()));
     let mut out = Vec::new();
     for l in s.lines().skip(1).filter(|l| !l.is_empty()) {
         let f: Vec<&str> = l.split(',').collect();

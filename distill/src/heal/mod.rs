@@ -29,33 +29,12 @@ pub use schedule::Schedule;
 pub use select::TrainSet;
 pub use trainer::Trainer;
 
-/// Errors of healing. Every configuration error is raised before the first training step.
-#[derive(Debug, thiserror::Error)]
-pub enum HealError {
-    #[error(transparent)]
-    Formats(#[from] surgeon_formats::Error),
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Runtime(#[from] crate::error::Error),
-    #[error("unsupported by the training runtime: {0}")]
-    Unsupported(String),
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("checkpoint: {0}")]
-    Checkpoint(String),
-}
+/// Healing reports the runtime's errors: one error type per crate.
+pub use crate::error::{Error, Result};
 
-pub type Result<T, E = HealError> = std::result::Result<T, E>;
-
-pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> HealError {
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
-    move |source| HealError::Io { path, source }
+    move |source| Error::Io { path, source }
 }
 
 /// Training objective.
@@ -254,7 +233,7 @@ pub fn heal_with(
 pub fn install_ctrlc() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     surgeon_formats::output::install_signal_handlers(Some(flag.clone()))
-        .map_err(|e| HealError::Invalid(format!("installing the Ctrl-C handler: {e}")))?;
+        .map_err(|e| Error::Invalid(format!("installing the Ctrl-C handler: {e}")))?;
     Ok(flag)
 }
 

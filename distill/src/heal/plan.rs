@@ -3,7 +3,7 @@
 use super::checkpoint::TrainerState;
 use super::data::{prepare, Dataset};
 use super::select::{resolve, Selection};
-use super::{Budget, HealConfig, HealError, LossKind, Result, Schedule, TrainSet};
+use super::{Budget, Error, HealConfig, LossKind, Result, Schedule, TrainSet};
 use crate::model::check_supported;
 use serde::{Deserialize, Serialize};
 use surgeon_formats::Plan;
@@ -170,7 +170,7 @@ impl HealPlan {
     /// Checks that a checkpoint's `state` (read from `dir`) continues this plan.
     pub fn check_resume(&self, state: &TrainerState, dir: &std::path::Path) -> Result<()> {
         let d = dir.display();
-        let err = |m: String| Err(HealError::Checkpoint(m));
+        let err = |m: String| Err(Error::Checkpoint(m));
         if state.model_fingerprint != self.model_fingerprint {
             return err(format!(
                 "{d} was written while healing another model (fingerprint {} vs {})",
@@ -278,7 +278,7 @@ fn data_fingerprint(seqs: &[Vec<u32>]) -> String {
 
 /// Checks options that need no model. Messages name the [`HealConfig`] fields.
 pub fn check_options(cfg: &HealConfig) -> Result<()> {
-    let bad = |m: String| Err(HealError::Invalid(m));
+    let bad = |m: String| Err(Error::Invalid(m));
     if cfg.seq_len == 0 || cfg.batch == 0 || cfg.grad_accum == 0 {
         return bad("seq_len, batch and grad_accum must be positive".into());
     }
@@ -329,20 +329,18 @@ pub fn check_models(cfg: &HealConfig, student: &Plan, teacher: Option<&Plan>) ->
     let arch = &student.arch;
     check_supported(arch)?;
     if cfg.seq_len > arch.max_position_embeddings {
-        return Err(HealError::Invalid(format!(
+        return Err(Error::Invalid(format!(
             "seq_len {} is longer than the model's context ({} positions)",
             cfg.seq_len, arch.max_position_embeddings
         )));
     }
     match (cfg.loss, teacher) {
         (LossKind::Kd | LossKind::KdLm, None) => {
-            return Err(HealError::Invalid(
-                "--loss kd / kd+lm needs --teacher".into(),
-            ))
+            return Err(Error::Invalid("`loss` kd / kd+lm needs a `teacher`".into()))
         }
         (LossKind::Lm, Some(_)) => {
-            return Err(HealError::Invalid(
-                "--teacher given but --loss lm does not use it (use --loss kd or kd+lm)".into(),
+            return Err(Error::Invalid(
+                "`teacher` given but `loss` lm does not use it (use `loss` kd or kd+lm)".into(),
             ))
         }
         _ => {}
@@ -350,14 +348,14 @@ pub fn check_models(cfg: &HealConfig, student: &Plan, teacher: Option<&Plan>) ->
     let Some(t) = teacher else { return Ok(()) };
     check_supported(&t.arch)?;
     if t.arch.vocab_size != arch.vocab_size {
-        return Err(HealError::Invalid(format!(
+        return Err(Error::Invalid(format!(
             "the teacher {} has a vocabulary of {} tokens, the student {} has {}: \
              distillation needs the same vocabulary",
             t.origin, t.arch.vocab_size, student.origin, arch.vocab_size
         )));
     }
     if cfg.seq_len > t.arch.max_position_embeddings {
-        return Err(HealError::Invalid(format!(
+        return Err(Error::Invalid(format!(
             "seq_len {} is longer than the teacher's context ({})",
             cfg.seq_len, t.arch.max_position_embeddings
         )));
@@ -426,7 +424,7 @@ mod tests {
             loss: LossKind::KdLm,
             ..cfg()
         });
-        assert!(e.contains("needs --teacher"), "{e}");
+        assert!(e.contains("needs a `teacher`"), "{e}");
     }
 
     #[test]

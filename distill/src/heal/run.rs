@@ -4,7 +4,7 @@ use super::checkpoint::find_checkpoint;
 use super::metrics::{plot_loss, write_csv};
 use super::plan::HealPlan;
 use super::trainer::{Diverged, Trainer};
-use super::{io_err, HealConfig, HealError, HealReport, MetricRow, Result};
+use super::{io_err, Error, HealConfig, HealReport, MetricRow, Result};
 use burn::tensor::backend::AutodiffBackend;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -72,16 +72,16 @@ fn check_output(
 
 /// The error for a diverged step: nothing is written, the last good checkpoint (if any) stays
 /// for `--resume`.
-fn diverged(d: Diverged, last_good: Option<&Path>, out: &Path) -> HealError {
+fn diverged(d: Diverged, last_good: Option<&Path>, out: &Path) -> Error {
     let keep = match last_good {
         Some(p) => format!(
-            "the last good checkpoint is {} (continue with --resume {} and a lower lr)",
+            "the last good checkpoint is {} (continue with `resume` {} and a lower `lr`)",
             p.display(),
             out.display()
         ),
-        None => "no checkpoint was saved before it (save_every N keeps one)".to_string(),
+        None => "no checkpoint was saved before it (`save_every` N keeps one)".to_string(),
     };
-    HealError::Invalid(format!(
+    Error::Invalid(format!(
         "step {}: the loss ({}) or gradient norm ({}) is not finite: training diverged and \
          stopped; no model was written; {keep}",
         d.step, d.loss, d.grad_norm

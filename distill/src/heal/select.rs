@@ -1,5 +1,5 @@
 //! Which tensors train.
-use super::{HealError, Result};
+use super::{Error, Result};
 use surgeon_formats::arch::split_layer_name;
 use surgeon_formats::Plan;
 
@@ -27,6 +27,18 @@ impl std::str::FromStr for TrainSet {
             "embeddings" => TrainSet::Embeddings,
             "new-embeddings" => TrainSet::NewEmbeddings,
             re => TrainSet::Regex(re.to_string()),
+        })
+    }
+}
+
+impl std::fmt::Display for TrainSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrainSet::All => "all",
+            TrainSet::NewBlocks => "new-blocks",
+            TrainSet::Embeddings => "embeddings",
+            TrainSet::NewEmbeddings => "new-embeddings",
+            TrainSet::Regex(re) => re,
         })
     }
 }
@@ -59,14 +71,14 @@ pub fn resolve(plan: &Plan, set: &TrainSet) -> Result<Selection> {
         TrainSet::NewBlocks => {
             let new = &plan.arch.surgeon.new_layers;
             if new.is_empty() {
-                return Err(HealError::Invalid(format!(
-                    "--train new-blocks: {} records no new layers (surgeon.new_layers in \
+                return Err(Error::Invalid(format!(
+                    "`train` new-blocks: {} records no new layers (surgeon.new_layers in \
                      config.json is empty; `surgeon expand` sets it)",
                     plan.origin
                 )));
             }
             if let Some(bad) = new.iter().find(|&&l| l >= plan.arch.num_layers()) {
-                return Err(HealError::Invalid(format!(
+                return Err(Error::Invalid(format!(
                     "surgeon.new_layers names layer {bad}, but the model has {} layers",
                     plan.arch.num_layers()
                 )));
@@ -82,14 +94,14 @@ pub fn resolve(plan: &Plan, set: &TrainSet) -> Result<Selection> {
         TrainSet::NewEmbeddings => {
             let ids = &plan.arch.surgeon.new_token_ids;
             if ids.is_empty() {
-                return Err(HealError::Invalid(format!(
-                    "--train new-embeddings: {} records no new tokens (surgeon.new_token_ids is \
+                return Err(Error::Invalid(format!(
+                    "`train` new-embeddings: {} records no new tokens (surgeon.new_token_ids is \
                      empty; `surgeon extend-vocab` sets it)",
                     plan.origin
                 )));
             }
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= plan.arch.vocab_size) {
-                return Err(HealError::Invalid(format!(
+                return Err(Error::Invalid(format!(
                     "surgeon.new_token_ids holds {bad}, outside the vocabulary of {}",
                     plan.arch.vocab_size
                 )));
@@ -101,12 +113,12 @@ pub fn resolve(plan: &Plan, set: &TrainSet) -> Result<Selection> {
         }
         TrainSet::Regex(re) => {
             let r = regex::Regex::new(re)
-                .map_err(|e| HealError::Invalid(format!("--train `{re}`: bad regex: {e}")))?;
+                .map_err(|e| Error::Invalid(format!("`train` pattern `{re}`: bad regex: {e}")))?;
             let v: Vec<String> = all.filter(|n| r.is_match(n)).cloned().collect();
             if v.is_empty() {
                 let examples: Vec<&String> = plan.tensors.keys().take(4).collect();
-                return Err(HealError::Invalid(format!(
-                    "--train `{re}` matches no tensor of {} (names look like {examples:?})",
+                return Err(Error::Invalid(format!(
+                    "`train` pattern `{re}` matches no tensor of {} (names look like {examples:?})",
                     plan.origin
                 )));
             }
@@ -116,9 +128,7 @@ pub fn resolve(plan: &Plan, set: &TrainSet) -> Result<Selection> {
     let mut names = names;
     names.sort();
     if names.is_empty() {
-        return Err(HealError::Invalid(format!(
-            "--train {set:?} selects no tensor"
-        )));
+        return Err(Error::Invalid(format!("`train` {set} selects no tensor")));
     }
     Ok(Selection { names, rows })
 }

@@ -423,7 +423,7 @@ fn configuration_errors_stop_before_training() {
         tiny(2, 0),
         None,
     );
-    assert!(e.contains("needs --teacher"), "{e}");
+    assert!(e.contains("needs a `teacher`"), "{e}");
 
     // A checkpoint of another model.
     let other = dir.path().join("other");

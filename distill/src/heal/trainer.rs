@@ -6,7 +6,7 @@ use super::data::Sampler;
 use super::loss::{kd_loss, lm_loss, nll_sum};
 use super::plan::HealPlan;
 use super::schedule::lr_at;
-use super::{HealError, LossKind, MetricRow, Result};
+use super::{Error, LossKind, MetricRow, Result};
 use crate::model::{Llama, Mlp};
 use crate::moe_aux::{forward_with_router_logits, load_balancing_loss};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
@@ -209,9 +209,9 @@ fn export_plan<B: Backend>(
     let mut plan = base.clone();
     let mut values = tensors_f32(model, names);
     for name in names {
-        let (shape, values) = values.remove(name).ok_or_else(|| {
-            HealError::Invalid(format!("the training model has no tensor `{name}`"))
-        })?;
+        let (shape, values) = values
+            .remove(name)
+            .ok_or_else(|| Error::Invalid(format!("the training model has no tensor `{name}`")))?;
         let e = plan.tensors.get_mut(name).expect("selected names exist");
         let dtype = if as_f32 { DType::F32 } else { e.dtype };
         *e = surgeon_formats::TensorEntry {
@@ -285,10 +285,10 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         for name in &plan.sel.names {
             let (shape, v) = ck
                 .load_f32(name)
-                .map_err(|e| HealError::Checkpoint(format!("{d}: cannot read `{name}`: {e}")))?;
+                .map_err(|e| Error::Checkpoint(format!("{d}: cannot read `{name}`: {e}")))?;
             let e = base.tensors.get_mut(name).expect("selected");
             if e.shape() != shape {
-                return Err(HealError::Checkpoint(format!(
+                return Err(Error::Checkpoint(format!(
                     "{d}: `{name}` has shape {shape:?}, the model has {:?}",
                     e.shape()
                 )));

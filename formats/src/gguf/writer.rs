@@ -449,7 +449,7 @@ fn tokenizer_metadata(
             Some(p) => p.to_string(),
             None => {
                 notes.push(
-                    "pre-tokenizer not recognised: wrote `default` (give --pre NAME to choose)"
+                    "pre-tokenizer not recognised: wrote `default` (give `pre` NAME to choose)"
                         .into(),
                 );
                 "default".into()
@@ -672,11 +672,11 @@ fn check_output(plan: &Plan, out: &Path, force: bool) -> Result<()> {
             .any(|f| f.canonicalize().is_ok_and(|c| c == canon));
         if is_input {
             return Err(err(
-                "is an input of this export (never overwritten, even with --force)",
+                "is an input of this export (never overwritten, even with `force`)",
             ));
         }
         if !force {
-            return Err(err("already exists (use --force to replace it)"));
+            return Err(err("already exists (use `force` to replace it)"));
         }
     }
     Ok(())
