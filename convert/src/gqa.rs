@@ -4,8 +4,7 @@
 //! new key/value head `g` is the mean of the old heads that the query heads of group `g` read,
 //! one term per query head. Fewer heads mean-pool the old ones (GQA's conversion); more heads
 //! repeat them, which is exact: mean-pooling copies of one row gives the row back. Biases follow
-//! their projections. `G` equal to the current count leaves the plan unchanged; skipped (no-op)
-//! attention layers stay as they are.
+//! their projections. `G` equal to the current count leaves the plan unchanged.
 use crate::{Error, Result};
 use std::sync::Arc;
 use surgeon_formats::plan::{Op, Source, TensorEntry};
@@ -17,9 +16,8 @@ pub fn regroup_kv_heads(plan: &Plan, kv_heads: usize) -> Result<Plan> {
     let mut changed = 0;
     for (l, layer) in plan.arch.layers.iter().enumerate() {
         let a = &layer.attention;
-        // A skipped attention has no heads to regroup.
         if a.is_no_op() {
-            continue;
+            continue; // a skipped attention has no heads to regroup
         }
         check_layer(l, &a.kind, a.num_heads, kv_heads)?;
         if a.num_kv_heads == kv_heads {

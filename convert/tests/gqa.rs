@@ -150,3 +150,25 @@ fn plan_snapshot() {
     let out = regroup_kv_heads(&model(), 1).unwrap();
     insta::assert_snapshot!(out.render());
 }
+
+#[test]
+fn heterogeneous_layers_regroup_values_by_their_own_head_size_and_skip_no_op_attention() {
+    use surgeon_formats::synthetic::Variant;
+    let spec = SyntheticSpec::hetero();
+    // Layer 0: 1 kv head, values of 8 per head (keys 16); layer 1: no attention.
+    let plan = spec.plan_of(spec.variant_arch(Variant::Mixed));
+    let out = regroup_kv_heads(&plan, 4).unwrap(); // validates shapes against the architecture
+    assert!(out.arch.layers[1].attention.is_no_op());
+    assert_eq!(out.arch.layers[0].attention.num_kv_heads, 4);
+    for (proj, d) in [("k_proj", 16), ("v_proj", 8)] {
+        let name = format!("model.layers.0.self_attn.{proj}.weight");
+        let (old_shape, old) = values(&plan, &name);
+        let (shape, new) = values(&out, &name);
+        assert_eq!(shape, vec![4 * d, old_shape[1]], "{name}");
+        // The single old head, repeated for each of the 4 new heads.
+        for g in 0..4 {
+            let rows = g * d * old_shape[1]..(g + 1) * d * old_shape[1];
+            assert_eq!(bits(&new[rows]), bits(&old), "{name} head {g}");
+        }
+    }
+}

@@ -60,9 +60,11 @@ pub enum AttentionKind {
 
 /// One layer's attention: `num_heads` query heads and `num_kv_heads` key/value heads; queries and
 /// keys have `head_dim` features per head, values (and the output projection's input) `v_head_dim`.
+/// Serialised flat: `{"kind": "softmax", "num_heads": 4, ...}` (hedgehog adds `feature_dim`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(from = "AttentionRepr")]
+#[serde(try_from = "AttentionRepr")]
 pub struct Attention {
+    #[serde(flatten)]
     pub kind: AttentionKind,
     pub num_heads: usize,
     pub num_kv_heads: usize,
@@ -74,11 +76,13 @@ pub struct Attention {
     pub qkv_bias: bool,
 }
 
-/// Serialised form of [`Attention`]: `v_head_dim` may be absent (configs written before it existed
-/// mean "same as head_dim").
+/// What [`Attention`] is read from: the flat form it is written in, or the form of configs written
+/// before per-layer value head sizes existed (`"kind": {"kind": "softmax"}`, no `v_head_dim`,
+/// meaning "same as head_dim").
 #[derive(Deserialize)]
 struct AttentionRepr {
-    kind: AttentionKind,
+    kind: serde_json::Value,
+    feature_dim: Option<usize>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -86,16 +90,27 @@ struct AttentionRepr {
     qkv_bias: bool,
 }
 
-impl From<AttentionRepr> for Attention {
-    fn from(r: AttentionRepr) -> Self {
-        Attention {
-            kind: r.kind,
+impl TryFrom<AttentionRepr> for Attention {
+    type Error = String;
+    fn try_from(r: AttentionRepr) -> Result<Self, String> {
+        let kind = match r.kind {
+            serde_json::Value::String(name) => {
+                let mut tagged = serde_json::json!({ "kind": name });
+                if let Some(f) = r.feature_dim {
+                    tagged["feature_dim"] = f.into();
+                }
+                tagged
+            }
+            nested => nested,
+        };
+        Ok(Attention {
+            kind: serde_json::from_value(kind).map_err(|e| format!("attention kind: {e}"))?,
             num_heads: r.num_heads,
             num_kv_heads: r.num_kv_heads,
             head_dim: r.head_dim,
             v_head_dim: r.v_head_dim.unwrap_or(r.head_dim),
             qkv_bias: r.qkv_bias,
-        }
+        })
     }
 }
 
@@ -345,4 +360,52 @@ pub fn split_layer_name(name: &str) -> Option<(usize, &str)> {
     let rest = name.strip_prefix("model.layers.")?;
     let dot = rest.find('.')?;
     Some((rest[..dot].parse().ok()?, &rest[dot + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn attention_is_written_flat_and_read_in_both_forms() {
+        let hedgehog = Attention {
+            kind: AttentionKind::Hedgehog { feature_dim: 8 },
+            ..Attention::softmax(4, 2, 16)
+        };
+        for (a, want) in [
+            (
+                Attention {
+                    v_head_dim: 8,
+                    ..Attention::softmax(4, 2, 16)
+                },
+                json!({"kind": "softmax", "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+                       "v_head_dim": 8, "qkv_bias": false}),
+            ),
+            (
+                Attention::no_op(4, 16),
+                json!({"kind": "no_op", "num_heads": 4, "num_kv_heads": 4, "head_dim": 16,
+                       "v_head_dim": 16, "qkv_bias": false}),
+            ),
+            (
+                hedgehog.clone(),
+                json!({"kind": "hedgehog", "feature_dim": 8, "num_heads": 4, "num_kv_heads": 2,
+                       "head_dim": 16, "v_head_dim": 16, "qkv_bias": false}),
+            ),
+        ] {
+            let v = serde_json::to_value(&a).unwrap();
+            assert_eq!(v, want);
+            assert_eq!(serde_json::from_value::<Attention>(v).unwrap(), a);
+        }
+        // Written before v_head_dim and the flat form existed.
+        let old = json!({"kind": {"kind": "hedgehog", "feature_dim": 8}, "num_heads": 4,
+                         "num_kv_heads": 2, "head_dim": 16, "qkv_bias": false});
+        assert_eq!(serde_json::from_value::<Attention>(old).unwrap(), hedgehog);
+        let bad = json!({"kind": "mla", "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+                         "qkv_bias": false});
+        let e = serde_json::from_value::<Attention>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attention kind") && e.contains("mla"), "{e}");
+    }
 }

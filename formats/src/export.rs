@@ -360,7 +360,7 @@ pub fn layers_from_block_configs(
                 .and_then(Value::as_u64)
                 .ok_or_else(|| err(i, "attention.n_heads_in_group", "missing".into()))?
                 as usize;
-            if g == 0 || num_heads % g != 0 {
+            if g == 0 || !num_heads.is_multiple_of(g) {
                 return Err(err(
                     i,
                     "attention.n_heads_in_group",

@@ -264,11 +264,7 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
     }
     let dtype = plan.dominant_dtype();
     write_json(&dir.join("config.json"), &config_json(&plan.arch, dtype)?)?;
-    // Remote-code dialects ship their modeling code (regenerated, never copied from an input).
-    for (name, text) in choose_export(&plan.arch).format.code_files() {
-        let target = dir.join(name);
-        std::fs::write(&target, text).map_err(|e| Error::io(&target, e))?;
-    }
+    write_code_files(plan, dir)?;
     for (name, f) in &plan.files {
         let target = dir.join(name);
         match f {
@@ -525,6 +521,16 @@ fn is_passthrough(t: &TensorEntry) -> bool {
     t.source
         .stored_span()
         .is_some_and(|(_, _, _, d)| d == t.dtype)
+}
+
+/// Remote-code dialects ship their modeling code beside config.json (regenerated from the copy
+/// compiled into surgeon, never copied from an input).
+fn write_code_files(plan: &Plan, dir: &Path) -> Result<()> {
+    for (name, text) in choose_export(&plan.arch).format.code_files() {
+        let target = dir.join(name);
+        std::fs::write(&target, text).map_err(|e| Error::io(&target, e))?;
+    }
+    Ok(())
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {

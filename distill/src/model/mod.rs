@@ -1,7 +1,8 @@
 //! The Llama-family decoder in burn, generic over the backend so that it also trains under `Autodiff<B>`.
 //!
 //! Covers Llama, Mistral (sliding window), Qwen2 (q/k/v biases) and Mixtral (MoE layers), with per-layer
-//! shapes that may differ. Every weight is a burn [`Param`] holding the tensor in Hugging Face layout
+//! shapes that may differ (query and KV head counts, q/k and v/o head sizes, MLP widths) and layers
+//! whose attention or MLP is skipped (nemotron-nas `no_op`: no norm, no projections). Every weight is a burn [`Param`] holding the tensor in Hugging Face layout
 //! (`nn.Linear` weights `[out, in]`), so a parameter's HF name and shape are those of the checkpoint.
 //!
 //! Each module loads itself next to its `forward`, with names relative to its parent (candle's way:
