@@ -111,6 +111,9 @@ pub fn read_config(path: &Path) -> Result<ModelArch> {
     parse_config(path, &value)
 }
 
+/// The most decoder layers a config may declare (real models have a few hundred at most).
+pub const MAX_LAYERS: usize = 1 << 16;
+
 /// Interprets a parsed config.json; `path` is only used in error messages.
 ///
 /// Three dialects: a native class (`llama`, `mistral`, `qwen2`, `mixtral`), `nemotron-nas`
@@ -127,6 +130,14 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
     let family = family_of(&f, model_type)?;
     let hidden_size = f.usize("hidden_size")?;
     let num_layers = f.usize("num_hidden_layers")?;
+    // Layers are allocated from this number; a corrupt value must be an error, not an abort
+    // (found by fuzzing config_json).
+    if num_layers > MAX_LAYERS {
+        return Err(f.err(
+            "num_hidden_layers",
+            format!("{num_layers} is beyond any real model (at most {MAX_LAYERS})"),
+        ));
+    }
     let vocab_size = f.usize("vocab_size")?;
     let hidden_act = map
         .get("hidden_act")
@@ -578,6 +589,22 @@ mod tests {
             "rope_theta": 100000.0, "max_position_embeddings": 512, "tie_word_embeddings": true,
             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "initializer_range": 0.02
         })
+    }
+
+    /// The fuzzer's input: this layer count made parse_config allocate ~1.4e13 layers and abort.
+    #[test]
+    fn absurd_layer_count_is_an_error_not_an_allocation() {
+        let mut v = smol_like();
+        v["num_hidden_layers"] = json!(14444444444444u64);
+        let e = parse_config(Path::new("config.json"), &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("num_hidden_layers") && e.contains("beyond any real model"),
+            "{e}"
+        );
+        v["num_hidden_layers"] = json!(MAX_LAYERS);
+        assert!(parse_config(Path::new("config.json"), &v).is_ok());
     }
 
     #[test]
