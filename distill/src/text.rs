@@ -12,9 +12,14 @@ pub fn load_tokenizer(plan: &Plan) -> Result<tokenizers::Tokenizer> {
     let file = plan.files.get("tokenizer.json").ok_or_else(|| {
         Error::Tokenizer(format!("{}: the model has no tokenizer.json", plan.origin))
     })?;
-    let bytes = file.read()?;
-    let tok = tokenizers::Tokenizer::from_bytes(&bytes)
-        .map_err(|e| Error::Tokenizer(format!("{}: tokenizer.json: {e}", plan.origin)))?;
+    parse_tokenizer(plan, &file.read()?)
+}
+
+/// The tokenizer of `plan` from its tokenizer.json bytes: merges checked (never a panic inside
+/// tokenizers), ids within the model's vocabulary.
+pub fn parse_tokenizer(plan: &Plan, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    let tok = surgeon_formats::tokenizer_extend::load(bytes)
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", plan.origin)))?;
     check_vocab(plan, &tok).map_err(Error::Tokenizer)?;
     Ok(tok)
 }
@@ -274,6 +279,26 @@ mod tests {
             bos_token: "<s>".into(),
             eos_token: "</s>".into(),
         }
+    }
+
+    #[test]
+    fn a_merge_into_a_missing_token_is_an_error_not_a_panic() {
+        let mut plan = surgeon_formats::synthetic::SyntheticSpec::tiny().plan();
+        let bad = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}
+        });
+        let bytes = serde_json::to_vec(&bad).unwrap();
+        plan.files.insert(
+            "tokenizer.json".into(),
+            surgeon_formats::AuxFile::Bytes(std::sync::Arc::new(bytes)),
+        );
+        let e = load_tokenizer(&plan).unwrap_err().to_string();
+        assert!(e.contains("model.merges[0] `a b`"), "{e}");
     }
 
     #[test]

@@ -76,7 +76,10 @@ fn parse(json: &[u8]) -> Result<Value> {
         .map_err(|e| invalid(format!("tokenizer.json is not valid JSON: {e}")))
 }
 
-fn load(json: &[u8]) -> Result<Tokenizer> {
+/// Loads a tokenizer.json with `tokenizers`, after checking its BPE merges (a merge into a token
+/// missing from the vocabulary panics inside tokenizers 0.23; here it is an error naming the merge).
+/// Every loader of a model's tokenizer goes through this.
+pub fn load(json: &[u8]) -> Result<Tokenizer> {
     if let Ok(v) = serde_json::from_slice::<Value>(json) {
         check_bpe_merges(&v)?;
     }

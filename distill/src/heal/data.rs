@@ -60,11 +60,7 @@ pub fn tokenizer(plan: &Plan) -> Result<tokenizers::Tokenizer> {
             plan.origin
         ))
     })?;
-    let bytes = f.read()?;
-    let tok = tokenizers::Tokenizer::from_bytes(&bytes)
-        .map_err(|e| Error::Tokenizer(format!("{}: tokenizer.json: {e}", plan.origin)))?;
-    crate::text::check_vocab(plan, &tok).map_err(Error::Tokenizer)?;
-    Ok(tok)
+    crate::text::parse_tokenizer(plan, &f.read()?)
 }
 
 /// Token ids of every document of `spec` (no special tokens added).
