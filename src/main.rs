@@ -54,7 +54,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
-    let flags = subcommand_flags(matches.subcommand_name());
+    // Only an error message needs the subcommand's flags (see `with_flag_names`).
+    let subcommand = matches.subcommand_name().map(str::to_string);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Writers remove their unfinished output on SIGINT/SIGTERM and exit 130. `heal` installs its
     // own (checkpoint first); `run` leaves signals to its steps, which share its process group.
@@ -96,6 +97,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
+            let flags = subcommand_flags(subcommand.as_deref());
             eprintln!("error: {}", with_flag_names(&format!("{e:#}"), &flags));
             ExitCode::FAILURE
         }
