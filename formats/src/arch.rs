@@ -12,9 +12,15 @@ pub enum Family {
     Mistral,
     Qwen2,
     Mixtral,
+    /// Qwen3: per-head RMSNorm of queries and keys, explicit `head_dim`, no biases.
+    Qwen3,
+    /// Qwen3-MoE: Qwen3 attention with routed experts (`mlp.gate`, `mlp.experts.{e}.*_proj`).
+    #[serde(rename = "qwen3_moe")]
+    Qwen3Moe,
 }
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "mixtral"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3_moe"];
 
 impl Family {
     pub fn from_model_type(model_type: &str) -> Option<Self> {
@@ -23,6 +29,8 @@ impl Family {
             "mistral" => Some(Family::Mistral),
             "qwen2" => Some(Family::Qwen2),
             "mixtral" => Some(Family::Mixtral),
+            "qwen3" => Some(Family::Qwen3),
+            "qwen3_moe" => Some(Family::Qwen3Moe),
             _ => None,
         }
     }
@@ -32,6 +40,8 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Mixtral => "mixtral",
+            Family::Qwen3 => "qwen3",
+            Family::Qwen3Moe => "qwen3_moe",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -40,6 +50,20 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Mixtral => "MixtralForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+        }
+    }
+    /// Queries and keys pass a per-head RMSNorm (`q_norm`, `k_norm`) before the rotary embedding.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Family::Qwen3 | Family::Qwen3Moe)
+    }
+    /// The family of the same attention with routed experts in every layer, as transformers
+    /// names it (Mixtral for the Llama-like families).
+    pub fn moe_family(self) -> Family {
+        match self {
+            Family::Qwen3 | Family::Qwen3Moe => Family::Qwen3Moe,
+            _ => Family::Mixtral,
         }
     }
 }
@@ -74,6 +98,9 @@ pub struct Attention {
     pub v_head_dim: usize,
     /// q/k/v projections carry biases (Qwen2).
     pub qkv_bias: bool,
+    /// Per-head RMSNorm of queries and keys before the rotary embedding (Qwen3 `q_norm`, `k_norm`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm: bool,
 }
 
 /// What [`Attention`] is read from: the flat form it is written in, or the form of configs written
@@ -88,6 +115,8 @@ struct AttentionRepr {
     head_dim: usize,
     v_head_dim: Option<usize>,
     qkv_bias: bool,
+    #[serde(default)]
+    qk_norm: bool,
 }
 
 impl TryFrom<AttentionRepr> for Attention {
@@ -110,6 +139,7 @@ impl TryFrom<AttentionRepr> for Attention {
             head_dim: r.head_dim,
             v_head_dim: r.v_head_dim.unwrap_or(r.head_dim),
             qkv_bias: r.qkv_bias,
+            qk_norm: r.qk_norm,
         })
     }
 }
@@ -124,6 +154,7 @@ impl Attention {
             head_dim,
             v_head_dim: head_dim,
             qkv_bias: false,
+            qk_norm: false,
         }
     }
     /// A skipped attention in a model whose attention layers have `num_heads` heads of `head_dim`.
@@ -162,6 +193,9 @@ pub enum MoeRouting {
     Mixtral,
     /// LLaMA-MoE: like Mixtral, then every selected expert's output is multiplied by `scale` (n/k).
     Scaled { scale: f64 },
+    /// Softmax over all experts, top-k, the k probabilities used as they are (not renormalised):
+    /// Qwen3-MoE with `norm_topk_prob: false`.
+    Unnormalized,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -312,6 +346,10 @@ pub fn layer_tensors(i: usize, layer: &Layer, h: usize) -> Vec<(String, Vec<usiz
         out.push((format!("{p}.self_attn.q_proj.bias"), vec![a.q_dim()]));
         out.push((format!("{p}.self_attn.k_proj.bias"), vec![a.kv_dim()]));
         out.push((format!("{p}.self_attn.v_proj.bias"), vec![a.v_dim()]));
+    }
+    if a.qk_norm && !a.is_no_op() {
+        out.push((format!("{p}.self_attn.q_norm.weight"), vec![a.head_dim]));
+        out.push((format!("{p}.self_attn.k_norm.weight"), vec![a.head_dim]));
     }
     if let AttentionKind::Hedgehog { feature_dim } = a.kind {
         out.push((

@@ -38,6 +38,12 @@ const KNOWN_KEYS: &[&str] = &[
     "mlp_bias",
     "num_local_experts",
     "num_experts_per_tok",
+    "num_experts",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "layer_types",
     "surgeon",
     "auto_map",
     "block_configs",
@@ -159,11 +165,8 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
     };
     let (rope_theta, rope_scaling) = rope(&f, family)?;
     let sliding_window = match family {
-        Family::Qwen2
-            if model_type != SURGEON_MODEL_TYPE
-                && !f.bool_opt("use_sliding_window")?.unwrap_or(false) =>
-        {
-            None
+        Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe if model_type != SURGEON_MODEL_TYPE => {
+            qwen_sliding_window(&f, num_layers)?
         }
         _ => f.usize_opt("sliding_window")?,
     };
@@ -297,6 +300,27 @@ fn check_numbers(f: &Fields, rope_theta: f64, eps: f64, vocab_size: usize) -> Re
     Ok(())
 }
 
+/// Qwen's sliding window: only with `use_sliding_window`, and then only in layers from
+/// `max_window_layers` on (transformers' `layer_types`); the runtime has one window for all
+/// layers, so a model whose layers differ is refused.
+fn qwen_sliding_window(f: &Fields, num_layers: usize) -> Result<Option<usize>> {
+    if !f.bool_opt("use_sliding_window")?.unwrap_or(false) {
+        return Ok(None);
+    }
+    let window = f.usize_opt("sliding_window")?;
+    match f.usize_opt("max_window_layers")? {
+        Some(m) if m >= num_layers => Ok(None),
+        None | Some(0) => Ok(window),
+        Some(m) => Err(f.err(
+            "max_window_layers",
+            format!(
+                "{m}: layers below it use full attention and the rest a sliding window; \
+                 surgeon has one window for all layers (use 0 or >= num_hidden_layers = {num_layers})"
+            ),
+        )),
+    }
+}
+
 /// `num_attention_heads` and `head_dim` (default hidden / heads).
 fn heads(f: &Fields, hidden_size: usize) -> Result<(usize, usize)> {
     let num_heads = f.usize("num_attention_heads")?;
@@ -325,17 +349,16 @@ fn uniform_layers(
             format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
         ));
     }
-    let intermediate_size = f.usize("intermediate_size")?;
-    if intermediate_size == 0 {
-        return Err(f.err("intermediate_size", "must be positive"));
-    }
     let qkv_bias = match family {
         Family::Qwen2 => true,
         _ => {
             if f.bool_opt("attention_bias")?.unwrap_or(false) {
                 return Err(f.err(
                     "attention_bias",
-                    "attention biases on a llama/mistral model are not supported",
+                    format!(
+                        "attention biases on a {} model are not supported",
+                        family.model_type()
+                    ),
                 ));
             }
             false
@@ -345,16 +368,61 @@ fn uniform_layers(
         Family::Mixtral => Mlp::Moe {
             num_experts: f.usize("num_local_experts")?,
             top_k: f.usize("num_experts_per_tok")?,
-            intermediate_size,
+            intermediate_size: positive(f, "intermediate_size")?,
             routing: MoeRouting::Mixtral,
         },
-        _ => Mlp::Dense { intermediate_size },
+        Family::Qwen3Moe => qwen3_moe_mlp(f)?,
+        _ => Mlp::Dense {
+            intermediate_size: positive(f, "intermediate_size")?,
+        },
     };
     let attention = Attention {
         qkv_bias,
+        qk_norm: family.has_qk_norm(),
         ..Attention::softmax(num_heads, num_kv_heads, head_dim)
     };
     Ok(vec![Layer { attention, mlp }; num_layers])
+}
+
+/// A required size that must not be zero.
+fn positive(f: &Fields, field: &str) -> Result<usize> {
+    match f.usize(field)? {
+        0 => Err(f.err(field, "must be positive")),
+        n => Ok(n),
+    }
+}
+
+/// Qwen3-MoE's experts: every layer routed (dense layers between them are not supported), the
+/// top-k probabilities renormalised only with `norm_topk_prob`.
+fn qwen3_moe_mlp(f: &Fields) -> Result<Mlp> {
+    if f.usize_opt("decoder_sparse_step")?.unwrap_or(1) != 1 {
+        return Err(f.err(
+            "decoder_sparse_step",
+            "only 1 (every layer has experts) is supported",
+        ));
+    }
+    if let Some(Value::Array(dense)) = f.map.get("mlp_only_layers") {
+        if !dense.is_empty() {
+            return Err(f.err(
+                "mlp_only_layers",
+                "dense layers between MoE layers are not supported",
+            ));
+        }
+    }
+    let renormalise = f.bool_opt("norm_topk_prob")?.unwrap_or(false);
+    Ok(Mlp::Moe {
+        // transformers >= 5 writes `num_local_experts`; older versions `num_experts`.
+        num_experts: match f.usize_opt("num_local_experts")? {
+            Some(_) => positive(f, "num_local_experts")?,
+            None => positive(f, "num_experts")?,
+        },
+        top_k: positive(f, "num_experts_per_tok")?,
+        intermediate_size: positive(f, "moe_intermediate_size")?,
+        routing: match renormalise {
+            true => MoeRouting::Mixtral,
+            false => MoeRouting::Unnormalized,
+        },
+    })
 }
 
 /// Layers of a nemotron-nas config (`block_configs`).
@@ -485,13 +553,29 @@ fn uniform_shape(arch: &ModelArch, m: &mut Map<String, Value>) {
             num_experts,
             top_k,
             intermediate_size,
-            ..
-        } => (*intermediate_size, Some((*num_experts, *top_k))),
+            routing,
+        } => (*intermediate_size, Some((*num_experts, *top_k, routing))),
     };
     m.insert("intermediate_size".into(), json!(intermediate));
-    if let Some((e, k)) = experts {
-        m.insert("num_local_experts".into(), json!(e));
-        m.insert("num_experts_per_tok".into(), json!(k));
+    match (experts, arch.family) {
+        (Some((e, k, routing)), Family::Qwen3 | Family::Qwen3Moe) => {
+            // Both spellings: transformers >= 5 reads `num_local_experts`, older `num_experts`.
+            m.insert("num_experts".into(), json!(e));
+            m.insert("num_local_experts".into(), json!(e));
+            m.insert("num_experts_per_tok".into(), json!(k));
+            m.insert("moe_intermediate_size".into(), json!(intermediate));
+            m.insert(
+                "norm_topk_prob".into(),
+                json!(routing != &MoeRouting::Unnormalized),
+            );
+            m.insert("decoder_sparse_step".into(), json!(1));
+            m.insert("mlp_only_layers".into(), json!([]));
+        }
+        (Some((e, k, _)), _) => {
+            m.insert("num_local_experts".into(), json!(e));
+            m.insert("num_experts_per_tok".into(), json!(k));
+        }
+        (None, _) => {}
     }
 }
 
@@ -533,20 +617,23 @@ fn native_attention_fields(
     family: Family,
     m: &mut Map<String, Value>,
 ) -> Result<()> {
-    if family == Family::Qwen2 {
+    let qwen = matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe);
+    if qwen {
         m.insert(
             "use_sliding_window".into(),
             json!(arch.sliding_window.is_some()),
         );
+        // Every layer slides (or none does): see `qwen_sliding_window`.
+        m.insert("max_window_layers".into(), json!(0));
     }
-    if matches!(family, Family::Mistral | Family::Mixtral | Family::Qwen2) {
+    if qwen || matches!(family, Family::Mistral | Family::Mixtral) {
         m.insert("sliding_window".into(), json!(arch.sliding_window));
     } else if arch.sliding_window.is_some() {
         return Err(Error::invalid(
-            "a sliding window needs a mistral, mixtral or qwen2 config",
+            "a sliding window needs a mistral, mixtral or qwen config",
         ));
     }
-    if family == Family::Llama {
+    if matches!(family, Family::Llama | Family::Qwen3 | Family::Qwen3Moe) {
         m.insert("attention_bias".into(), json!(false));
         m.insert("mlp_bias".into(), json!(false));
     }
@@ -686,6 +773,50 @@ mod tests {
         assert!(is_standard(&arch));
     }
 
+    fn qwen3_moe_like() -> Value {
+        let mut v = smol_like();
+        v["model_type"] = json!("qwen3_moe");
+        v["moe_intermediate_size"] = json!(32);
+        v["num_experts"] = json!(4);
+        v["num_experts_per_tok"] = json!(2);
+        v
+    }
+
+    #[test]
+    fn qwen_layers_that_differ_are_refused_with_the_field() {
+        let path = Path::new("config.json");
+        let mut v = qwen3_moe_like();
+        v["mlp_only_layers"] = json!([0]);
+        let e = parse_config(path, &v).unwrap_err().to_string();
+        assert!(e.contains("`mlp_only_layers`"), "{e}");
+        let mut v = qwen3_moe_like();
+        v["decoder_sparse_step"] = json!(2);
+        let e = parse_config(path, &v).unwrap_err().to_string();
+        assert!(e.contains("`decoder_sparse_step`"), "{e}");
+        let mut v = qwen3_moe_like();
+        v["use_sliding_window"] = json!(true);
+        v["sliding_window"] = json!(64);
+        v["max_window_layers"] = json!(1);
+        let e = parse_config(path, &v).unwrap_err().to_string();
+        assert!(e.contains("`max_window_layers`"), "{e}");
+        // No layer slides when the window starts past the last layer; all do from layer 0.
+        v["max_window_layers"] = json!(2);
+        assert_eq!(parse_config(path, &v).unwrap().sliding_window, None);
+        v["max_window_layers"] = json!(0);
+        let arch = parse_config(path, &v).unwrap();
+        assert_eq!(arch.sliding_window, Some(64));
+        assert!(arch.layers[0].attention.qk_norm);
+        // Unnormalised top-k routing unless norm_topk_prob.
+        assert!(matches!(
+            &arch.layers[1].mlp,
+            Mlp::Moe {
+                routing: MoeRouting::Unnormalized,
+                num_experts: 4,
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn unknown_model_type_lists_supported() {
         let mut v = smol_like();
@@ -695,7 +826,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral, nemotron-nas, surgeon"
+            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral, qwen3, qwen3_moe, nemotron-nas, surgeon"
         );
     }
 

@@ -117,11 +117,13 @@ pub fn choose_export(arch: &ModelArch) -> ExportChoice {
     }
 }
 
-/// A uniformly MoE model is exported as Mixtral, whatever family it came from.
+/// A uniformly MoE model is exported as its family's MoE class (Mixtral for the Llama-like
+/// families, Qwen3-MoE for Qwen3), a dense Qwen3-MoE as Qwen3.
 fn native_family(arch: &ModelArch) -> Family {
-    match arch.layers.first().map(|l| &l.mlp) {
-        Some(Mlp::Moe { .. }) => Family::Mixtral,
-        _ => arch.family,
+    match (arch.layers.first().map(|l| &l.mlp), arch.family) {
+        (Some(Mlp::Moe { .. }), family) => family.moe_family(),
+        (_, Family::Qwen3Moe) => Family::Qwen3,
+        (_, family) => family,
     }
 }
 
@@ -149,12 +151,27 @@ fn why_not_native(arch: &ModelArch) -> Option<String> {
                 family.model_type()
             ));
         }
+        if a.qk_norm != family.has_qk_norm() {
+            return Some(format!(
+                "layer {i}: query/key norms do not match {}",
+                family.model_type()
+            ));
+        }
         if l.mlp == Mlp::NoOp {
             return Some(format!("layer {i} has no MLP"));
         }
         if let Mlp::Moe { routing, .. } = &l.mlp {
-            if routing != &MoeRouting::Mixtral {
-                return Some(format!("layer {i}: MoE routing is not Mixtral's"));
+            let native = match family {
+                Family::Qwen3Moe => {
+                    matches!(routing, MoeRouting::Mixtral | MoeRouting::Unnormalized)
+                }
+                _ => routing == &MoeRouting::Mixtral,
+            };
+            if !native {
+                return Some(format!(
+                    "layer {i}: MoE routing {routing:?} is not {}'s",
+                    family.model_type()
+                ));
             }
         }
     }

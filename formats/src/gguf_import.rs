@@ -154,6 +154,7 @@ fn layer_from_hyper(hyper: &gguf::LlamaHyper, qkv_bias: bool) -> (Family, Layer)
         head_dim: hyper.head_dim(),
         v_head_dim: hyper.head_dim(),
         qkv_bias,
+        qk_norm: false,
     };
     let (family, mlp) = match (hyper.expert_count, hyper.expert_used_count) {
         (Some(e), Some(k)) if e > 1 => (

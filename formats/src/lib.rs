@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod gguf_import;
 pub mod hub;
 pub mod inspect;
+pub mod layout;
 pub mod load;
 pub mod output;
 pub mod plan;

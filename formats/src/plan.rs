@@ -709,6 +709,11 @@ pub fn describe_layer(l: &crate::arch::Layer) -> String {
         AttentionKind::NoOp => String::new(),
     };
     let bias = if at.qkv_bias { " qkv-bias" } else { "" };
+    let bias = if at.qk_norm {
+        format!("{bias} qk-norm")
+    } else {
+        bias.to_string()
+    };
     let mlp = match &l.mlp {
         Mlp::Dense { intermediate_size } => format!("dense {intermediate_size}"),
         Mlp::NoOp => "no-op".into(),
@@ -721,6 +726,7 @@ pub fn describe_layer(l: &crate::arch::Layer) -> String {
             let r = match routing {
                 MoeRouting::Mixtral => "mixtral routing".to_string(),
                 MoeRouting::Scaled { scale } => format!("routing scaled x{scale}"),
+                MoeRouting::Unnormalized => "top-k probabilities not renormalised".to_string(),
             };
             format!("moe {num_experts} experts x {intermediate_size}, top-{top_k}, {r}")
         }

@@ -67,6 +67,7 @@ impl SyntheticSpec {
     pub fn arch(&self) -> ModelArch {
         let attention = Attention {
             qkv_bias: self.family == Family::Qwen2,
+            qk_norm: self.family.has_qk_norm(),
             ..Attention::softmax(
                 self.num_heads,
                 self.num_kv_heads,

@@ -7,9 +7,11 @@
 use crate::config::config_json;
 use crate::dtype::max_finite;
 use crate::export::{choose_export, ExportFormat};
+use crate::layout::stored_name;
 use crate::load::input_paths;
 use crate::output::TempOutput;
 use crate::plan::{group_digits, HostTensor, Plan, TensorEntry};
+use crate::Family;
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -228,9 +230,10 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
     };
     let prov = provenance(plan, opts);
     let mut weight_map = Map::new();
+    let family = plan.arch.family;
     for shard in &shards {
         for (name, _, _) in &shard.tensors {
-            weight_map.insert((*name).clone(), json!(shard.file_name));
+            weight_map.insert(stored_name(family, name), json!(shard.file_name));
         }
     }
     // Shards are independent files: write them concurrently (each thread's copies and fsync
@@ -317,7 +320,7 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
 fn write_shard(ctx: &ShardContext, shard: &Shard) -> Result<u64> {
     let path = ctx.dir.join(&shard.file_name);
     // Header first: shapes and dtypes are known without touching data.
-    let header_bytes = shard_header(shard, ctx.prov);
+    let header_bytes = shard_header(shard, ctx.plan.arch.family, ctx.prov);
     let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
     let mut w = BufWriter::with_capacity(8 << 20, file);
     let io = |e| Error::io(&path, e);
@@ -346,7 +349,8 @@ fn write_shard(ctx: &ShardContext, shard: &Shard) -> Result<u64> {
 
 /// The safetensors header of a shard (metadata, then each tensor's dtype, shape and byte range),
 /// padded with spaces to a multiple of 8 bytes so that the data section is aligned.
-fn shard_header(shard: &Shard, prov: &str) -> Vec<u8> {
+/// Tensors are stored under the names of `family`'s checkpoints ([`crate::layout`]).
+fn shard_header(shard: &Shard, family: Family, prov: &str) -> Vec<u8> {
     let mut header = Map::new();
     header.insert(
         "__metadata__".into(),
@@ -355,7 +359,7 @@ fn shard_header(shard: &Shard, prov: &str) -> Vec<u8> {
     let mut offset = 0usize;
     for (name, t, bytes) in &shard.tensors {
         header.insert(
-            (*name).clone(),
+            stored_name(family, name),
             json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape(), "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;

@@ -309,7 +309,7 @@ pub fn upcycle(plan: &Plan, opts: &MoeOptions) -> Result<Plan> {
             routing: MoeRouting::Mixtral,
         };
     }
-    out.arch.family = surgeon_formats::Family::Mixtral;
+    out.arch.family = out.arch.family.moe_family();
     out.arch.surgeon.history.push(format!(
         "moe upcycle: {e} copies of each dense MLP, top-{}, router {}",
         o.top_k,
@@ -486,7 +486,7 @@ pub fn split_with_partitions(
             },
         };
     }
-    out.arch.family = surgeon_formats::Family::Mixtral;
+    out.arch.family = out.arch.family.moe_family();
     out.arch.surgeon.history.push(format!(
         "moe {}: FFN neurons of each layer split into {e} experts, top-{k}, router {}, seed {}{}",
         opts.method,

@@ -78,10 +78,11 @@ impl<B: Backend> RmsNorm<B> {
         })
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let var = x.clone().powi_scalar(2).mean_dim(2);
+    /// Normalises the last dimension of `x`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let var = x.clone().powi_scalar(2).mean_dim(D - 1);
         let x = x * (var + self.eps).sqrt().recip();
-        x * self.weight.val().unsqueeze::<3>()
+        x * self.weight.val().unsqueeze::<D>()
     }
 }
 
@@ -294,6 +295,9 @@ pub struct SelfAttention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub o_proj: Linear<B>,
+    /// Per-head RMSNorm of queries and keys before the rotary embedding (Qwen3).
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     /// Query/key size per head (the rotary dimension).
@@ -306,8 +310,20 @@ pub struct SelfAttention<B: Backend> {
 
 impl<B: Backend> SelfAttention<B> {
     /// Loads `q_proj`, `k_proj`, `v_proj`, `o_proj` under `vb` (HF `self_attn`).
-    pub fn load(vb: &mut VarBuilder<'_, '_, B>, a: &Attention, window: usize) -> Result<Self> {
+    pub fn load(
+        vb: &mut VarBuilder<'_, '_, B>,
+        a: &Attention,
+        window: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let mut norm = |name: &str| match a.qk_norm {
+            true => RmsNorm::load(&mut vb.pp(name), eps).map(Some),
+            false => Ok(None),
+        };
+        let (q_norm, k_norm) = (norm("q_norm")?, norm("k_norm")?);
         Ok(SelfAttention {
+            q_norm,
+            k_norm,
             q_proj: Linear::load(&mut vb.pp("q_proj"), a.qkv_bias)?,
             k_proj: Linear::load(&mut vb.pp("k_proj"), a.qkv_bias)?,
             v_proj: Linear::load(&mut vb.pp("v_proj"), a.qkv_bias)?,
@@ -351,6 +367,10 @@ impl<B: Backend> SelfAttention<B> {
             .forward(x)
             .reshape([b, t, g, dv])
             .swap_dims(1, 2);
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(q), kn.forward(k)),
+            _ => (q, k),
+        };
         let q = apply_rope(q, cos, sin);
         let mut k = apply_rope(k, cos, sin);
         let mut v = v;
@@ -437,8 +457,9 @@ impl<B: Backend> SwiGlu<B> {
     }
 }
 
-/// Routed SwiGLU experts (Mixtral layout). Softmax over experts, top-k, renormalise to sum 1, times
-/// `scale` (1 for Mixtral routing, n/k for LLaMA-MoE). Computed densely over all experts.
+/// Routed SwiGLU experts (Mixtral layout). Softmax over experts, top-k, renormalise to sum 1 (not for
+/// Qwen3-MoE without `norm_topk_prob`), times `scale` (1 for Mixtral routing, n/k for LLaMA-MoE).
+/// Computed densely over all experts.
 #[derive(Module, Debug)]
 pub struct MoeMlp<B: Backend> {
     /// Router `[E, h]` (`block_sparse_moe.gate`).
@@ -446,6 +467,9 @@ pub struct MoeMlp<B: Backend> {
     /// Experts; `gate_proj`/`up_proj`/`down_proj` are HF's `w1`/`w3`/`w2`.
     pub experts: Vec<SwiGlu<B>>,
     pub top_k: usize,
+    /// Whether the top-k probabilities are divided by their sum (all but Qwen3-MoE without
+    /// `norm_topk_prob`).
+    pub renormalise: bool,
     pub scale: f64,
 }
 
@@ -469,8 +493,9 @@ impl<B: Backend> MoeMlp<B> {
             gate,
             experts,
             top_k,
+            renormalise: routing != &MoeRouting::Unnormalized,
             scale: match routing {
-                MoeRouting::Mixtral => 1.0,
+                MoeRouting::Mixtral | MoeRouting::Unnormalized => 1.0,
                 MoeRouting::Scaled { scale } => *scale,
             },
         })
@@ -495,7 +520,10 @@ impl<B: Backend> MoeMlp<B> {
         probe.router_logits(l, &logits);
         let probs = softmax(logits, 1);
         let (top, idx) = probs.topk_with_indices(self.top_k, 1);
-        let top = top.clone() / top.sum_dim(1);
+        let top = match self.renormalise {
+            true => top.clone() / top.sum_dim(1),
+            false => top,
+        };
         let top = if self.scale != 1.0 {
             top * self.scale
         } else {
@@ -605,7 +633,7 @@ impl<B: Backend> DecoderLayer<B> {
             true => None,
             false => Some(AttentionBlock {
                 input_layernorm: RmsNorm::load(&mut vb.pp("input_layernorm"), eps)?,
-                self_attn: SelfAttention::load(&mut vb.pp("self_attn"), a, window)?,
+                self_attn: SelfAttention::load(&mut vb.pp("self_attn"), a, window, eps)?,
             }),
         };
         let feed_forward = match layer.mlp {

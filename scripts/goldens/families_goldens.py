@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Small random checkpoints of the model families surgeon reads beyond Llama (Qwen3, Qwen3-MoE), made
+by transformers, with transformers' logits, for tests/families.rs.
+
+Usage: python scripts/goldens/families_goldens.py [--out tests/fixtures/families] [--surgeon target/debug/surgeon]
+
+For every entry of FAMILIES it
+- builds the transformers model from a small config with seeded random weights (norm weights too,
+  so that q/k norms and routing matter), saves it in float32 to `<name>/` (config.json + safetensors),
+- writes `<name>_logits.bin`: little-endian f32 logits [len(TOKENS), vocab] of one forward over TOKENS,
+- writes `<name>.json`: the class, the tokens and the greedy continuation of TOKENS[:PROMPT] by
+  `generate` with its KV cache.
+With `--surgeon`, it also runs `surgeon upscale` and `surgeon expand` on each fixture and checks that
+transformers loads the outputs as the same class, with the logits of `expand` unchanged.
+"""
+import argparse, json, pathlib, subprocess, tempfile
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+
+TOKENS = [1, 17, 100, 3, 45, 99, 120, 7, 25, 64, 12, 33, 5, 80, 90, 2]
+PROMPT = 5
+NEW_TOKENS = 10
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=32, rms_norm_eps=1e-6, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)
+FAMILIES = {
+    # head_dim 32 differs from hidden / heads = 16: the explicit head_dim must be honoured.
+    "qwen3": Qwen3Config(intermediate_size=96, rope_theta=1e6, **COMMON),
+    "qwen3-tied": Qwen3Config(intermediate_size=96, **{**COMMON, "tie_word_embeddings": True}),
+    "qwen3_moe": Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                norm_topk_prob=True, **COMMON),
+    "qwen3_moe-unnormalized": Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                                             num_experts_per_tok=2, norm_topk_prob=False, **COMMON),
+}
+
+
+def randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norm weights: around 1, not exactly 1
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+def logits_of(d):
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model, model(torch.tensor([TOKENS]), use_cache=False).logits[0]
+
+
+def check_surgeon_outputs(surgeon, src, name, want_class, logits):
+    with tempfile.TemporaryDirectory() as tmp:
+        for op, args in [("upscale", ["--slices", "0..2,1..2"]), ("expand", ["--add", "2"])]:
+            out = pathlib.Path(tmp) / op
+            subprocess.run([surgeon, op, str(src), *args, "--out", str(out)], check=True, capture_output=True)
+            model, got = logits_of(out)
+            assert type(model).__name__ == want_class, f"{name} {op}: loaded as {type(model).__name__}"
+            if op == "expand":
+                diff = (got - logits).abs().max().item()
+                assert diff < 1e-4, f"{name} expand changed the logits by {diff}"
+            print(f"  surgeon {op}: transformers loads {type(model).__name__}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/fixtures/families")
+    ap.add_argument("--surgeon", help="also check surgeon's upscale/expand outputs in transformers")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    out = pathlib.Path(a.out)
+    for seed, (name, config) in enumerate(FAMILIES.items()):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        randomise(model, seed)
+        model.save_pretrained(out / name)
+        model, logits = logits_of(out / name)
+        with torch.no_grad():
+            greedy = model.generate(torch.tensor([TOKENS[:PROMPT]]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                    use_cache=True)[0, PROMPT:].tolist()
+        logits.numpy().astype("<f4").tofile(out / f"{name}_logits.bin")
+        meta = {"name": name, "class": type(model).__name__, "tokens": TOKENS, "vocab_size": int(logits.shape[-1]),
+                "prompt": TOKENS[:PROMPT], "greedy": greedy}
+        (out / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+        print(f"{name}: {type(model).__name__}, greedy {greedy}")
+        if a.surgeon:
+            check_surgeon_outputs(a.surgeon, out / name, name, type(model).__name__, logits)
+
+
+if __name__ == "__main__":
+    main()

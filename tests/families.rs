@@ -1,0 +1,214 @@
+//! Model families beyond Llama, from small random checkpoints that transformers made (Qwen3 with
+//! its per-head q/k norms and explicit head_dim, Qwen3-MoE with and without `norm_topk_prob`):
+//! surgeon's logits and greedy generation against transformers' (goldens by
+//! scripts/goldens/families_goldens.py, no torch needed here), a write/read round trip that keeps
+//! each family's tensor names, and the structural operators keeping their invariants and class.
+use std::path::{Path, PathBuf};
+use surgeon_distill::burn;
+use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};
+use surgeon_distill::generate::{generate, GenerateOptions};
+use surgeon_distill::model::Llama;
+use surgeon_formats::writer::WriteOptions;
+use surgeon_formats::{open_hf_dir, write_model, Family, Plan};
+use surgeon_surgery::moe::{upcycle, MoeMethod, MoeOptions};
+
+type B = burn::backend::Flex;
+
+const FIXTURES: [(&str, Family); 4] = [
+    ("qwen3", Family::Qwen3),
+    ("qwen3-tied", Family::Qwen3),
+    ("qwen3_moe", Family::Qwen3Moe),
+    ("qwen3_moe-unnormalized", Family::Qwen3Moe),
+];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families")
+}
+
+fn ids(v: &[u32]) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
+    Tensor::from_data(
+        TensorData::new(v.clone(), [1, v.len()]),
+        &Default::default(),
+    )
+}
+
+fn to_vec(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+struct Golden {
+    plan: Plan,
+    meta: serde_json::Value,
+    logits: Vec<f32>,
+}
+
+fn golden(name: &str) -> Golden {
+    let meta = std::fs::read(fixtures().join(format!("{name}.json"))).unwrap();
+    let logits = std::fs::read(fixtures().join(format!("{name}_logits.bin"))).unwrap();
+    Golden {
+        plan: open_hf_dir(&fixtures().join(name)).unwrap_or_else(|e| panic!("{name}: {e}")),
+        meta: serde_json::from_slice(&meta).unwrap(),
+        logits: logits
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+    }
+}
+
+fn logits(plan: &Plan, tokens: &[u32]) -> Vec<f32> {
+    let model = Llama::<B>::from_plan(plan, &Default::default()).unwrap();
+    to_vec(model.forward(ids(tokens)))
+}
+
+fn config(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+}
+
+/// Tensor names in a written `model.safetensors`, sorted.
+fn stored_names(dir: &Path) -> Vec<String> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut names: Vec<String> = header
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect();
+    names.sort();
+    names
+}
+
+fn write(plan: &Plan, dir: &Path) {
+    let opts = WriteOptions {
+        progress: false,
+        ..Default::default()
+    };
+    write_model(plan, dir, &opts).unwrap();
+}
+
+#[test]
+fn logits_match_transformers_for_every_family() {
+    for (name, family) in FIXTURES {
+        let g = golden(name);
+        assert_eq!(g.plan.arch.family, family, "{name}");
+        let a = &g.plan.arch.layers[0].attention;
+        assert!(a.qk_norm, "{name}: q/k norms read");
+        assert_eq!(
+            a.head_dim, 32,
+            "{name}: the explicit head_dim, not hidden / heads"
+        );
+        let got = logits(&g.plan, &u32s(&g.meta["tokens"]));
+        let d = max_diff(&got, &g.logits);
+        assert!(d < 1e-4, "{name}: logits differ from transformers' by {d}");
+        eprintln!("{name}: max |logit - transformers'| = {d:e}");
+    }
+}
+
+#[test]
+fn greedy_generation_with_the_cache_equals_transformers() {
+    for (name, _) in FIXTURES {
+        let g = golden(name);
+        let model = Llama::<B>::from_plan(&g.plan, &Default::default()).unwrap();
+        let want = u32s(&g.meta["greedy"]);
+        let opts = GenerateOptions {
+            max_new_tokens: want.len(),
+            ..Default::default()
+        };
+        let got = generate(&model, &u32s(&g.meta["prompt"]), &opts, &mut |_| true).tokens;
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn written_checkpoints_keep_each_familys_class_and_tensor_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, _) in FIXTURES {
+        let g = golden(name);
+        let out = tmp.path().join(name);
+        write(&g.plan, &out);
+        let (src, dst) = (config(&fixtures().join(name)), config(&out));
+        assert_eq!(dst["architectures"], src["architectures"], "{name}");
+        assert_eq!(dst["model_type"], src["model_type"], "{name}");
+        assert_eq!(dst["head_dim"], src["head_dim"], "{name}");
+        assert_eq!(
+            stored_names(&out),
+            stored_names(&fixtures().join(name)),
+            "{name}"
+        );
+        let back = open_hf_dir(&out).unwrap();
+        assert_eq!(back.arch.layers, g.plan.arch.layers, "{name}");
+        assert_eq!(
+            logits(&back, &[1, 5, 9]),
+            logits(&g.plan, &[1, 5, 9]),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn expand_keeps_logits_and_upscale_keeps_the_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = [1, 17, 100, 3, 45, 99];
+    for (name, _) in FIXTURES {
+        let g = golden(name);
+        let want = logits(&g.plan, &tokens);
+        let expanded = surgeon_surgery::expand_even(&g.plan, 2).unwrap();
+        assert_eq!(
+            logits(&expanded, &tokens),
+            want,
+            "{name}: expand is an identity"
+        );
+        let up = surgeon_surgery::upscale(&g.plan, &[0..2, 1..2]).unwrap();
+        for (op, plan) in [("expand", &expanded), ("upscale", &up)] {
+            let out = tmp.path().join(format!("{name}-{op}"));
+            write(plan, &out);
+            let c = config(&out);
+            assert_eq!(c["architectures"][0], g.meta["class"], "{name} {op}");
+            assert!(c.get("auto_map").is_none(), "{name} {op}: no remote code");
+            assert_eq!(open_hf_dir(&out).unwrap().arch.layers, plan.arch.layers);
+        }
+    }
+}
+
+#[test]
+fn upcycling_qwen3_gives_qwen3_moe_with_the_same_logits() {
+    let g = golden("qwen3");
+    let tokens = [1, 17, 100, 3, 45, 99];
+    let moe = upcycle(&g.plan, &MoeOptions::new(MoeMethod::Upcycle, 4, 2)).unwrap();
+    assert_eq!(moe.arch.family, Family::Qwen3Moe);
+    let d = max_diff(&logits(&moe, &tokens), &logits(&g.plan, &tokens));
+    assert!(
+        d < 1e-4,
+        "copies of one MLP compute that MLP (max diff {d})"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    write(&moe, tmp.path().join("m").as_path());
+    let c = config(&tmp.path().join("m"));
+    assert_eq!(c["architectures"][0], "Qwen3MoeForCausalLM");
+    assert_eq!(c["norm_topk_prob"], true);
+    let names = stored_names(&tmp.path().join("m"));
+    assert!(names.contains(&"model.layers.0.mlp.experts.3.down_proj.weight".to_string()));
+    assert!(names.contains(&"model.layers.1.mlp.gate.weight".to_string()));
+    assert!(
+        !names.iter().any(|n| n.contains("block_sparse_moe")),
+        "{names:?}"
+    );
+}
