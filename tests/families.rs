@@ -212,3 +212,29 @@ fn upcycling_qwen3_gives_qwen3_moe_with_the_same_logits() {
         "{names:?}"
     );
 }
+
+/// A split Qwen3 (scaled routing) is no standard class: it is exported in the surgeon dialect,
+/// whose shipped modeling code (q/k norms included) transformers ran for the golden.
+#[test]
+fn split_qwen3_in_the_surgeon_dialect_matches_transformers_remote_code() {
+    let g = golden("qwen3");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("qwen3-split.json")).unwrap())
+            .unwrap();
+    let want: Vec<f32> = std::fs::read(fixtures().join("qwen3-split_logits.bin"))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let mut opts = MoeOptions::new(MoeMethod::SplitRandom, 4, 2);
+    opts.seed = 0;
+    let split = surgeon_surgery::moe::split(&g.plan, &opts, None).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("split");
+    write(&split, &out);
+    assert_eq!(config(&out)["model_type"], meta["model_type"]);
+    let back = open_hf_dir(&out).unwrap();
+    assert_eq!(back.arch.family, Family::Qwen3Moe);
+    let d = max_diff(&logits(&back, &u32s(&meta["tokens"])), &want);
+    assert!(d < 1e-4, "logits differ from transformers' by {d}");
+}

@@ -7,10 +7,12 @@ each have their own shapes (`config.layer_specs()`):
 
 - attention "softmax": `num_heads` query heads and `num_kv_heads` key/value heads (grouped-query),
   queries and keys of `head_dim` with rotate-half RoPE, values of `v_head_dim` (o_proj reads
-  num_heads * v_head_dim), optional q/k/v biases, causal mask (and `config.sliding_window`);
+  num_heads * v_head_dim), optional q/k/v biases, optional per-head RMSNorm of queries and keys
+  before RoPE (`qk_norm`, Qwen3's `q_norm`/`k_norm`), causal mask (and `config.sliding_window`);
   "no_op": no attention and no input norm;
 - mlp "dense": SwiGLU `down(silu(gate(x)) * up(x))`; "moe": routed SwiGLU experts in Mixtral's
-  layout (softmax over experts, top-k, renormalised, times `routing.scale` for scaled routing);
+  layout (softmax over experts, top-k, renormalised except for routing "unnormalized", times
+  `routing.scale` for scaled routing);
   "no_op": no MLP and no post-attention norm.
 
 RoPE frequencies follow `rope_scaling` types default, linear and llama3.
@@ -89,6 +91,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.v_head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=False)
+        if spec.get("qk_norm", False):
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         # Frequencies are recomputed on every call (cheap): transformers 5 builds models on the meta
         # device and would leave a buffer uninitialised.
         self.rope_theta, self.rope_scaling = rope_parameters(config)
@@ -99,6 +104,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.v_head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.rope_theta, self.rope_scaling, self.head_dim).to(x.device)
         angles = positions[:, None].float() * inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)
@@ -146,6 +153,7 @@ class Moe(nn.Module):
         self.top_k = spec["top_k"]
         routing = spec.get("routing", {"kind": "mixtral"})
         self.scale = routing.get("scale", 1.0) if routing["kind"] == "scaled" else 1.0
+        self.renormalise = routing["kind"] != "unnormalized"
         self.gate = nn.Linear(hidden, spec["num_experts"], bias=False)
         self.experts = nn.ModuleList(
             SwiGlu(hidden, spec["intermediate_size"], ("w1", "w3", "w2")) for _ in range(spec["num_experts"])
@@ -154,7 +162,9 @@ class Moe(nn.Module):
     def forward(self, x):
         probs = F.softmax(self.gate(x).float(), dim=-1)
         top, idx = probs.topk(self.top_k, dim=-1)
-        top = top / top.sum(dim=-1, keepdim=True) * self.scale
+        if self.renormalise:
+            top = top / top.sum(dim=-1, keepdim=True)
+        top = top * self.scale
         weights = torch.zeros_like(probs).scatter_add(-1, idx, top).to(x.dtype)
         return sum(expert(x) * weights[..., e : e + 1] for e, expert in enumerate(self.experts))
 

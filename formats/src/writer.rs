@@ -230,7 +230,7 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
     };
     let prov = provenance(plan, opts);
     let mut weight_map = Map::new();
-    let family = plan.arch.family;
+    let family = stored_family(plan);
     for shard in &shards {
         for (name, _, _) in &shard.tensors {
             weight_map.insert(stored_name(family, name), json!(shard.file_name));
@@ -320,7 +320,7 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
 fn write_shard(ctx: &ShardContext, shard: &Shard) -> Result<u64> {
     let path = ctx.dir.join(&shard.file_name);
     // Header first: shapes and dtypes are known without touching data.
-    let header_bytes = shard_header(shard, ctx.plan.arch.family, ctx.prov);
+    let header_bytes = shard_header(shard, stored_family(ctx.plan), ctx.prov);
     let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
     let mut w = BufWriter::with_capacity(8 << 20, file);
     let io = |e| Error::io(&path, e);
@@ -349,6 +349,14 @@ fn write_shard(ctx: &ShardContext, shard: &Shard) -> Result<u64> {
 
 /// The safetensors header of a shard (metadata, then each tensor's dtype, shape and byte range),
 /// padded with spaces to a multiple of 8 bytes so that the data section is aligned.
+/// Whose tensor names the checkpoint uses: the native class's, else (remote code) the plans' own.
+fn stored_family(plan: &Plan) -> Family {
+    match choose_export(&plan.arch).format {
+        ExportFormat::Native(family) => family,
+        _ => Family::Llama,
+    }
+}
+
 /// Tensors are stored under the names of `family`'s checkpoints ([`crate::layout`]).
 fn shard_header(shard: &Shard, family: Family, prov: &str) -> Vec<u8> {
     let mut header = Map::new();

@@ -10,7 +10,9 @@ For every entry of FAMILIES it
 - writes `<name>_logits.bin`: little-endian f32 logits [len(TOKENS), vocab] of one forward over TOKENS,
 - writes `<name>.json`: the class, the tokens and the greedy continuation of TOKENS[:PROMPT] by
   `generate` with its KV cache.
-With `--surgeon`, it also runs `surgeon upscale` and `surgeon expand` on each fixture and checks that
+With `--surgeon`, it also writes goldens of models surgeon derives from the fixtures that no standard
+class describes (DERIVED: the Qwen3 fixture split into experts with scaled routing, exported in the
+surgeon dialect), computed by transformers running the shipped modeling code, and it runs `surgeon upscale` and `surgeon expand` on each fixture and checks that
 transformers loads the outputs as the same class, with the logits of `expand` unchanged.
 """
 import argparse, json, pathlib, subprocess, tempfile
@@ -32,6 +34,10 @@ FAMILIES = {
                                 norm_topk_prob=True, **COMMON),
     "qwen3_moe-unnormalized": Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4,
                                              num_experts_per_tok=2, norm_topk_prob=False, **COMMON),
+}
+# Derived models: name -> (fixture, surgeon arguments).
+DERIVED = {
+    "qwen3-split": ("qwen3", ["moe", "--method", "split-random", "--experts", "4", "--top-k", "2", "--seed", "0"]),
 }
 
 
@@ -87,6 +93,25 @@ def main():
         print(f"{name}: {type(model).__name__}, greedy {greedy}")
         if a.surgeon:
             check_surgeon_outputs(a.surgeon, out / name, name, type(model).__name__, logits)
+    if a.surgeon:
+        for name, (fixture, args) in DERIVED.items():
+            derived_golden(a.surgeon, out, name, fixture, args)
+
+
+def derived_golden(surgeon, out, name, fixture, args):
+    with tempfile.TemporaryDirectory() as tmp:
+        d = pathlib.Path(tmp) / name
+        subprocess.run([surgeon, args[0], str(out / fixture), *args[1:], "--out", str(d)], check=True,
+                       capture_output=True)
+        config = json.loads((d / "config.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = model(torch.tensor([TOKENS]), use_cache=False).logits[0]
+        logits.numpy().astype("<f4").tofile(out / f"{name}_logits.bin")
+        meta = {"name": name, "fixture": fixture, "surgeon": args, "model_type": config["model_type"],
+                "class": type(model).__name__, "tokens": TOKENS}
+        (out / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+        print(f"{name}: {config['model_type']} via {type(model).__name__}")
 
 
 if __name__ == "__main__":
