@@ -152,7 +152,15 @@ pub fn generate<B: Backend>(
         if !go_on || out.len() == opts.max_new_tokens {
             break;
         }
-        row = last_row(model.forward_cached(ids(&[next]), &mut cache));
+        row = if model.rope_switches(cache.len(), 1) {
+            // LongRoPE changes every position's frequencies here: recompute the whole sequence,
+            // as transformers' Phi-3 does when generation first passes the pretraining length.
+            cache.clear();
+            let seq: Vec<u32> = prompt.iter().chain(&out).copied().collect();
+            last_row(model.forward_cached(ids(&seq), &mut cache))
+        } else {
+            last_row(model.forward_cached(ids(&[next]), &mut cache))
+        };
     }
     let decode_s = t1.elapsed().as_secs_f64();
     GenerateReport {

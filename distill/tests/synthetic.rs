@@ -245,10 +245,10 @@ fn names_and_export_round_trip() {
 #[test]
 fn llama3_rope_scaling_changes_only_low_frequencies() {
     use surgeon_distill::model::Rope;
-    let plain = Rope::new(64, 500000.0, None).unwrap();
+    let plain = Rope::new(64, 500000.0, None, 8192).unwrap();
     let s = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
-    let scaled = Rope::new(64, 500000.0, Some(&s)).unwrap();
+    let scaled = Rope::new(64, 500000.0, Some(&s), 8192).unwrap();
     assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);
     let last = plain.inv_freq.len() - 1;
     assert!((scaled.inv_freq[last] - plain.inv_freq[last] / 8.0).abs() < 1e-12);

@@ -17,10 +17,19 @@ pub enum Family {
     /// Qwen3-MoE: Qwen3 attention with routed experts (`mlp.gate`, `mlp.experts.{e}.*_proj`).
     #[serde(rename = "qwen3_moe")]
     Qwen3Moe,
+    /// Phi-3: Llama's computation with fused `qkv_proj` and `gate_up_proj` tensors.
+    Phi3,
 }
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "mixtral", "qwen3", "qwen3_moe"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "mixtral",
+    "qwen3",
+    "qwen3_moe",
+    "phi3",
+];
 
 impl Family {
     pub fn from_model_type(model_type: &str) -> Option<Self> {
@@ -31,6 +40,7 @@ impl Family {
             "mixtral" => Some(Family::Mixtral),
             "qwen3" => Some(Family::Qwen3),
             "qwen3_moe" => Some(Family::Qwen3Moe),
+            "phi3" => Some(Family::Phi3),
             _ => None,
         }
     }
@@ -42,6 +52,7 @@ impl Family {
             Family::Mixtral => "mixtral",
             Family::Qwen3 => "qwen3",
             Family::Qwen3Moe => "qwen3_moe",
+            Family::Phi3 => "phi3",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -52,6 +63,7 @@ impl Family {
             Family::Mixtral => "MixtralForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
     /// Queries and keys pass a per-head RMSNorm (`q_norm`, `k_norm`) before the rotary embedding.

@@ -452,6 +452,17 @@ fn rope(f: &Fields, family: Family) -> Result<(f64, Option<Value>)> {
             .ok_or_else(|| f.err("rope_parameters.rope_theta", "expected a number"))?,
         None => f.f64_opt("rope_theta")?.unwrap_or(default_theta),
     };
+    let partial = rope_params
+        .and_then(|p| p.get("partial_rotary_factor"))
+        .or_else(|| f.map.get("partial_rotary_factor"))
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
+    if partial != 1.0 {
+        return Err(f.err(
+            "partial_rotary_factor",
+            format!("{partial}: rotary embeddings over part of each head are not supported"),
+        ));
+    }
     let rope_scaling = match f.map.get("rope_scaling") {
         Some(Value::Null) | None => rope_params.and_then(|p| {
             let kind = p
@@ -466,7 +477,24 @@ fn rope(f: &Fields, family: Family) -> Result<(f64, Option<Value>)> {
         }),
         Some(v) => Some(v.clone()),
     };
-    Ok((rope_theta, rope_scaling))
+    Ok((
+        rope_theta,
+        rope_scaling.map(|s| longrope_original_max(f, s)),
+    ))
+}
+
+/// Phi-3's older configs keep LongRoPE's `original_max_position_embeddings` top level; the runtime
+/// reads it from the scaling parameters, where transformers >= 5 puts it.
+fn longrope_original_max(f: &Fields, mut scaling: Value) -> Value {
+    let top = f.map.get("original_max_position_embeddings");
+    if let (Some(s), Some(top)) = (scaling.as_object_mut(), top) {
+        let kind = s.get("rope_type").or_else(|| s.get("type"));
+        if kind.and_then(Value::as_str) == Some("longrope") {
+            s.entry("original_max_position_embeddings")
+                .or_insert_with(|| top.clone());
+        }
+    }
+    scaling
 }
 
 /// Renders config.json for `arch`, stored in `dtype`, in the dialect [`choose_export`] picks.
@@ -626,11 +654,11 @@ fn native_attention_fields(
         // Every layer slides (or none does): see `qwen_sliding_window`.
         m.insert("max_window_layers".into(), json!(0));
     }
-    if qwen || matches!(family, Family::Mistral | Family::Mixtral) {
+    if qwen || matches!(family, Family::Mistral | Family::Mixtral | Family::Phi3) {
         m.insert("sliding_window".into(), json!(arch.sliding_window));
     } else if arch.sliding_window.is_some() {
         return Err(Error::invalid(
-            "a sliding window needs a mistral, mixtral or qwen config",
+            "a sliding window needs a mistral, mixtral, qwen or phi3 config",
         ));
     }
     if matches!(family, Family::Llama | Family::Qwen3 | Family::Qwen3Moe) {
@@ -826,7 +854,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral, qwen3, qwen3_moe, nemotron-nas, surgeon"
+            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral, qwen3, qwen3_moe, phi3, nemotron-nas, surgeon"
         );
     }
 

@@ -1,11 +1,20 @@
-//! Tensor names as a family stores them, and the names plans use.
+//! Tensors as a family stores them, and as plans hold them.
 //!
-//! Plans name every tensor the Llama / Mixtral way, so that operators and the runtime need not
-//! know the family. A family that stores some tensors under other names (Qwen3-MoE's
-//! `mlp.experts.{e}.gate_proj`) is renamed when it is read and renamed back when it is written.
-use crate::arch::{split_layer_name, Family};
-use crate::plan::TensorEntry;
+//! Plans name and shape every tensor the Llama / Mixtral way, so that operators and the runtime
+//! need not know the family. A family that stores some tensors otherwise is translated when it is
+//! read and translated back when it is written as that class:
+//! - Qwen3-MoE names its experts `mlp.experts.{e}.gate_proj` (plans: `block_sparse_moe.experts.{e}.w1`);
+//! - Phi-3 fuses `q_proj`, `k_proj`, `v_proj` into `qkv_proj` and `gate_proj`, `up_proj` into
+//!   `gate_up_proj` (rows stacked in that order); plans hold row selections of the fused tensor,
+//!   and a selection that covers the fused tensor in order is written back as that tensor itself.
+use crate::arch::{split_layer_name, Family, Mlp, ModelArch};
+use crate::export::{choose_export, ExportFormat};
+use crate::plan::{Op, Plan, Source, TensorEntry};
+use crate::{Error, Result};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
 
 /// Qwen3-MoE's names (after `model.layers.{i}.`) and their Mixtral counterparts; the first two
 /// say whether a tensor belongs to the MoE block at all.
@@ -27,31 +36,12 @@ pub fn stored_name(family: Family, name: &str) -> String {
     rename(family, name, true)
 }
 
-/// Renames every key of `tensors` with `plan_name` (after reading a checkpoint).
-pub fn to_plan_names(
-    family: Family,
-    tensors: BTreeMap<String, TensorEntry>,
-) -> BTreeMap<String, TensorEntry> {
-    if !renames(family) {
-        return tensors;
-    }
-    tensors
-        .into_iter()
-        .map(|(k, v)| (plan_name(family, &k), v))
-        .collect()
-}
-
-/// Whether `family` stores any tensor under another name than plans use.
-pub fn renames(family: Family) -> bool {
-    family == Family::Qwen3Moe
-}
-
 fn rename(family: Family, name: &str, to_stored: bool) -> String {
     let pair = |(stored, plan): (&'static str, &'static str)| match to_stored {
         true => (plan, stored),
         false => (stored, plan),
     };
-    let Some((layer, rest)) = split_layer_name(name).filter(|_| renames(family)) else {
+    let Some((layer, rest)) = split_layer_name(name).filter(|_| family == Family::Qwen3Moe) else {
         return name.to_string();
     };
     // Only the MoE block: a dense layer's `mlp.gate_proj` keeps its name.
@@ -64,6 +54,184 @@ fn rename(family: Family, name: &str, to_stored: bool) -> String {
         out = out.replacen(from, to, 1);
     }
     format!("model.layers.{layer}{out}")
+}
+
+/// A fused tensor of layer `p` (`model.layers.{i}`) and the plan tensors it stacks, with their rows.
+fn fused_parts(arch: &ModelArch, i: usize) -> Vec<(String, Vec<(String, usize)>)> {
+    let p = format!("model.layers.{i}");
+    let l = &arch.layers[i];
+    let mut out = vec![];
+    if !l.attention.is_no_op() {
+        let a = &l.attention;
+        out.push((
+            format!("{p}.self_attn.qkv_proj.weight"),
+            vec![
+                (format!("{p}.self_attn.q_proj.weight"), a.q_dim()),
+                (format!("{p}.self_attn.k_proj.weight"), a.kv_dim()),
+                (format!("{p}.self_attn.v_proj.weight"), a.v_dim()),
+            ],
+        ));
+    }
+    if let Mlp::Dense { intermediate_size } = l.mlp {
+        out.push((
+            format!("{p}.mlp.gate_up_proj.weight"),
+            vec![
+                (format!("{p}.mlp.gate_proj.weight"), intermediate_size),
+                (format!("{p}.mlp.up_proj.weight"), intermediate_size),
+            ],
+        ));
+    }
+    out
+}
+
+/// The plan's tensors from those a `arch.family` checkpoint at `path` stores.
+pub fn from_stored(
+    path: &Path,
+    arch: &ModelArch,
+    mut tensors: BTreeMap<String, TensorEntry>,
+) -> Result<BTreeMap<String, TensorEntry>> {
+    match arch.family {
+        Family::Qwen3Moe => Ok(tensors
+            .into_iter()
+            .map(|(k, v)| (plan_name(arch.family, &k), v))
+            .collect()),
+        Family::Phi3 => {
+            for i in 0..arch.num_layers() {
+                for (fused, parts) in fused_parts(arch, i) {
+                    split(path, &mut tensors, &fused, &parts)?;
+                }
+            }
+            Ok(tensors)
+        }
+        _ => Ok(tensors),
+    }
+}
+
+/// Replaces `fused` by row selections named `parts`.
+fn split(
+    path: &Path,
+    tensors: &mut BTreeMap<String, TensorEntry>,
+    fused: &str,
+    parts: &[(String, usize)],
+) -> Result<()> {
+    let Some(entry) = tensors.remove(fused) else {
+        // Already split: a remote-code export of the family holds the plans' own tensors.
+        if parts.iter().all(|(n, _)| tensors.contains_key(n)) {
+            return Ok(());
+        }
+        return Err(Error::format(path, format!("tensor `{fused}` is missing")));
+    };
+    let rows: usize = parts.iter().map(|(_, r)| r).sum();
+    let shape = entry.shape();
+    if shape.first() != Some(&rows) {
+        let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(Error::format(
+            path,
+            format!(
+                "tensor `{fused}` has shape {shape:?}; the config implies {rows} rows ({})",
+                names.join(" + ")
+            ),
+        ));
+    }
+    let mut start = 0;
+    for (name, r) in parts {
+        let source = entry
+            .source
+            .clone()
+            .rows((start..start + r).collect(), format!("split {fused}"));
+        let dtype = entry.dtype;
+        tensors.insert(name.clone(), TensorEntry { source, dtype });
+        start += r;
+    }
+    Ok(())
+}
+
+/// `plan` with its tensors as the class it is exported as stores them (the plan itself when
+/// that is the plans' own layout, as for every remote-code export).
+pub fn stored_plan(plan: &Plan) -> Cow<'_, Plan> {
+    let family = match choose_export(&plan.arch).format {
+        ExportFormat::Native(family @ (Family::Qwen3Moe | Family::Phi3)) => family,
+        _ => return Cow::Borrowed(plan),
+    };
+    let mut out = plan.clone();
+    if family == Family::Phi3 {
+        for i in 0..plan.arch.num_layers() {
+            for (fused, parts) in fused_parts(&plan.arch, i) {
+                let entries: Vec<TensorEntry> = parts
+                    .iter()
+                    .map(|(n, _)| out.tensors.remove(n).expect("validated plan"))
+                    .collect();
+                out.tensors.insert(fused, fuse(entries));
+            }
+        }
+    }
+    out.tensors = out
+        .tensors
+        .into_iter()
+        .map(|(k, v)| (stored_name(family, &k), v))
+        .collect();
+    Cow::Owned(out)
+}
+
+/// The parts stacked by rows: the original fused tensor when they are its rows in order.
+fn fuse(parts: Vec<TensorEntry>) -> TensorEntry {
+    let dtype = parts[0].dtype;
+    let same_dtype = parts.iter().all(|p| p.dtype == dtype);
+    if let Some(whole) = unsplit(&parts).filter(|w| same_dtype && w.dtype() == dtype) {
+        return TensorEntry {
+            source: whole,
+            dtype,
+        };
+    }
+    let source = Source::op(Op::Concat {
+        inputs: parts.into_iter().map(|p| p.source).collect(),
+        dim: 0,
+    });
+    TensorEntry { source, dtype }
+}
+
+/// The source that `parts` split into consecutive row ranges covering all of it, if they do.
+fn unsplit(parts: &[TensorEntry]) -> Option<Source> {
+    let mut whole: Option<&Source> = None;
+    let mut next = 0;
+    for p in parts {
+        let Source::Op(op) = &p.source else {
+            return None;
+        };
+        let Op::Rows { input, indices, .. } = op.as_ref() else {
+            return None;
+        };
+        if !indices.iter().enumerate().all(|(j, &r)| r == next + j) {
+            return None;
+        }
+        next += indices.len();
+        match whole {
+            None => whole = Some(input),
+            Some(w) if same_source(w, input) => {}
+            Some(_) => return None,
+        }
+    }
+    let whole = whole?;
+    (whole.shape().first() == Some(&next)).then(|| whole.clone())
+}
+
+/// The same stored tensor (the only sources a checkpoint's split starts from).
+fn same_source(a: &Source, b: &Source) -> bool {
+    match (a, b) {
+        (
+            Source::Stored {
+                file: fa,
+                offset: oa,
+                ..
+            },
+            Source::Stored {
+                file: fb,
+                offset: ob,
+                ..
+            },
+        ) => Arc::ptr_eq(fa, fb) && oa == ob,
+        _ => false,
+    }
 }
 
 #[cfg(test)]

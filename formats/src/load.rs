@@ -68,7 +68,7 @@ pub fn open_hf_dir(dir: &Path) -> Result<Plan> {
     }
     let arch = read_config(&config_path)?;
     let layout = shard_layout(dir)?;
-    let mut tensors = crate::layout::to_plan_names(arch.family, read_shards(dir, &layout)?);
+    let mut tensors = crate::layout::from_stored(dir, &arch, read_shards(dir, &layout)?)?;
     // Tied checkpoints sometimes store lm_head anyway; it is the embedding, so drop the copy.
     if arch.tie_word_embeddings {
         tensors.remove("lm_head.weight");

@@ -7,11 +7,9 @@
 use crate::config::config_json;
 use crate::dtype::max_finite;
 use crate::export::{choose_export, ExportFormat};
-use crate::layout::stored_name;
 use crate::load::input_paths;
 use crate::output::TempOutput;
 use crate::plan::{group_digits, HostTensor, Plan, TensorEntry};
-use crate::Family;
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
@@ -143,6 +141,9 @@ pub fn write_model_then<E: From<Error>>(
 ) -> std::result::Result<WriteReport, E> {
     plan.validate()?;
     check_output(plan, out, opts.force)?;
+    // Renamed or fused as the exported class stores them (Qwen3-MoE experts, Phi-3 projections).
+    let stored = crate::layout::stored_plan(plan);
+    let plan = stored.as_ref();
     let tmp = TempOutput::create(out, &opts.description)?;
     let report = write_into(plan, tmp.path(), opts)?;
     if !report.overflow.tensors.is_empty() && !opts.allow_overflow {
@@ -230,10 +231,9 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
     };
     let prov = provenance(plan, opts);
     let mut weight_map = Map::new();
-    let family = stored_family(plan);
     for shard in &shards {
         for (name, _, _) in &shard.tensors {
-            weight_map.insert(stored_name(family, name), json!(shard.file_name));
+            weight_map.insert((*name).clone(), json!(shard.file_name));
         }
     }
     // Shards are independent files: write them concurrently (each thread's copies and fsync
@@ -320,7 +320,7 @@ fn write_into(plan: &Plan, dir: &Path, opts: &WriteOptions) -> Result<WriteRepor
 fn write_shard(ctx: &ShardContext, shard: &Shard) -> Result<u64> {
     let path = ctx.dir.join(&shard.file_name);
     // Header first: shapes and dtypes are known without touching data.
-    let header_bytes = shard_header(shard, stored_family(ctx.plan), ctx.prov);
+    let header_bytes = shard_header(shard, ctx.prov);
     let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
     let mut w = BufWriter::with_capacity(8 << 20, file);
     let io = |e| Error::io(&path, e);
@@ -349,16 +349,7 @@ fn write_shard(ctx: &ShardContext, shard: &Shard) -> Result<u64> {
 
 /// The safetensors header of a shard (metadata, then each tensor's dtype, shape and byte range),
 /// padded with spaces to a multiple of 8 bytes so that the data section is aligned.
-/// Whose tensor names the checkpoint uses: the native class's, else (remote code) the plans' own.
-fn stored_family(plan: &Plan) -> Family {
-    match choose_export(&plan.arch).format {
-        ExportFormat::Native(family) => family,
-        _ => Family::Llama,
-    }
-}
-
-/// Tensors are stored under the names of `family`'s checkpoints ([`crate::layout`]).
-fn shard_header(shard: &Shard, family: Family, prov: &str) -> Vec<u8> {
+fn shard_header(shard: &Shard, prov: &str) -> Vec<u8> {
     let mut header = Map::new();
     header.insert(
         "__metadata__".into(),
@@ -367,7 +358,7 @@ fn shard_header(shard: &Shard, family: Family, prov: &str) -> Vec<u8> {
     let mut offset = 0usize;
     for (name, t, bytes) in &shard.tensors {
         header.insert(
-            stored_name(family, name),
+            (*name).clone(),
             json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape(), "data_offsets": [offset, offset + bytes]}),
         );
         offset += bytes;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Small random checkpoints of the model families surgeon reads beyond Llama (Qwen3, Qwen3-MoE), made
+"""Small random checkpoints of the model families surgeon reads beyond Llama (Qwen3, Qwen3-MoE, Phi-3), made
 by transformers, with transformers' logits, for tests/families.rs.
 
 Usage: python scripts/goldens/families_goldens.py [--out tests/fixtures/families] [--surgeon target/debug/surgeon]
@@ -18,7 +18,7 @@ transformers loads the outputs as the same class, with the logits of `expand` un
 import argparse, json, pathlib, subprocess, tempfile
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, Phi3Config, Qwen3Config, Qwen3MoeConfig
 
 TOKENS = [1, 17, 100, 3, 45, 99, 120, 7, 25, 64, 12, 33, 5, 80, 90, 2]
 PROMPT = 5
@@ -26,6 +26,7 @@ NEW_TOKENS = 10
 COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=32, rms_norm_eps=1e-6, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
               tie_word_embeddings=False)
+PHI3 = {k: v for k, v in COMMON.items() if k != "head_dim"}
 FAMILIES = {
     # head_dim 32 differs from hidden / heads = 16: the explicit head_dim must be honoured.
     "qwen3": Qwen3Config(intermediate_size=96, rope_theta=1e6, **COMMON),
@@ -34,7 +35,16 @@ FAMILIES = {
                                 norm_topk_prob=True, **COMMON),
     "qwen3_moe-unnormalized": Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4,
                                              num_experts_per_tok=2, norm_topk_prob=False, **COMMON),
+    # Phi-3: fused qkv_proj / gate_up_proj; a sliding window shorter than TOKENS.
+    "phi3": Phi3Config(intermediate_size=96, sliding_window=6, pad_token_id=0, **PHI3),
+    # LongRoPE: TOKENS (16) run past original_max_position_embeddings (8), so the full forward uses
+    # long_factor, and generation switches from short_factor to long_factor at position 8.
+    "phi3-longrope": Phi3Config(intermediate_size=96, pad_token_id=0, original_max_position_embeddings=8,
+                                rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                              "long_factor": [1.5 + 0.5 * i for i in range(8)]},
+                                **{**PHI3, "max_position_embeddings": 64}),
 }
+
 # Derived models: name -> (fixture, surgeon arguments).
 DERIVED = {
     "qwen3-split": ("qwen3", ["moe", "--method", "split-random", "--experts", "4", "--top-k", "2", "--seed", "0"]),

@@ -215,7 +215,13 @@ impl<B: Backend> Llama<B> {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer::load(&mut ld.root(&p), l, arch)?);
             let scaling = arch.rope_scaling.as_ref();
-            rope.push(Rope::new(l.attention.head_dim, arch.rope_theta, scaling)?);
+            let max = arch.max_position_embeddings;
+            rope.push(Rope::new(
+                l.attention.head_dim,
+                arch.rope_theta,
+                scaling,
+                max,
+            )?);
         }
         Ok(Llama {
             embed_tokens,

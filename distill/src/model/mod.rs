@@ -93,11 +93,27 @@ pub struct Rope {
     pub inv_freq: Vec<f32>,
     /// Multiplier of cos and sin (1 for default, linear and llama3 scaling).
     pub attention_scaling: f32,
+    /// LongRoPE (Phi-3): the frequencies for sequences longer than the pretraining length.
+    pub long: Option<LongRope>,
+}
+
+/// LongRoPE's second set of frequencies: transformers uses them for a forward whose last position
+/// is at or beyond `original_max` (and the short ones, [`Rope::inv_freq`], below it).
+#[derive(Clone, Debug)]
+pub struct LongRope {
+    pub inv_freq: Vec<f32>,
+    pub original_max: usize,
 }
 
 impl Rope {
-    /// Frequencies for `head_dim` from `rope_theta` and `rope_scaling` (default, `linear`, `llama3`).
-    pub fn new(head_dim: usize, theta: f64, scaling: Option<&serde_json::Value>) -> Result<Self> {
+    /// Frequencies for `head_dim` from `rope_theta` and `rope_scaling` (default, `linear`, `llama3`,
+    /// `longrope`, whose default attention factor depends on `max_positions`).
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        scaling: Option<&serde_json::Value>,
+        max_positions: usize,
+    ) -> Result<Self> {
         // Same arithmetic as transformers: base ** (arange(0, d, 2) / d) in float32.
         let inv: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
@@ -105,6 +121,7 @@ impl Rope {
         let mut rope = Rope {
             inv_freq: inv,
             attention_scaling: 1.0,
+            long: None,
         };
         let Some(s) = scaling.filter(|s| !s.is_null()) else {
             return Ok(rope);
@@ -151,13 +168,72 @@ impl Rope {
                     };
                 }
             }
+            "longrope" => rope.longrope(s, theta, max_positions)?,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "rope_scaling type `{other}` (supported: default, linear, llama3)"
+                    "rope_scaling type `{other}` (supported: default, linear, llama3, longrope)"
                 )))
             }
         }
         Ok(rope)
+    }
+
+    /// LongRoPE as transformers computes it: frequencies divided by per-frequency `short_factor`
+    /// (or `long_factor` past `original_max_position_embeddings`), cos and sin multiplied by
+    /// `attention_factor`, by default sqrt(1 + ln(s) / ln(original)) with s = max / original.
+    fn longrope(&mut self, s: &serde_json::Value, theta: f64, max_positions: usize) -> Result<()> {
+        let factors = |k: &str| -> Result<Vec<f32>> {
+            let v: Vec<f32> = s
+                .get(k)
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_f64())
+                        .map(|x| x as f32)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if v.len() != self.inv_freq.len() {
+                return Err(Error::Unsupported(format!(
+                    "rope_scaling longrope: `{k}` needs {} numbers (head_dim / 2), got {}",
+                    self.inv_freq.len(),
+                    v.len()
+                )));
+            }
+            Ok(v)
+        };
+        let (short, long) = (factors("short_factor")?, factors("long_factor")?);
+        let original = s
+            .get("original_max_position_embeddings")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| {
+                Error::Unsupported(
+                    "rope_scaling longrope without `original_max_position_embeddings`".into(),
+                )
+            })? as usize;
+        let factor = match s.get("factor").and_then(|v| v.as_f64()) {
+            Some(f) => f,
+            None => max_positions as f64 / original as f64,
+        };
+        self.attention_scaling = match s.get("attention_factor").and_then(|v| v.as_f64()) {
+            Some(a) => a as f32,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / (original as f64).ln()).sqrt() as f32,
+        };
+        // transformers: 1 / (ext * base ** (arange(0, d, 2) / d)), in float32.
+        let d = 2 * self.inv_freq.len();
+        let scaled = |ext: &[f32]| {
+            ext.iter()
+                .enumerate()
+                .map(|(i, e)| 1.0 / (e * (theta as f32).powf((2 * i) as f32 / d as f32)))
+                .collect()
+        };
+        self.inv_freq = scaled(&short);
+        self.long = Some(LongRope {
+            inv_freq: scaled(&long),
+            original_max: original,
+        });
+        Ok(())
     }
 
     /// `(cos, sin)` of shape `[1, 1, len, head_dim]` for positions `start..start + len`.
@@ -167,13 +243,17 @@ impl Rope {
         len: usize,
         device: &B::Device,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let half = self.inv_freq.len();
+        let inv_freq = match &self.long {
+            Some(l) if start + len > l.original_max => &l.inv_freq,
+            _ => &self.inv_freq,
+        };
+        let half = inv_freq.len();
         let d = 2 * half;
         let mut cos = vec![0f32; len * d];
         let mut sin = vec![0f32; len * d];
         for t in 0..len {
             let p = (start + t) as f32;
-            for (i, f) in self.inv_freq.iter().enumerate() {
+            for (i, f) in inv_freq.iter().enumerate() {
                 let a = p * f;
                 let (s, c) = (
                     a.sin() * self.attention_scaling,
@@ -771,6 +851,17 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Logits of `tokens` that continue the positions held in `cache` (which is extended).
+    /// Whether `new` positions after `cached` ones cross a LongRoPE switch: the frequencies of
+    /// every position change (short factors up to `original_max`, long ones past it), so cached keys
+    /// are stale.
+    pub fn rope_switches(&self, cached: usize, new: usize) -> bool {
+        self.rope.iter().any(|r| {
+            r.long.as_ref().is_some_and(|l| {
+                cached > 0 && cached <= l.original_max && cached + new > l.original_max
+            })
+        })
+    }
+
     pub fn forward_cached(
         &self,
         tokens: Tensor<B, 2, Int>,
