@@ -242,3 +242,16 @@ fn split_qwen3_in_the_surgeon_dialect_matches_transformers_remote_code() {
     let d = max_diff(&logits(&back, &u32s(&meta["tokens"])), &want);
     assert!(d < 1e-4, "logits differ from transformers' by {d}");
 }
+
+/// The Qwen3 fixture as llama.cpp lays it out (`general.architecture` qwen3: `attn_q_norm`,
+/// `attention.key_length`, q/k rows not permuted) imports to the same model.
+#[test]
+fn a_qwen3_gguf_imports_to_the_same_model() {
+    let g = golden("qwen3");
+    let path = fixtures().join("qwen3.gguf");
+    let plan = surgeon_formats::open_model(path.to_str().unwrap()).unwrap();
+    assert_eq!(plan.arch.family, Family::Qwen3);
+    assert_eq!(plan.arch.layers, g.plan.arch.layers);
+    let d = max_diff(&logits(&plan, &u32s(&g.meta["tokens"])), &g.logits);
+    assert!(d < 1e-4, "logits differ from transformers' by {d}");
+}

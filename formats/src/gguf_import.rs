@@ -90,7 +90,7 @@ fn check_full_rotary(path: &Path, hyper: &gguf::LlamaHyper) -> Result<()> {
     if hyper.rope_dimension_count != hyper.head_dim() {
         return Err(Error::config(
             path,
-            "llama.rope.dimension_count",
+            format!("{}.rope.dimension_count", hyper.architecture),
             format!(
                 "{} differs from the head dimension {} (partial rotary embeddings are not supported)",
                 hyper.rope_dimension_count,
@@ -154,7 +154,7 @@ fn layer_from_hyper(hyper: &gguf::LlamaHyper, qkv_bias: bool) -> (Family, Layer)
         head_dim: hyper.head_dim(),
         v_head_dim: hyper.head_dim(),
         qkv_bias,
-        qk_norm: false,
+        qk_norm: hyper.architecture == "qwen3",
     };
     let (family, mlp) = match (hyper.expert_count, hyper.expert_used_count) {
         (Some(e), Some(k)) if e > 1 => (
@@ -167,7 +167,10 @@ fn layer_from_hyper(hyper: &gguf::LlamaHyper, qkv_bias: bool) -> (Family, Layer)
             },
         ),
         _ => (
-            Family::Llama,
+            match hyper.architecture.as_str() {
+                "qwen3" => Family::Qwen3,
+                _ => Family::Llama,
+            },
             Mlp::Dense {
                 intermediate_size: hyper.feed_forward_length,
             },
@@ -219,7 +222,11 @@ fn arch_from_hyper(
         torch_dtype: None,
         surgeon: SurgeonMeta {
             history: vec![format!(
-                "imported from GGUF {name} ({quant}), dequantised to f32, RoPE rows un-permuted"
+                "imported from GGUF {name} ({quant}), dequantised to f32{}",
+                match hyper.rope_permuted() {
+                    true => ", RoPE rows un-permuted",
+                    false => "",
+                }
             )],
             ..Default::default()
         },

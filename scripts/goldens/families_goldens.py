@@ -10,6 +10,8 @@ For every entry of FAMILIES it
 - writes `<name>_logits.bin`: little-endian f32 logits [len(TOKENS), vocab] of one forward over TOKENS,
 - writes `<name>.json`: the class, the tokens and the greedy continuation of TOKENS[:PROMPT] by
   `generate` with its KV cache.
+It also writes `qwen3.gguf`: the `qwen3` fixture in llama.cpp's layout for Qwen3 (float32, no tokenizer),
+which must give the same logits as the fixture itself.
 With `--surgeon`, it also writes goldens of models surgeon derives from the fixtures that no standard
 class describes (DERIVED: the Qwen3 fixture split into experts with scaled routing, exported in the
 surgeon dialect), computed by transformers running the shipped modeling code, and it runs `surgeon upscale` and `surgeon expand` on each fixture and checks that
@@ -103,9 +105,54 @@ def main():
         print(f"{name}: {type(model).__name__}, greedy {greedy}")
         if a.surgeon:
             check_surgeon_outputs(a.surgeon, out / name, name, type(model).__name__, logits)
+    write_qwen3_gguf(out / "qwen3", out / "qwen3.gguf")
     if a.surgeon:
         for name, (fixture, args) in DERIVED.items():
             derived_golden(a.surgeon, out, name, fixture, args)
+
+
+# HF tensor name (after model.layers.N.) -> llama.cpp's, for Qwen3 (its converter does not permute q/k rows).
+GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def write_qwen3_gguf(src, dst):
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((src / "config.json").read_text())
+    w = gguf.GGUFWriter(str(dst), "qwen3")
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_key_length(config["head_dim"])
+    w.add_value_length(config["head_dim"])
+    w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_vocab_size(config["vocab_size"])
+    for name, t in sorted(load_file(str(src / "model.safetensors")).items()):
+        if name == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gguf_name = "output.weight"
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            gguf_name = f"blk.{layer}.{GGUF_LAYER_NAMES[rest.removesuffix('.weight')]}.weight"
+        w.add_tensor(gguf_name, t.astype("float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{dst.name}: llama.cpp qwen3 layout")
 
 
 def derived_golden(surgeon, out, name, fixture, args):

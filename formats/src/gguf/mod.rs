@@ -140,7 +140,7 @@ pub enum GgufError {
         key: String,
         reason: String,
     },
-    #[error("{file}: unsupported architecture `{arch}` (supported: llama)")]
+    #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen3)")]
     UnsupportedArchitecture { file: String, arch: String },
     #[error("unknown llama.cpp tensor name `{name}`: {reason}")]
     UnknownTensorName { name: String, reason: String },
@@ -198,11 +198,17 @@ pub fn smollm2_gguf_path() -> Result<PathBuf, String> {
     }
 }
 
+/// `general.architecture` values surgeon imports: `llama` (Llama, Mistral, Mixtral as llama.cpp
+/// writes them) and `qwen3` (Qwen3: per-head q/k norms, `attention.key_length`, no RoPE row permutation).
+pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["llama", "qwen3"];
+
 /// Hyper-parameters of a Llama-family GGUF model (keys `<arch>.*`, `tokenizer.ggml.*`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaHyper {
-    /// `general.architecture` (currently always `llama`).
+    /// `general.architecture` (one of [`SUPPORTED_ARCHITECTURES`]).
     pub architecture: String,
+    /// `attention.key_length`: the query/key head size when it is not `embedding_length / head_count`.
+    pub key_length: Option<usize>,
     pub block_count: usize,
     pub embedding_length: usize,
     pub feed_forward_length: usize,
@@ -211,7 +217,7 @@ pub struct LlamaHyper {
     pub head_count_kv: usize,
     /// `rope.freq_base`; 10000 only when the key is absent.
     pub rope_freq_base: f64,
-    /// `rope.dimension_count`, or `embedding_length / head_count` when absent.
+    /// `rope.dimension_count`, or the head dimension when absent.
     pub rope_dimension_count: usize,
     pub rms_norm_eps: f64,
     pub context_length: Option<usize>,
@@ -231,7 +237,7 @@ impl LlamaHyper {
     /// Reads the hyper-parameters of a `llama` GGUF; other architectures are a clear error.
     pub fn from_gguf(f: &GgufFile) -> Result<LlamaHyper, GgufError> {
         let arch = f.require_str("general.architecture")?.to_string();
-        if arch != "llama" {
+        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
             return Err(GgufError::UnsupportedArchitecture {
                 file: f.label(),
                 arch,
@@ -266,8 +272,9 @@ impl LlamaHyper {
             head_count,
             head_count_kv: opt_usize(&k("attention.head_count_kv"))?.unwrap_or(head_count),
             rope_freq_base,
-            rope_dimension_count: opt_usize(&k("rope.dimension_count"))?
-                .unwrap_or(embedding_length / head_count),
+            rope_dimension_count: opt_usize(&k("rope.dimension_count"))?.unwrap_or(
+                opt_usize(&k("attention.key_length"))?.unwrap_or(embedding_length / head_count),
+            ),
             rms_norm_eps,
             context_length: opt_usize(&k("context_length"))?,
             vocab_size,
@@ -277,14 +284,21 @@ impl LlamaHyper {
             unk_token_id: opt_token_id(f, "tokenizer.ggml.unknown_token_id")?,
             expert_count: opt_usize(&k("expert_count"))?,
             expert_used_count: opt_usize(&k("expert_used_count"))?,
+            key_length: opt_usize(&k("attention.key_length"))?,
             tie_word_embeddings: f.tensor("output.weight").is_none(),
             architecture: arch,
         })
     }
 
-    /// Head dimension (`embedding_length / head_count`).
+    /// Head dimension (`attention.key_length`, else `embedding_length / head_count`).
     pub fn head_dim(&self) -> usize {
-        self.embedding_length / self.head_count
+        self.key_length
+            .unwrap_or(self.embedding_length / self.head_count)
+    }
+
+    /// Whether llama.cpp permuted the q/k rows for its RoPE layout (only its `llama` converter does).
+    pub fn rope_permuted(&self) -> bool {
+        self.architecture == "llama"
     }
 }
 

@@ -31,6 +31,9 @@ pub struct HfTensorName {
 impl HfTensorName {
     /// The number of heads to pass to [`unpermute_rope_rows`], or `None` if no un-permutation is needed.
     pub fn rope_heads(&self, hyper: &LlamaHyper) -> Option<usize> {
+        if !hyper.rope_permuted() {
+            return None;
+        }
         match self.rope? {
             RopePermutation::Query => Some(hyper.head_count),
             RopePermutation::Key => Some(hyper.head_count_kv),
@@ -104,6 +107,8 @@ pub fn hf_tensor_name(name: &str) -> Result<HfTensorName, GgufError> {
         "attn_k" => ("self_attn.k_proj", Some(RopePermutation::Key), false),
         "attn_v" => ("self_attn.v_proj", None, false),
         "attn_output" => ("self_attn.o_proj", None, false),
+        "attn_q_norm" => ("self_attn.q_norm", None, false),
+        "attn_k_norm" => ("self_attn.k_norm", None, false),
         "attn_norm" => ("input_layernorm", None, false),
         "ffn_norm" => ("post_attention_layernorm", None, false),
         "ffn_gate" => ("mlp.gate_proj", None, false),
