@@ -4,16 +4,15 @@
 //! surgeon's logits and greedy generation against transformers' (goldens by
 //! scripts/goldens/families_goldens.py, no torch needed here), a write/read round trip that keeps
 //! each family's tensor names, and the structural operators keeping their invariants and class.
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
-use surgeon_distill::burn;
-use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};
 use surgeon_distill::generate::{generate, GenerateOptions};
 use surgeon_distill::model::Llama;
 use surgeon_formats::writer::WriteOptions;
 use surgeon_formats::{open_hf_dir, write_model, Family, Plan};
 use surgeon_surgery::moe::{upcycle, MoeMethod, MoeOptions};
-
-type B = burn::backend::Flex;
 
 const FIXTURES: [(&str, Family); 6] = [
     ("qwen3", Family::Qwen3),
@@ -28,34 +27,6 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families")
 }
 
-fn ids(v: &[u32]) -> Tensor<B, 2, Int> {
-    let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
-    Tensor::from_data(
-        TensorData::new(v.clone(), [1, v.len()]),
-        &Default::default(),
-    )
-}
-
-fn to_vec(t: Tensor<B, 3>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 struct Golden {
     plan: Plan,
     meta: serde_json::Value,
@@ -64,20 +35,11 @@ struct Golden {
 
 fn golden(name: &str) -> Golden {
     let meta = std::fs::read(fixtures().join(format!("{name}.json"))).unwrap();
-    let logits = std::fs::read(fixtures().join(format!("{name}_logits.bin"))).unwrap();
     Golden {
         plan: open_hf_dir(&fixtures().join(name)).unwrap_or_else(|e| panic!("{name}: {e}")),
         meta: serde_json::from_slice(&meta).unwrap(),
-        logits: logits
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
+        logits: read_f32s(&fixtures().join(format!("{name}_logits.bin"))),
     }
-}
-
-fn logits(plan: &Plan, tokens: &[u32]) -> Vec<f32> {
-    let model = Llama::<B>::from_plan(plan, &Default::default()).unwrap();
-    to_vec(model.forward(ids(tokens)))
 }
 
 fn config(dir: &Path) -> serde_json::Value {
@@ -225,11 +187,7 @@ fn split_qwen3_in_the_surgeon_dialect_matches_transformers_remote_code() {
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("qwen3-split.json")).unwrap())
             .unwrap();
-    let want: Vec<f32> = std::fs::read(fixtures().join("qwen3-split_logits.bin"))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
+    let want = read_f32s(&fixtures().join("qwen3-split_logits.bin"));
     let mut opts = MoeOptions::new(MoeMethod::SplitRandom, 4, 2);
     opts.seed = 0;
     let split = surgeon_surgery::moe::split(&g.plan, &opts, None).unwrap();

@@ -4,9 +4,10 @@
 //! `trust_remote_code=True` (goldens by scripts/goldens/hetero_goldens.py, no torch needed here),
 //! greedy generation with the KV cache against the full forward and transformers' `generate`, a KD
 //! heal that exports the same dialect again, and shape errors that name layer and tensor.
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
-use surgeon_distill::burn;
-use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};
 use surgeon_distill::generate::{generate, GenerateOptions};
 use surgeon_distill::heal::{heal, Budget, DataSpec, HealConfig, LossKind};
 use surgeon_distill::model::Llama;
@@ -15,40 +16,8 @@ use surgeon_formats::synthetic::{SyntheticSpec, Variant};
 use surgeon_formats::writer::WriteOptions;
 use surgeon_formats::{open_hf_dir, write_model, Plan};
 
-type B = burn::backend::Flex;
-
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hetero")
-}
-
-fn ids(v: &[u32]) -> Tensor<B, 2, Int> {
-    let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
-    Tensor::from_data(
-        TensorData::new(v.clone(), [1, v.len()]),
-        &Default::default(),
-    )
-}
-
-fn to_vec(t: Tensor<B, 3>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec().unwrap()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn variant_plan(v: Variant) -> Plan {
@@ -63,14 +32,6 @@ fn exported(v: Variant, dir: &Path) -> Plan {
     open_hf_dir(dir).unwrap()
 }
 
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 struct Golden {
     meta: serde_json::Value,
     logits: Vec<f32>,
@@ -78,13 +39,9 @@ struct Golden {
 
 fn golden(v: Variant) -> Golden {
     let meta = std::fs::read(fixtures().join(format!("{}.json", v.name()))).unwrap();
-    let logits = std::fs::read(fixtures().join(format!("{}_logits.bin", v.name()))).unwrap();
     Golden {
         meta: serde_json::from_slice(&meta).unwrap(),
-        logits: logits
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
+        logits: read_f32s(&fixtures().join(format!("{}_logits.bin", v.name()))),
     }
 }
 

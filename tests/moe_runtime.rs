@@ -1,6 +1,9 @@
 //! `surgeon moe` outputs through the burn runtime: upcycled models compute the dense model's logits,
 //! a split with every expert active at weight 1 computes the dense model, calibration statistics
 //! produce valid partitions, the aux-loss forward matches the plain forward, and the CLI's errors.
+mod common;
+
+use common::*;
 use std::path::Path;
 use surgeon_distill::burn;
 use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};
@@ -9,33 +12,6 @@ use surgeon_distill::{moe_aux, moe_stats};
 use surgeon_formats::synthetic::SyntheticSpec;
 use surgeon_formats::{Mlp, MoeRouting, Plan};
 use surgeon_surgery::moe::{self as op, MoeMethod, MoeOptions, RouterInit, SplitStats};
-
-type B = burn::backend::Flex;
-
-fn logits(plan: &Plan, ids: &[u32]) -> Vec<f32> {
-    let model = Llama::<B>::from_plan(plan, &Default::default()).expect("load");
-    let t = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(
-            ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-            [1, ids.len()],
-        ),
-        &Default::default(),
-    );
-    model
-        .forward(t)
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 /// A tiny synthetic model with larger weights than the default so that logits are not all ~0.
 fn tiny() -> Plan {

@@ -1,28 +1,9 @@
 //! Structural operators checked through the runtime on the real model (SmolLM2 from its GGUF).
-use surgeon_distill::burn;
-use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};
+mod common;
+
+use common::*;
 use surgeon_distill::model::Llama;
 use surgeon_formats::Plan;
-
-type B = burn::backend::Flex;
-
-fn ids(v: &[u32]) -> Tensor<B, 2, Int> {
-    let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
-    Tensor::from_data(
-        TensorData::new(v.clone(), [1, v.len()]),
-        &Default::default(),
-    )
-}
-
-fn bits(t: Tensor<B, 3>) -> Vec<u32> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
-}
 
 fn smollm2() -> Plan {
     surgeon_formats::gguf::open_smollm2().unwrap_or_else(|e| panic!("{e}"))
