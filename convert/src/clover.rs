@@ -487,6 +487,123 @@ fn history_line(
     )
 }
 
+// ----- Channel-pruning baselines (what CLOVER pruning is compared with) -----
+
+/// How [`prune_vo_channels`] chooses the value channels a head keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelOrder {
+    /// Largest `|W_v row| * |group's W_o columns|` (the channel's rank-one product norm).
+    Magnitude,
+    /// Uniformly at random (seeded, reproducible).
+    Random { seed: u64 },
+}
+
+/// Baseline: every KV head keeps the same number of its original value channels (rows of
+/// `v_proj`, the matching columns of `o_proj` for every query head of its group) as
+/// `VoRank::Prune(ratio)` keeps directions, chosen by `order`; no rotation. Lazy (row/column
+/// selections of the original tensors).
+pub fn prune_vo_channels(plan: &Plan, ratio: f64, order: ChannelOrder) -> Result<Plan> {
+    let opts = CloverOptions {
+        rank: VoRank::Prune(ratio),
+        ..Default::default()
+    };
+    check_options(plan, &opts)?;
+    let mut out = plan.clone();
+    for l in 0..plan.arch.num_layers() {
+        let a = plan.arch.layers[l].attention.clone();
+        if a.is_no_op() {
+            continue;
+        }
+        let d = a.v_head_dim;
+        let keep = ((d as f64 * (1.0 - ratio)).round() as usize).clamp(1, d);
+        let kept = kept_channels(plan, l, keep, order)?;
+        let per = a.num_heads / a.num_kv_heads;
+        let rows: Vec<usize> = (0..a.num_kv_heads)
+            .flat_map(|g| kept[g].iter().map(move |&j| g * d + j))
+            .collect();
+        let cols: Vec<usize> = (0..a.num_heads)
+            .flat_map(|q| kept[q / per].iter().map(move |&j| q * d + j))
+            .collect();
+        let label = format!("{keep}/{d} channels by {order:?}");
+        let p = format!("model.layers.{l}.self_attn");
+        for (name, by_rows) in [
+            ("v_proj.weight", true),
+            ("v_proj.bias", true),
+            ("o_proj.weight", false),
+        ] {
+            let name = format!("{p}.{name}");
+            let Some(e) = plan.tensors.get(&name) else {
+                continue;
+            };
+            let source = if by_rows {
+                e.source.clone().rows(rows.clone(), label.clone())
+            } else {
+                e.source.clone().cols(cols.clone(), label.clone())
+            };
+            out.tensors.insert(
+                name,
+                TensorEntry {
+                    source,
+                    dtype: e.dtype,
+                },
+            );
+        }
+        out.arch.layers[l].attention.v_head_dim = keep;
+    }
+    out.arch.surgeon.history.push(format!(
+        "value-output channel pruning (baseline): dropped {ratio} of every head's channels by {order:?}"
+    ));
+    out.validate()?;
+    Ok(out)
+}
+
+/// Per KV head of layer `l`, the `keep` channels `order` picks, ascending.
+fn kept_channels(
+    plan: &Plan,
+    l: usize,
+    keep: usize,
+    order: ChannelOrder,
+) -> Result<Vec<Vec<usize>>> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let a = &plan.arch.layers[l].attention;
+    let (h, d, per) = (
+        plan.arch.hidden_size,
+        a.v_head_dim,
+        a.num_heads / a.num_kv_heads,
+    );
+    let p = format!("model.layers.{l}.self_attn");
+    let mut out = vec![];
+    match order {
+        ChannelOrder::Random { seed } => {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ ((l as u64) << 32));
+            for _ in 0..a.num_kv_heads {
+                let mut idx: Vec<usize> = (0..d).collect();
+                idx.shuffle(&mut rng);
+                out.push(idx[..keep].to_vec());
+            }
+        }
+        ChannelOrder::Magnitude => {
+            let (_, wv) = plan.load_f32(&format!("{p}.v_proj.weight"))?;
+            let (_, wo) = plan.load_f32(&format!("{p}.o_proj.weight"))?;
+            for g in 0..a.num_kv_heads {
+                let values = value_block(&wv, None, g, d, h);
+                let outputs = output_block(&wo, g * per..(g + 1) * per, a.o_dim(), d, h);
+                let score: Vec<f64> = (0..d)
+                    .map(|j| values.row(j).norm() * outputs.column(j).norm())
+                    .collect();
+                let mut idx: Vec<usize> = (0..d).collect();
+                idx.sort_by(|&x, &y| score[y].total_cmp(&score[x]));
+                out.push(idx[..keep].to_vec());
+            }
+        }
+    }
+    for k in &mut out {
+        k.sort_unstable();
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -342,3 +342,53 @@ fn bad_requests_are_refused_naming_the_field() {
         .to_string();
     assert!(e.contains("cover 1 layers but the model has 2"), "{e}");
 }
+
+#[test]
+fn channel_baselines_keep_original_channels() {
+    use surgeon_convert::clover::{prune_vo_channels, ChannelOrder};
+    let plan = model();
+    for order in [ChannelOrder::Magnitude, ChannelOrder::Random { seed: 3 }] {
+        let out = prune_vo_channels(&plan, 0.25, order).unwrap();
+        let (before, after) = (attn(&plan, 1), attn(&out, 1));
+        assert_eq!(after.d, 6);
+        for g in 0..2 {
+            // Each kept row is one of the head's original rows, and each query head of the group
+            // reads the same channels from o_proj: the product is the sum of the kept rank-one terms.
+            let kept: Vec<usize> = (0..6)
+                .map(|i| {
+                    let row = &after.v[(g * 6 + i) * H..(g * 6 + i + 1) * H];
+                    (0..8)
+                        .find(|&j| &before.v[(g * 8 + j) * H..(g * 8 + j + 1) * H] == row)
+                        .expect("an original row")
+                })
+                .collect();
+            assert!(kept.windows(2).all(|w| w[0] < w[1]), "{kept:?}");
+            for q in g * 3..(g + 1) * 3 {
+                for r in 0..H {
+                    for (i, &j) in kept.iter().enumerate() {
+                        assert_eq!(after.o[r * 36 + q * 6 + i], before.o[r * 48 + q * 8 + j]);
+                    }
+                }
+            }
+            if order == ChannelOrder::Magnitude {
+                let score = |j: usize| {
+                    let v: f64 = (0..H)
+                        .map(|c| (before.v[(g * 8 + j) * H + c] as f64).powi(2))
+                        .sum();
+                    let o: f64 = (0..H)
+                        .flat_map(|r| (g * 3..g * 3 + 3).map(move |q| (r, q)))
+                        .map(|(r, q)| (before.o[r * 48 + q * 8 + j] as f64).powi(2))
+                        .sum();
+                    v * o
+                };
+                let dropped_best = (0..8)
+                    .filter(|j| !kept.contains(j))
+                    .map(score)
+                    .fold(0.0, f64::max);
+                let kept_worst = kept.iter().map(|&j| score(j)).fold(f64::MAX, f64::min);
+                assert!(kept_worst >= dropped_best);
+            }
+        }
+    }
+    assert!(prune_vo_channels(&plan, 1.0, ChannelOrder::Magnitude).is_err());
+}
