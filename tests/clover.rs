@@ -140,6 +140,7 @@ fn cli(dir: &Path, text: &Path, aware: &Plan) {
     let gguf = gguf.to_str().unwrap();
     let text = text.to_str().unwrap();
     let pruned = dir.join("pruned");
+    let plot = dir.join("spectrum.svg");
     let report = ok(&surgeon(&[
         "clover",
         gguf,
@@ -149,10 +150,14 @@ fn cli(dir: &Path, text: &Path, aware: &Plan) {
         text,
         "--max-tokens",
         "256",
+        "--plot",
+        plot.to_str().unwrap(),
         "--out",
         pruned.to_str().unwrap(),
     ]));
     assert!(report.contains("keeps 48/64 directions"), "{report}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("layer 29") && svg.contains("sigma"), "{svg}");
     assert!(
         report.contains("KV cache per token at 16 bits 23,040 -> 20,160 bytes"),
         "{report}"

@@ -138,9 +138,12 @@ fn print_report(before: &Plan, after: &Plan, report: &CloverReport) {
     let mut layer = usize::MAX;
     for h in &report.heads {
         if h.layer != layer {
+            if layer != usize::MAX {
+                println!();
+            }
             layer = h.layer;
             print!(
-                "\n  layer {layer:>3}: keeps {}/{} directions; energy kept per head",
+                "  layer {layer:>3}: keeps {}/{} directions; energy kept per head",
                 h.kept,
                 h.singular_values.len()
             );
