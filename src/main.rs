@@ -38,6 +38,8 @@ enum Command {
     Expand(commands::expand::Args),
     /// Regroup attention heads: grouped-query (--to gqa --kv-heads G) or multi-head (--to mha).
     ConvertAttention(commands::convert_attention::Args),
+    /// CLOVER: value-output pairs in their singular basis per KV head, optionally pruned.
+    Clover(commands::clover::Args),
     /// Remove decoder layers.
     DropLayers(commands::drop_layers::Args),
     /// Perplexity of a model on a text file (windowed next-token prediction).
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
         Command::Expand(a) => commands::expand::run(a),
         Command::DropLayers(a) => commands::drop_layers::run(a),
         Command::ConvertAttention(a) => commands::convert_attention::run(a),
+        Command::Clover(a) => commands::clover::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Moe(a) => commands::moe::run(a),

@@ -1,11 +1,15 @@
 //! surgeon-convert: operators that change how a layer computes, not how many layers there are.
 //!
+//! - [`clover`]: CLOVER, every key/value head's value-output pair in its singular basis, optionally
+//!   pruned (data-aware with calibration statistics).
 //! - [`gqa`]: regroup key/value heads (MHA <-> GQA <-> MQA) by mean-pooling or repeating them.
 //!
 //! Like the structural operators in `surgeon-surgery`, these rewrite plans without touching data;
 //! the writer materialises the new tensors while streaming.
+pub mod clover;
 pub mod error;
 pub mod gqa;
 
+pub use clover::{clover, CloverOptions, CloverReport, InputStats, VoRank};
 pub use error::{Error, Result};
 pub use gqa::regroup_kv_heads;

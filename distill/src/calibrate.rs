@@ -4,6 +4,8 @@
 //!
 //! - [`block_influence`]: ShortGPT's block influence per layer (`drop-layers --count`).
 //! - [`mlp_captures`]: per-layer MLP inputs and SwiGLU activations (`moe` split methods).
+//! - [`attention_input_moments`]: per-layer second moments of the attention input (`clover`'s
+//!   data-aware whitening).
 use crate::backend::{BackendJob, BackendKind};
 use crate::error::{Error, Result};
 use crate::probe::{self, LayerCapture};
@@ -125,6 +127,32 @@ pub fn mlp_captures(
         activations,
     })??;
     Ok((caps, ids.len()))
+}
+
+// ----- Attention-input second moments (CLOVER) -----
+
+/// Second moments of every layer's attention input on the calibration text, run on `backend`,
+/// with the number of tokens they cover.
+pub fn attention_input_moments(
+    plan: &Plan,
+    cal: &Calibration,
+    backend: BackendKind,
+) -> Result<(Vec<probe::InputMoments>, usize)> {
+    struct Job<'a> {
+        plan: &'a Plan,
+        windows: Vec<&'a [u32]>,
+    }
+    impl BackendJob for Job<'_> {
+        type Output = Result<Vec<probe::InputMoments>>;
+        fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+            let model = Llama::<B>::from_plan(self.plan, &device)?;
+            probe::attention_input_moments(&model, &self.windows)
+        }
+    }
+    let ids = cal.tokens(plan)?;
+    let windows = ids.chunks(cal.window_for(plan)).collect();
+    let moments = backend.run(Job { plan, windows })??;
+    Ok((moments, ids.len()))
 }
 
 #[cfg(test)]

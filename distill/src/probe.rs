@@ -226,6 +226,66 @@ impl<B: Backend> Probe<B> for RouterLogits<B> {
     }
 }
 
+// ----- Attention-input second moments (CLOVER's data-aware whitening) -----
+
+/// Sums over the tokens of one layer's attention input `x` (after `input_layernorm`), in f64.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InputMoments {
+    pub tokens: usize,
+    /// `sum_t x_t x_t^T`, row-major `h x h`.
+    pub sum_outer: Vec<f64>,
+    /// `sum_t x_t`.
+    pub sum: Vec<f64>,
+}
+
+/// Collects [`InputMoments`] of every layer's attention input. Each pass's `X^T X` is one matmul
+/// on the backend (f32 within a window), accumulated across windows in f64.
+#[derive(Clone, Debug, Default)]
+pub struct AttentionInputMoments {
+    pub layers: Vec<InputMoments>,
+}
+
+impl<B: Backend> Probe<B> for AttentionInputMoments {
+    fn attention_input(&mut self, l: usize, x: &Tensor<B, 3>) {
+        let [b, t, h] = x.dims();
+        let x2 = x.clone().reshape([b * t, h]);
+        let outer = host(&x2.clone().transpose().matmul(x2.clone()));
+        let sum = host(&x2.sum_dim(0));
+        if self.layers.len() <= l {
+            self.layers.resize(l + 1, InputMoments::default());
+        }
+        let m = &mut self.layers[l];
+        if m.sum.is_empty() {
+            m.sum_outer = vec![0.0; h * h];
+            m.sum = vec![0.0; h];
+        }
+        m.tokens += b * t;
+        m.sum_outer
+            .iter_mut()
+            .zip(&outer)
+            .for_each(|(a, x)| *a += *x as f64);
+        m.sum
+            .iter_mut()
+            .zip(&sum)
+            .for_each(|(a, x)| *a += *x as f64);
+    }
+}
+
+/// [`InputMoments`] of every layer of `model` over `windows` of token ids (one forward per window,
+/// positions from 0). Layers without attention report no tokens.
+pub fn attention_input_moments<B: Backend>(
+    model: &Llama<B>,
+    windows: &[&[u32]],
+) -> Result<Vec<InputMoments>> {
+    let mut p = AttentionInputMoments {
+        layers: vec![InputMoments::default(); model.layers.len()],
+    };
+    for w in windows.iter().filter(|w| !w.is_empty()) {
+        model.forward_probed(window_tensor(model, w)?, &mut p);
+    }
+    Ok(p.layers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,5 +324,39 @@ mod tests {
         assert!(one.iter().all(|x| (0.0..=2.0).contains(x)));
         assert!(block_influences(&model, &[], 8).is_err());
         assert!(block_influences(&model, &ids, 0).is_err());
+    }
+
+    #[test]
+    fn attention_input_moments_sum_outer_products() {
+        let plan = SyntheticSpec::tiny().plan();
+        let model = Llama::<B>::from_plan(&plan, &Default::default()).unwrap();
+        let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 11) % 256).collect();
+        let windows: Vec<&[u32]> = ids.chunks(10).collect();
+        let m = attention_input_moments(&model, &windows).unwrap();
+        // Against the attention inputs captured one by one.
+        struct Inputs(Vec<Vec<f32>>);
+        impl Probe<B> for Inputs {
+            fn attention_input(&mut self, l: usize, x: &Tensor<B, 3>) {
+                if l == 1 {
+                    self.0.extend(host(x).chunks(64).map(<[f32]>::to_vec));
+                }
+            }
+        }
+        let mut p = Inputs(vec![]);
+        for w in &windows {
+            model.forward_probed(window_tensor(&model, w).unwrap(), &mut p);
+        }
+        let m1 = &m[1];
+        assert_eq!((m1.tokens, p.0.len()), (24, 24));
+        for (i, j) in [(0, 0), (3, 17), (63, 5)] {
+            let want: f64 = p.0.iter().map(|x| x[i] as f64 * x[j] as f64).sum();
+            let got = m1.sum_outer[i * 64 + j];
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+        }
+        let want: f64 = p.0.iter().map(|x| x[7] as f64).sum();
+        assert!((m1.sum[7] - want).abs() < 1e-4 * want.abs().max(1.0));
     }
 }

@@ -1,4 +1,5 @@
 //! One module per subcommand: argument definitions and a call into the library.
+pub mod clover;
 pub mod common;
 pub mod convert;
 pub mod convert_attention;
