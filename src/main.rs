@@ -50,6 +50,8 @@ enum Command {
     Importance(commands::importance::Args),
     /// Extract a sub-network keeping the most important neurons, heads and channels.
     Prune(commands::prune::Args),
+    /// Search sub-networks under a parameter budget (block library, NSGA-II, exact DP baseline).
+    Search(commands::search::Args),
     /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
     Heal(commands::heal::Args),
     /// Run a YAML recipe of steps (surgery, healing, evaluation), skipping finished ones.
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
         Command::Moe(a) => commands::moe::run(a),
         Command::Importance(a) => commands::importance::run(a),
         Command::Prune(a) => commands::prune::run(a),
+        Command::Search(a) => commands::search::run(a),
         Command::Heal(a) => commands::heal::run(a),
         Command::Run(a) => commands::run::run(a),
     };

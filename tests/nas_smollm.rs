@@ -10,6 +10,7 @@ use surgeon_distill::model::{log_softmax, Llama};
 use surgeon_distill::BackendKind;
 use surgeon_formats::export::{choose_export, ExportFormat};
 use surgeon_formats::{ImportanceScores, Plan};
+use surgeon_search::library::kl_per_token;
 use surgeon_search::{prune, AttentionSpec, MlpSpec, PruneSpec, UniformPrune};
 
 type B = burn::backend::Flex;
@@ -37,14 +38,6 @@ fn logits(plan: &Plan) -> Tensor<B, 3> {
     Llama::<B>::from_plan(plan, &Default::default())
         .unwrap()
         .forward(ids(&PROMPT))
-}
-
-/// Mean KL(parent || model) per token.
-fn kl_per_token(parent_logp: &Tensor<B, 3>, logits: Tensor<B, 3>) -> f64 {
-    let [b, t, _] = logits.dims();
-    let p = parent_logp.clone();
-    let kl = (p.clone().exp() * (p - log_softmax(logits, 2))).sum();
-    kl.into_data().convert::<f64>().into_vec::<f64>().unwrap()[0] / (b * t) as f64
 }
 
 fn bits(t: Tensor<B, 3>) -> Vec<u32> {

@@ -15,5 +15,6 @@ pub mod inspect;
 pub mod moe;
 pub mod prune;
 pub mod run;
+pub mod search;
 pub mod synth;
 pub mod upscale;
