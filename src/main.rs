@@ -48,6 +48,12 @@ enum Command {
     Generate(commands::generate::Args),
     /// Make a mixture of experts: upcycle the MLP into E copies, or split its neurons into E experts.
     Moe(commands::moe::Args),
+    /// Minitron activation importance of neurons, heads, hidden channels and layers (scores.json).
+    Importance(commands::importance::Args),
+    /// Extract a sub-network keeping the most important neurons, heads and channels.
+    Prune(commands::prune::Args),
+    /// Search sub-networks under a parameter budget (block library, NSGA-II, exact DP baseline).
+    Search(commands::search::Args),
     /// Heal a model by training: LM loss and/or distillation, only the tensors you choose.
     Heal(commands::heal::Args),
     /// Run a YAML recipe of steps (surgery, healing, evaluation), skipping finished ones.
@@ -90,6 +96,9 @@ fn main() -> ExitCode {
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Moe(a) => commands::moe::run(a),
+        Command::Importance(a) => commands::importance::run(a),
+        Command::Prune(a) => commands::prune::run(a),
+        Command::Search(a) => commands::search::run(a),
         Command::Heal(a) => commands::heal::run(a),
         Command::Run(a) => commands::run::run(a),
     };

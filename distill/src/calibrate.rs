@@ -6,6 +6,7 @@
 //! - [`mlp_captures`]: per-layer MLP inputs and SwiGLU activations (`moe` split methods).
 //! - [`attention_input_moments`]: per-layer second moments of the attention input (`clover`'s
 //!   data-aware whitening).
+//! - [`importance`]: Minitron's activation importance (`importance`, `prune`, `search`).
 use crate::backend::{BackendJob, BackendKind};
 use crate::error::{Error, Result};
 use crate::probe::{self, LayerCapture};
@@ -153,6 +154,61 @@ pub fn attention_input_moments(
     let windows = ids.chunks(cal.window_for(plan)).collect();
     let moments = backend.run(Job { plan, windows })??;
     Ok((moments, ids.len()))
+}
+
+// ---- Minitron activation importance (`surgeon importance`) ----
+
+/// Minitron's activation importance of every MLP neuron, attention head and hidden channel of
+/// `plan`, and block influence per layer, on the calibration text run on `backend` (one window
+/// of `cal.window` tokens per sample).
+pub fn importance(
+    plan: &Plan,
+    cal: &Calibration,
+    backend: BackendKind,
+) -> Result<surgeon_formats::ImportanceScores> {
+    struct Job<'a> {
+        plan: &'a Plan,
+        windows: Vec<&'a [u32]>,
+    }
+    impl BackendJob for Job<'_> {
+        type Output = Result<probe::Importance>;
+        fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+            let model = Llama::<B>::from_plan(self.plan, &device)?;
+            probe::importance(&model, &self.windows)
+        }
+    }
+    let ids = cal.tokens(plan)?;
+    let windows = ids.chunks(cal.window_for(plan)).collect();
+    let p = backend.run(Job { plan, windows })??;
+    let (layers, hidden, block_influence, samples) = p.scores();
+    let layers = layers
+        .into_iter()
+        .zip(&plan.arch.layers)
+        .map(|((mlp, channels), l)| {
+            let a = &l.attention;
+            let heads = match a.is_no_op() {
+                true => vec![],
+                false => channels
+                    .chunks(a.v_head_dim)
+                    .map(|c| c.iter().map(|x| x * x).sum::<f64>().sqrt())
+                    .collect(),
+            };
+            surgeon_formats::LayerImportance {
+                mlp,
+                heads,
+                num_kv_heads: if a.is_no_op() { 0 } else { a.num_kv_heads },
+            }
+        })
+        .collect();
+    Ok(surgeon_formats::ImportanceScores {
+        format: surgeon_formats::importance::IMPORTANCE_FORMAT.into(),
+        model: plan.origin.clone(),
+        tokens: ids.len(),
+        samples,
+        hidden,
+        block_influence,
+        layers,
+    })
 }
 
 #[cfg(test)]

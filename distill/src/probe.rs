@@ -9,6 +9,8 @@
 //!   (`surgeon drop-layers --count`, `surgeon_surgery::lowest_influence`).
 //! - [`MlpCapture`] / [`capture_layers`]: per-layer MLP inputs and SwiGLU activations
 //!   (`surgeon_surgery::moe` split and router methods).
+//! - [`Importance`] / [`importance()`]: Minitron's activation importance of neurons, heads and
+//!   hidden channels (`surgeon importance`, `surgeon prune`).
 //! - [`RouterLogits`]: router logits of every MoE layer, as tensors, for the load-balancing loss.
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -21,6 +23,8 @@ pub trait Probe<B: Backend> {
     fn layer_input(&mut self, _l: usize, _x: &Tensor<B, 3>) {}
     /// Input of the attention (after `input_layernorm`) `[B, T, h]`.
     fn attention_input(&mut self, _l: usize, _x: &Tensor<B, 3>) {}
+    /// Input of `o_proj`: every head's attention output `[B, T, heads * v_head_dim]`.
+    fn attention_heads(&mut self, _l: usize, _y: &Tensor<B, 3>) {}
     /// Input of the MLP (after `post_attention_layernorm`, what a router sees) `[B, T, h]`.
     fn mlp_input(&mut self, _l: usize, _x: &Tensor<B, 3>) {}
     /// SwiGLU activations `silu(gate x) * up x` of a dense MLP `[B, T, i]`.
@@ -205,6 +209,116 @@ pub fn capture_layers<B: Backend>(
         model.forward_probed(window_tensor(model, w)?, &mut p);
     }
     Ok(p.layers)
+}
+
+// ---- Minitron activation importance (`surgeon importance`) ----
+
+/// Per-channel sums of squares of window means of |activation| (Minitron's aggregate).
+#[derive(Clone, Debug, Default)]
+struct SquareSums(Vec<f64>);
+
+impl SquareSums {
+    /// Adds one window: the mean of |x| over all its tokens, per channel, squared.
+    fn add<B: Backend>(&mut self, x: &Tensor<B, 3>) {
+        let [b, t, c] = x.dims();
+        let mean = x.clone().abs().reshape([b * t, c]).mean_dim(0);
+        let m = host(&mean);
+        if self.0.len() != c {
+            self.0 = vec![0.0; c];
+        }
+        for (acc, v) in self.0.iter_mut().zip(m) {
+            *acc += (v as f64) * (v as f64);
+        }
+    }
+    fn sqrt(&self) -> Vec<f64> {
+        self.0.iter().map(|s| s.sqrt()).collect()
+    }
+}
+
+/// Minitron's activation importance (NVIDIA Model-Optimizer `mcore_minitron.py`): MLP neurons at
+/// the input of `down_proj`, head channels at the input of `o_proj`, hidden channels at every
+/// RMSNorm output, and block influence per layer. Feed it one window per forward pass.
+#[derive(Clone, Debug, Default)]
+pub struct Importance {
+    mlp: Vec<SquareSums>,
+    heads: Vec<SquareSums>,
+    /// Per layer, the attention norm's and the MLP norm's outputs.
+    norms: Vec<[SquareSums; 2]>,
+    influence: BlockInfluence,
+    windows: usize,
+}
+
+impl Importance {
+    fn grow(&mut self, l: usize) {
+        if self.mlp.len() <= l {
+            self.mlp.resize(l + 1, SquareSums::default());
+            self.heads.resize(l + 1, SquareSums::default());
+            self.norms.resize(l + 1, Default::default());
+        }
+    }
+
+    /// Per layer `(neuron scores, head channel scores)`, the hidden channel scores (summed over
+    /// all norms), block influence, and the number of windows seen.
+    #[allow(clippy::type_complexity)]
+    pub fn scores(&self) -> (Vec<(Vec<f64>, Vec<f64>)>, Vec<f64>, Vec<f64>, usize) {
+        let layers = self
+            .mlp
+            .iter()
+            .zip(&self.heads)
+            .map(|(m, h)| (m.sqrt(), h.sqrt()))
+            .collect();
+        let mut hidden: Vec<f64> = vec![];
+        for s in self.norms.iter().flatten().filter(|s| !s.0.is_empty()) {
+            hidden.resize(s.0.len(), 0.0);
+            hidden.iter_mut().zip(s.sqrt()).for_each(|(a, v)| *a += v);
+        }
+        (layers, hidden, self.influence.scores(), self.windows)
+    }
+}
+
+impl<B: Backend> Probe<B> for Importance {
+    fn layer_input(&mut self, l: usize, x: &Tensor<B, 3>) {
+        if l == 0 {
+            self.windows += 1;
+        }
+        Probe::<B>::layer_input(&mut self.influence, l, x);
+    }
+    fn attention_input(&mut self, l: usize, x: &Tensor<B, 3>) {
+        self.grow(l);
+        self.norms[l][0].add(x);
+    }
+    fn attention_heads(&mut self, l: usize, y: &Tensor<B, 3>) {
+        self.grow(l);
+        self.heads[l].add(y);
+    }
+    fn mlp_input(&mut self, l: usize, x: &Tensor<B, 3>) {
+        self.grow(l);
+        self.norms[l][1].add(x);
+    }
+    fn mlp_activation(&mut self, l: usize, a: &Tensor<B, 3>) {
+        self.grow(l);
+        self.mlp[l].add(a);
+    }
+    fn layer_output(&mut self, l: usize, y: &Tensor<B, 3>) {
+        self.grow(l);
+        Probe::<B>::layer_output(&mut self.influence, l, y);
+    }
+}
+
+/// Runs `model` over `windows` (one forward each, positions from 0) collecting [`Importance`].
+pub fn importance<B: Backend>(model: &Llama<B>, windows: &[&[u32]]) -> Result<Importance> {
+    let mut p = Importance::default();
+    p.grow(model.layers.len().saturating_sub(1));
+    for w in windows.iter().filter(|w| !w.is_empty()) {
+        p.influence.input = None;
+        model.forward_probed(window_tensor(model, w)?, &mut p);
+    }
+    if p.windows == 0 {
+        return Err(Error::Invalid(
+            "no calibration tokens to score importance on".into(),
+        ));
+    }
+    Ok(p)
 }
 
 /// Collects the router logits `[B*T, E]` of every MoE layer in order (tensors, so that a loss on

@@ -117,3 +117,38 @@ impl CalibrationArgs {
         })
     }
 }
+
+/// Writes `bytes` to the file `path` through a temporary sibling renamed at the end. An existing
+/// file is replaced only with `force`, and never when it is one of `inputs`.
+pub fn write_file(
+    path: &std::path::Path,
+    bytes: &[u8],
+    force: bool,
+    inputs: &[PathBuf],
+) -> Result<()> {
+    use anyhow::{bail, Context};
+    let abs = surgeon_formats::output::absolute(path);
+    if inputs
+        .iter()
+        .any(|i| surgeon_formats::output::absolute(i) == abs)
+    {
+        bail!("{}: is an input; choose another output", path.display());
+    }
+    if path.is_dir() {
+        bail!("{}: is a directory, expected a file name", path.display());
+    }
+    if path.exists() && !force {
+        bail!("{}: exists (give --force to replace it)", path.display());
+    }
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: has no file name", path.display()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.surgeon-tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}

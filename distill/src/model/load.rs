@@ -232,4 +232,33 @@ impl<B: Backend> Llama<B> {
             names: ParamNames(Arc::new(ld.names)),
         })
     }
+
+    /// Decoder layer `i` of `plan` alone (a block to swap into another model of the same hidden
+    /// size, e.g. one variant of a block library), with its rotary table.
+    pub fn layer_from_plan(
+        plan: &Plan,
+        i: usize,
+        device: &B::Device,
+    ) -> Result<(DecoderLayer<B>, Rope)> {
+        let arch = &plan.arch;
+        check_supported(arch)?;
+        let l = arch
+            .layers
+            .get(i)
+            .ok_or_else(|| mismatch(plan, format!("no layer {i}")))?;
+        let mut ld = Loader::<B> {
+            origin: plan.origin.clone(),
+            host: HostMap::new(),
+            device,
+            names: BTreeMap::new(),
+        };
+        ld.group(plan, &layer_tensors(i, l, arch.hidden_size))?;
+        let layer = DecoderLayer::load(&mut ld.root(&format!("model.layers.{i}")), l, arch)?;
+        let rope = Rope::new(
+            l.attention.head_dim,
+            arch.rope_theta,
+            arch.rope_scaling.as_ref(),
+        )?;
+        Ok((layer, rope))
+    }
 }

@@ -424,6 +424,17 @@ impl<B: Backend> SelfAttention<B> {
         pos: &Positions<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
+        self.o_proj.forward(self.heads(x, pos, cache))
+    }
+
+    /// The attention's output before `o_proj`: every head's values `[B, T, heads * v_head_dim]`
+    /// (head `j` in features `j * v_head_dim..`), what Minitron scores heads on.
+    pub fn heads(
+        &self,
+        x: Tensor<B, 3>,
+        pos: &Positions<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, g, d, dv) = (
             self.num_heads,
@@ -485,8 +496,7 @@ impl<B: Backend> SelfAttention<B> {
             .mul_scalar(1.0 / (d as f64).sqrt())
             .mask_fill(mask, -1.0e30);
         let y = softmax(scores, 3).matmul(v);
-        let y = y.swap_dims(1, 2).reshape([b, t, h * dv]);
-        self.o_proj.forward(y)
+        y.swap_dims(1, 2).reshape([b, t, h * dv])
     }
 }
 
@@ -742,8 +752,8 @@ impl<B: Backend> DecoderLayer<B> {
         self.feed_forward.as_ref().map(|f| &f.mlp)
     }
 
-    /// Layer `l` on `x` `[B, T, h]`, reporting its input, attention input, MLP input and
-    /// activations, router logits and output to `probe` (a skipped half reports nothing).
+    /// Layer `l` on `x` `[B, T, h]`, reporting its input, attention input, heads (input of
+    /// `o_proj`), MLP input and activations, router logits and output to `probe` (a skipped half reports nothing).
     pub fn forward(
         &self,
         l: usize,
@@ -757,7 +767,9 @@ impl<B: Backend> DecoderLayer<B> {
             Some(att) => {
                 let a = att.input_layernorm.forward(x.clone());
                 probe.attention_input(l, &a);
-                x + att.self_attn.forward(a, pos, cache)
+                let heads = att.self_attn.heads(a, pos, cache);
+                probe.attention_heads(l, &heads);
+                x + att.self_attn.o_proj.forward(heads)
             }
             None => x,
         };
