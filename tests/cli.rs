@@ -1,13 +1,9 @@
 //! The command line: exit codes, one-line errors, nothing left at the output path on failure.
+mod common;
+
+use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
-
-fn surgeon(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_surgeon"))
-        .args(args)
-        .output()
-        .expect("run surgeon")
-}
 
 fn synth(dir: &Path) {
     let out = surgeon(&["synth", "--out", dir.to_str().unwrap()]);

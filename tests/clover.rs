@@ -4,6 +4,9 @@
 //! original than weights-only; the CLI exports the pruned model through the heterogeneous dialect
 //! (or, with --pad, as a standard Llama computing the same function) and refuses bad requests
 //! writing nothing.
+mod common;
+
+use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
 use surgeon_convert::{clover, CloverOptions, InputStats, VoRank};
@@ -58,19 +61,6 @@ fn mean_kl(p: &[f32], q: &[f32], vocab: usize) -> f64 {
             .sum::<f64>();
     }
     kl / rows as f64
-}
-
-fn surgeon(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_surgeon"))
-        .args(args)
-        .output()
-        .expect("run surgeon")
-}
-
-fn ok(o: &Output) -> String {
-    let e = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "{e}");
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn failure(o: &Output) -> String {

@@ -1,6 +1,9 @@
 //! `surgeon convert-attention` on the real model (SmolLM2: 9 query heads over 3 key/value heads):
 //! to multi-head attention the function is unchanged; to one key/value head (MQA) it changes, and
 //! healing by distillation from the original runs on the result.
+mod common;
+
+use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
 use surgeon_distill::burn;
@@ -22,13 +25,6 @@ fn logits(plan: &surgeon_formats::Plan) -> Vec<f32> {
         .convert::<f32>()
         .into_vec::<f32>()
         .unwrap()
-}
-
-fn surgeon(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_surgeon"))
-        .args(args)
-        .output()
-        .expect("run surgeon")
 }
 
 fn ok(o: &Output) -> String {

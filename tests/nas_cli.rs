@@ -2,34 +2,13 @@
 //! layers, 4 query heads over 2 KV groups, MLP 128, hidden 64) with a word-level tokenizer: the
 //! outputs, a front that holds the budget and is mutually non-dominated, the same front for the
 //! same seed, `--pick`, and user errors (one line, non-zero exit, nothing written).
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use surgeon_formats::synthetic::SyntheticSpec;
 use surgeon_formats::{open_hf_dir, DType};
-
-fn surgeon(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_surgeon"))
-        .args(args)
-        .output()
-        .expect("run surgeon")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "surgeon failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn fails(out: &Output, want: &str, out_path: &Path) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(err.contains(want), "`{want}` not in: {err}");
-    assert!(!out_path.exists(), "{} was written", out_path.display());
-}
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()

@@ -1,16 +1,12 @@
 //! `surgeon upscale`, `surgeon expand` and `surgeon drop-layers` end to end: outputs, dry runs, and
 //! every user error (one line on stderr, non-zero exit, nothing written).
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use surgeon_formats::synthetic::SyntheticSpec;
 use surgeon_formats::{open_hf_dir, DType};
-
-fn surgeon(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_surgeon"))
-        .args(args)
-        .output()
-        .expect("run surgeon")
-}
 
 /// An 8-layer synthetic Llama in `dir/in`.
 fn model(dir: &Path) -> PathBuf {
@@ -27,33 +23,6 @@ fn model(dir: &Path) -> PathBuf {
     let p = dir.join("in");
     spec.write(&p, None).unwrap();
     p
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "surgeon failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// Asserts a one-line error containing `want`, a non-zero exit, and no output directory.
-fn fails(out: &Output, want: &str, out_dir: &Path) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(err.contains(want), "`{want}` not in: {err}");
-    assert!(!out_dir.exists(), "{} was written", out_dir.display());
-    let parent = out_dir.parent().unwrap();
-    let leftovers: Vec<_> = std::fs::read_dir(parent)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("surgeon-tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests that run models through the burn runtime.
 #![allow(dead_code)] // each test file uses its own subset
 
+use std::path::Path;
+use std::process::{Command, Output};
 use surgeon_distill::burn;
 use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};
 use surgeon_distill::model::Llama;
@@ -65,4 +67,41 @@ pub fn read_f32s(path: &std::path::Path) -> Vec<f32> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect()
+}
+
+/// Runs the `surgeon` binary built with the tests.
+pub fn surgeon(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_surgeon"))
+        .args(args)
+        .output()
+        .expect("run surgeon")
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "surgeon failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Asserts a one-line error containing `want`, a non-zero exit, no `out_dir` and no temporary
+/// left beside it.
+pub fn fails(out: &Output, want: &str, out_dir: &Path) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(want), "`{want}` not in: {err}");
+    assert!(!out_dir.exists(), "{} was written", out_dir.display());
+    let parent = out_dir.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("surgeon-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
