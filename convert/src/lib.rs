@@ -1,11 +1,14 @@
 //! surgeon-convert: operators that change how a layer computes, not how many layers there are.
 //!
 //! - [`gqa`]: regroup key/value heads (MHA <-> GQA <-> MQA) by mean-pooling or repeating them.
+//! - [`hedgehog`]: linearise attention (Hedgehog feature maps, LoLCATs sliding-window hybrid).
 //!
 //! Like the structural operators in `surgeon-surgery`, these rewrite plans without touching data;
 //! the writer materialises the new tensors while streaming.
 pub mod error;
 pub mod gqa;
+pub mod hedgehog;
 
 pub use error::{Error, Result};
 pub use gqa::regroup_kv_heads;
+pub use hedgehog::{to_hedgehog, HedgehogOptions};
