@@ -11,7 +11,7 @@ type B = burn::backend::Flex;
 
 /// The tiny softmax model and the same weights with every layer converted to Hedgehog attention
 /// (feature maps of 8, random values large enough that the features are far from uniform).
-fn plans(window: usize) -> (Plan, Plan) {
+pub(crate) fn plans(window: usize) -> (Plan, Plan) {
     let base = SyntheticSpec::tiny().plan();
     let mut hh = base.clone();
     for l in &mut hh.arch.layers {

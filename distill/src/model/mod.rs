@@ -16,7 +16,7 @@
 //! [`Probe`] (no-ops by default), from which `crate::probe` builds calibration statistics.
 mod hedgehog;
 #[cfg(test)]
-mod hedgehog_tests;
+pub(crate) mod hedgehog_tests;
 mod load;
 mod named;
 
