@@ -3,7 +3,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn synth(dir: &Path) {
     let out = surgeon(&["synth", "--out", dir.to_str().unwrap()]);

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use surgeon_convert::{clover, CloverOptions, InputStats, VoRank};
 use surgeon_distill::burn;
 use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};

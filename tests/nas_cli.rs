@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use surgeon_formats::synthetic::SyntheticSpec;
 use surgeon_formats::{open_hf_dir, DType};
 

@@ -4,7 +4,6 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use surgeon_formats::synthetic::SyntheticSpec;
 use surgeon_formats::{open_hf_dir, DType};
 

@@ -3,13 +3,16 @@
 //! - [`clover`]: CLOVER, every key/value head's value-output pair in its singular basis, optionally
 //!   pruned (data-aware with calibration statistics).
 //! - [`gqa`]: regroup key/value heads (MHA <-> GQA <-> MQA) by mean-pooling or repeating them.
+//! - [`hedgehog`]: linearise attention (Hedgehog feature maps, LoLCATs sliding-window hybrid).
 //!
 //! Like the structural operators in `surgeon-surgery`, these rewrite plans without touching data;
 //! the writer materialises the new tensors while streaming.
 pub mod clover;
 pub mod error;
 pub mod gqa;
+pub mod hedgehog;
 
 pub use clover::{clover, CloverOptions, CloverReport, InputStats, VoRank};
 pub use error::{Error, Result};
 pub use gqa::regroup_kv_heads;
+pub use hedgehog::{to_hedgehog, HedgehogOptions};

@@ -8,7 +8,8 @@ one entry per decoder layer, exactly as surgeon's plan holds them, e.g.
                    "v_head_dim": 8, "qkv_bias": false},
      "mlp": {"kind": "dense", "intermediate_size": 96}}
 
-`attention.kind` is "softmax" or "no_op" (no attention and no input norm); `mlp.kind` is "dense"
+`attention.kind` is "softmax", "hedgehog" (linear attention with `feature_dim` and, when non-zero,
+a softmax `window`; see modeling_surgeon.py) or "no_op" (no attention and no input norm); `mlp.kind` is "dense"
 (SwiGLU), "moe" (routed SwiGLU experts, Mixtral layout) or "no_op" (no MLP and no post-attention norm).
 """
 from transformers import PretrainedConfig

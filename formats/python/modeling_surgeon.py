@@ -9,6 +9,12 @@ each have their own shapes (`config.layer_specs()`):
   queries and keys of `head_dim` with rotate-half RoPE, values of `v_head_dim` (o_proj reads
   num_heads * v_head_dim), optional q/k/v biases, optional per-head RMSNorm of queries and keys
   before RoPE (`qk_norm`, Qwen3's `q_norm`/`k_norm`), causal mask (and `config.sliding_window`);
+  "hedgehog": the same projections, attention linearised with Hedgehog feature maps
+  phi(x) = [softmax(x W), softmax(-x W)] per query head (after RoPE and repeat_kv), and with
+  `window` > 0 the LoLCATs hybrid: exact softmax over the last `window` keys weighted by
+  sigmoid(window_factors), linear attention over older keys, each row normalised. This class
+  computes the quadratic form over all cached keys (exact, not constant-memory; surgeon's runtime
+  generates with the recurrent form);
   "no_op": no attention and no input norm;
 - mlp "dense": SwiGLU `down(silu(gate(x)) * up(x))`; "moe": routed SwiGLU experts in Mixtral's
   layout (softmax over experts, top-k, renormalised except for routing "unnormalized", times
@@ -126,10 +132,51 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
+        y = self.attend(q, k, v, positions, key_pos, allowed)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.v_head_dim))
+
+    def attend(self, q, k, v, positions, key_pos, allowed):
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         scores = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
-        y = F.softmax(scores, dim=-1).to(v.dtype) @ v
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.v_head_dim))
+        return F.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
+class FeatureMap(nn.Module):
+    """Hedgehog feature map: [softmax(x W), softmax(-x W)] per head, `weight` [heads, head_dim, f]."""
+
+    def __init__(self, heads, head_dim, feature_dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(heads, head_dim, feature_dim))
+
+    def forward(self, x):
+        xw = torch.einsum("hdf,bhld->bhlf", self.weight.float(), x.float())
+        return torch.cat([torch.softmax(xw, dim=-1), torch.softmax(-xw, dim=-1)], dim=-1).clamp(min=1e-12)
+
+
+class HedgehogAttention(Attention):
+    """Hedgehog linear attention, the LoLCATs sliding-window hybrid when `window` > 0."""
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        if self.sliding_window:
+            raise ValueError("hedgehog attention in a model with sliding_window is not supported")
+        self.window = spec.get("window", 0)
+        self.feature_map_q = FeatureMap(self.num_heads, self.head_dim, spec["feature_dim"])
+        self.feature_map_k = FeatureMap(self.num_heads, self.head_dim, spec["feature_dim"])
+        if self.window:
+            self.window_factors = nn.Parameter(torch.zeros(self.num_heads))
+
+    def attend(self, q, k, v, positions, key_pos, allowed):
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        age = (positions[:, None] - key_pos[None, :])[None, None]
+        a = (fq @ fk.transpose(-1, -2)) * (allowed & (age >= self.window))
+        if self.window:
+            inside = allowed & (age < self.window)
+            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~inside, -1e30)
+            weight = torch.sigmoid(self.window_factors.float())[None, :, None, None]
+            a = a + weight * torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        return ((a @ v.float()) / a.sum(dim=-1, keepdim=True)).to(v.dtype)
 
 
 class SwiGlu(nn.Module):
@@ -174,9 +221,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         att, mlp = spec["attention"], spec["mlp"]
         self.slot = slot  # index of this layer's keys/values in the cache (attention layers only)
-        if att["kind"] == "softmax":
+        if att["kind"] in ("softmax", "hedgehog"):
             self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.self_attn = Attention(config, att)
+            self.self_attn = (Attention if att["kind"] == "softmax" else HedgehogAttention)(config, att)
         elif att["kind"] != "no_op":
             raise ValueError(f"attention kind {att['kind']!r} is not supported")
         if mlp["kind"] != "no_op":

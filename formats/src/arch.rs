@@ -80,14 +80,26 @@ impl Family {
     }
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 /// How attention is computed in one layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AttentionKind {
     /// Standard softmax attention (optionally sliding-window, see [`ModelArch::sliding_window`]).
     Softmax,
-    /// Hedgehog linear attention with trainable feature maps of size `feature_dim`.
-    Hedgehog { feature_dim: usize },
+    /// Hedgehog linear attention (arXiv 2402.04347): per query head, trainable feature maps
+    /// `phi(x) = [softmax(x W), softmax(-x W)]` for queries and keys (`W`: `head_dim x feature_dim`,
+    /// so `2 * feature_dim` features), applied after RoPE. With `window > 0`, the LoLCATs hybrid:
+    /// exact softmax over the last `window` keys (the query's own included) plus linear attention
+    /// over older ones, the softmax terms weighted by a trainable per-head `sigmoid(window_factors)`.
+    Hedgehog {
+        feature_dim: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        window: usize,
+    },
     /// No attention at all: the layer has no input norm and no projections, and its MLP reads the
     /// layer input directly (nemotron-nas `attention.no_op`). The head counts are kept only so the
     /// model's global head count stays known; see [`Attention::no_op`].
@@ -96,7 +108,8 @@ pub enum AttentionKind {
 
 /// One layer's attention: `num_heads` query heads and `num_kv_heads` key/value heads; queries and
 /// keys have `head_dim` features per head, values (and the output projection's input) `v_head_dim`.
-/// Serialised flat: `{"kind": "softmax", "num_heads": 4, ...}` (hedgehog adds `feature_dim`).
+/// Serialised flat: `{"kind": "softmax", "num_heads": 4, ...}` (hedgehog adds `feature_dim` and,
+/// when non-zero, `window`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "AttentionRepr")]
 pub struct Attention {
@@ -122,6 +135,7 @@ pub struct Attention {
 struct AttentionRepr {
     kind: serde_json::Value,
     feature_dim: Option<usize>,
+    window: Option<usize>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -139,6 +153,9 @@ impl TryFrom<AttentionRepr> for Attention {
                 let mut tagged = serde_json::json!({ "kind": name });
                 if let Some(f) = r.feature_dim {
                     tagged["feature_dim"] = f.into();
+                }
+                if let Some(w) = r.window {
+                    tagged["window"] = w.into();
                 }
                 tagged
             }
@@ -363,7 +380,11 @@ pub fn layer_tensors(i: usize, layer: &Layer, h: usize) -> Vec<(String, Vec<usiz
         out.push((format!("{p}.self_attn.q_norm.weight"), vec![a.head_dim]));
         out.push((format!("{p}.self_attn.k_norm.weight"), vec![a.head_dim]));
     }
-    if let AttentionKind::Hedgehog { feature_dim } = a.kind {
+    if let AttentionKind::Hedgehog {
+        feature_dim,
+        window,
+    } = a.kind
+    {
         out.push((
             format!("{p}.self_attn.feature_map_q.weight"),
             vec![a.num_heads, a.head_dim, feature_dim],
@@ -372,6 +393,9 @@ pub fn layer_tensors(i: usize, layer: &Layer, h: usize) -> Vec<(String, Vec<usiz
             format!("{p}.self_attn.feature_map_k.weight"),
             vec![a.num_heads, a.head_dim, feature_dim],
         ));
+        if window > 0 {
+            out.push((format!("{p}.self_attn.window_factors"), vec![a.num_heads]));
+        }
     }
     if layer.mlp != Mlp::NoOp {
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
@@ -420,7 +444,17 @@ mod tests {
     #[test]
     fn attention_is_written_flat_and_read_in_both_forms() {
         let hedgehog = Attention {
-            kind: AttentionKind::Hedgehog { feature_dim: 8 },
+            kind: AttentionKind::Hedgehog {
+                feature_dim: 8,
+                window: 0,
+            },
+            ..Attention::softmax(4, 2, 16)
+        };
+        let hybrid = Attention {
+            kind: AttentionKind::Hedgehog {
+                feature_dim: 8,
+                window: 64,
+            },
             ..Attention::softmax(4, 2, 16)
         };
         for (a, want) in [
@@ -441,6 +475,11 @@ mod tests {
                 hedgehog.clone(),
                 json!({"kind": "hedgehog", "feature_dim": 8, "num_heads": 4, "num_kv_heads": 2,
                        "head_dim": 16, "v_head_dim": 16, "qkv_bias": false}),
+            ),
+            (
+                hybrid,
+                json!({"kind": "hedgehog", "feature_dim": 8, "window": 64, "num_heads": 4,
+                       "num_kv_heads": 2, "head_dim": 16, "v_head_dim": 16, "qkv_bias": false}),
             ),
         ] {
             let v = serde_json::to_value(&a).unwrap();

@@ -705,7 +705,14 @@ pub fn describe_layer(l: &crate::arch::Layer) -> String {
     let at = &l.attention;
     let kind = match at.kind {
         AttentionKind::Softmax => "softmax".to_string(),
-        AttentionKind::Hedgehog { feature_dim } => format!("hedgehog(features {feature_dim})"),
+        AttentionKind::Hedgehog {
+            feature_dim,
+            window: 0,
+        } => format!("hedgehog(features {feature_dim})"),
+        AttentionKind::Hedgehog {
+            feature_dim,
+            window,
+        } => format!("hedgehog(features {feature_dim}, window {window})"),
         AttentionKind::NoOp => String::new(),
     };
     let bias = if at.qkv_bias { " qkv-bias" } else { "" };

@@ -20,7 +20,8 @@ pub struct Args {
     /// Teacher for distillation (same vocabulary), e.g. the model before surgery.
     #[arg(long)]
     pub teacher: Option<String>,
-    /// lm, kd or kd+lm (default: kd with a teacher, lm without).
+    /// lm, kd, kd+lm or attention-transfer (Hedgehog layers learn the teacher's softmax attention;
+    /// use with --train feature-maps). Default: kd with a teacher, lm without.
     #[arg(long)]
     pub loss: Option<LossKind>,
     /// W in W*KD + (1-W)*LM for --loss kd+lm.
@@ -32,7 +33,8 @@ pub struct Args {
     /// Distillation temperature T (the KL is multiplied by T^2).
     #[arg(long, default_value_t = defaults().temperature)]
     pub temperature: f64,
-    /// all, new-blocks, embeddings, new-embeddings, or a regex over HF tensor names.
+    /// all, new-blocks, embeddings, new-embeddings, feature-maps (Hedgehog feature maps and
+    /// window factors), or a regex over HF tensor names.
     #[arg(long, default_value_t = defaults().train)]
     pub train: TrainSet,
     /// Optimizer steps.

@@ -14,6 +14,7 @@ pub mod run;
 pub mod schedule;
 pub mod select;
 pub mod trainer;
+pub mod transfer;
 
 #[cfg(test)]
 mod tests;
@@ -46,6 +47,9 @@ pub enum LossKind {
     Kd,
     /// `W * KD + (1 - W) * LM`.
     KdLm,
+    /// LoLCATs attention transfer: per Hedgehog layer, MSE between the teacher's softmax attention
+    /// output and the student's linear attention output on the teacher's attention input.
+    AttentionTransfer,
 }
 
 impl std::str::FromStr for LossKind {
@@ -55,7 +59,10 @@ impl std::str::FromStr for LossKind {
             "lm" => Ok(LossKind::Lm),
             "kd" => Ok(LossKind::Kd),
             "kd+lm" | "lm+kd" => Ok(LossKind::KdLm),
-            _ => Err(format!("unknown loss `{s}` (lm, kd, kd+lm)")),
+            "attention-transfer" => Ok(LossKind::AttentionTransfer),
+            _ => Err(format!(
+                "unknown loss `{s}` (lm, kd, kd+lm, attention-transfer)"
+            )),
         }
     }
 }

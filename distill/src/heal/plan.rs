@@ -6,7 +6,7 @@ use super::select::{resolve, Selection};
 use super::{Budget, Error, HealConfig, LossKind, Result, Schedule, TrainSet};
 use crate::model::check_supported;
 use serde::{Deserialize, Serialize};
-use surgeon_formats::Plan;
+use surgeon_formats::{AttentionKind, Plan};
 
 /// Settings that fix the sequence of optimizer updates; a resumed run must have the same.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -217,6 +217,7 @@ impl HealPlan {
                 cfg.temperature,
                 1.0 - cfg.kd_weight
             ),
+            LossKind::AttentionTransfer => "attention transfer (MSE of attention outputs)".into(),
         };
         let aux = match self.trajectory.aux_coef {
             Some(a) => format!(" + {a} x MoE load balancing"),
@@ -338,6 +339,12 @@ pub fn check_models(cfg: &HealConfig, student: &Plan, teacher: Option<&Plan>) ->
         (LossKind::Kd | LossKind::KdLm, None) => {
             return Err(Error::Invalid("`loss` kd / kd+lm needs a `teacher`".into()))
         }
+        (LossKind::AttentionTransfer, None) => {
+            return Err(Error::Invalid(
+                "`loss` attention-transfer needs a `teacher` (the model before conversion)".into(),
+            ))
+        }
+        (LossKind::AttentionTransfer, Some(t)) => check_transfer_teacher(student, t)?,
         (LossKind::Lm, Some(_)) => {
             return Err(Error::Invalid(
                 "`teacher` given but `loss` lm does not use it (use `loss` kd or kd+lm)".into(),
@@ -363,12 +370,46 @@ pub fn check_models(cfg: &HealConfig, student: &Plan, teacher: Option<&Plan>) ->
     Ok(())
 }
 
+/// Attention transfer: the student has Hedgehog layers, and the teacher has softmax attention of
+/// the same shape in each of them.
+fn check_transfer_teacher(student: &Plan, teacher: &Plan) -> Result<()> {
+    let mut any = false;
+    for (l, layer) in student.arch.layers.iter().enumerate() {
+        let s = &layer.attention;
+        if !matches!(s.kind, AttentionKind::Hedgehog { .. }) {
+            continue;
+        }
+        any = true;
+        let same = teacher.arch.layers.get(l).is_some_and(|t| {
+            let t = &t.attention;
+            t.kind == AttentionKind::Softmax
+                && (t.num_heads, t.num_kv_heads, t.head_dim, t.v_head_dim)
+                    == (s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim)
+        });
+        if !same {
+            return Err(Error::Invalid(format!(
+                "attention transfer: layer {l} of the teacher {} is not softmax attention of the \
+                 shape of the student's Hedgehog layer {l}",
+                teacher.origin
+            )));
+        }
+    }
+    if !any {
+        return Err(Error::Invalid(format!(
+            "`loss` attention-transfer: the student {} has no Hedgehog attention layer",
+            student.origin
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn train_set_name(t: &TrainSet) -> String {
     match t {
         TrainSet::All => "all".into(),
         TrainSet::NewBlocks => "new-blocks".into(),
         TrainSet::Embeddings => "embeddings".into(),
         TrainSet::NewEmbeddings => "new-embeddings".into(),
+        TrainSet::FeatureMaps => "feature-maps".into(),
         TrainSet::Regex(r) => format!("`{r}`"),
     }
 }

@@ -14,6 +14,8 @@ pub enum TrainSet {
     Embeddings,
     /// Only the rows of `arch.surgeon.new_token_ids` in `embed_tokens` / `lm_head`.
     NewEmbeddings,
+    /// Hedgehog feature maps and window mixing factors (attention transfer).
+    FeatureMaps,
     /// HF tensor names matching a regular expression.
     Regex(String),
 }
@@ -26,6 +28,7 @@ impl std::str::FromStr for TrainSet {
             "new-blocks" => TrainSet::NewBlocks,
             "embeddings" => TrainSet::Embeddings,
             "new-embeddings" => TrainSet::NewEmbeddings,
+            "feature-maps" => TrainSet::FeatureMaps,
             re => TrainSet::Regex(re.to_string()),
         })
     }
@@ -38,6 +41,7 @@ impl std::fmt::Display for TrainSet {
             TrainSet::NewBlocks => "new-blocks",
             TrainSet::Embeddings => "embeddings",
             TrainSet::NewEmbeddings => "new-embeddings",
+            TrainSet::FeatureMaps => "feature-maps",
             TrainSet::Regex(re) => re,
         })
     }
@@ -61,6 +65,30 @@ impl Selection {
 }
 
 const EMBEDDINGS: [&str; 2] = ["model.embed_tokens.weight", "lm_head.weight"];
+
+/// Tensor name endings of Hedgehog feature maps and mixing factors.
+const FEATURE_MAPS: [&str; 3] = [
+    ".self_attn.feature_map_q.weight",
+    ".self_attn.feature_map_k.weight",
+    ".self_attn.window_factors",
+];
+
+fn feature_maps(plan: &Plan) -> Result<Vec<String>> {
+    let names: Vec<String> = plan
+        .tensors
+        .keys()
+        .filter(|n| FEATURE_MAPS.iter().any(|e| n.ends_with(e)))
+        .cloned()
+        .collect();
+    if names.is_empty() {
+        return Err(Error::Invalid(format!(
+            "`train` feature-maps: {} has no Hedgehog attention layer (convert-attention \
+             --to hedgehog adds them)",
+            plan.origin
+        )));
+    }
+    Ok(names)
+}
 
 /// Resolves `set` against the plan's tensors.
 pub fn resolve(plan: &Plan, set: &TrainSet) -> Result<Selection> {
@@ -111,6 +139,7 @@ pub fn resolve(plan: &Plan, set: &TrainSet) -> Result<Selection> {
                 .cloned()
                 .collect()
         }
+        TrainSet::FeatureMaps => feature_maps(plan)?,
         TrainSet::Regex(re) => {
             let r = regex::Regex::new(re)
                 .map_err(|e| Error::Invalid(format!("`train` pattern `{re}`: bad regex: {e}")))?;

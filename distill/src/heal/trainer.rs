@@ -6,6 +6,7 @@ use super::data::Sampler;
 use super::loss::{kd_loss, lm_loss, nll_sum};
 use super::plan::HealPlan;
 use super::schedule::lr_at;
+use super::transfer::attention_transfer_loss;
 use super::{Error, LossKind, MetricRow, Result};
 use crate::model::{Llama, Mlp};
 use crate::moe_aux::{forward_with_router_logits, load_balancing_loss};
@@ -100,11 +101,14 @@ pub fn eval_ppl<B: Backend>(
     (nll / n.max(1) as f64).exp()
 }
 
-/// Sum of squares of the gradient of parameter `id` (rank 1 or 2).
+/// Sum of squares of the gradient of parameter `id` (rank 1, 2 or 3).
 fn grad_sq<B: AutodiffBackend>(g: &GradientsParams, id: ParamId, rank: usize) -> f64 {
     let v = match rank {
         1 => g
             .get::<B::InnerBackend, 1>(id)
+            .map(|t| t.powi_scalar(2).sum().into_scalar().elem::<f64>()),
+        3 => g
+            .get::<B::InnerBackend, 3>(id)
             .map(|t| t.powi_scalar(2).sum().into_scalar().elem::<f64>()),
         _ => g
             .get::<B::InnerBackend, 2>(id)
@@ -117,6 +121,11 @@ fn scale_grad<B: AutodiffBackend>(g: &mut GradientsParams, id: ParamId, rank: us
     match rank {
         1 => {
             if let Some(t) = g.remove::<B::InnerBackend, 1>(id) {
+                g.register(id, t.mul_scalar(f));
+            }
+        }
+        3 => {
+            if let Some(t) = g.remove::<B::InnerBackend, 3>(id) {
                 g.register(id, t.mul_scalar(f));
             }
         }
@@ -395,6 +404,10 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
     /// The loss of one micro-batch of `input` / `target` (LM, KD or both, plus MoE balancing).
     fn loss(&self, input: Tensor<B, 2, Int>, target: Tensor<B, 2, Int>) -> Tensor<B, 1> {
         let cfg = &self.plan.cfg;
+        if cfg.loss == LossKind::AttentionTransfer {
+            let teacher = self.teacher.as_ref().expect("checked by HealPlan");
+            return attention_transfer_loss(self.model(), teacher, input);
+        }
         let (logits, router_logits) = match self.moe_k {
             Some(_) => forward_with_router_logits(self.model(), input.clone()),
             None => (self.model().forward(input.clone()), vec![]),
@@ -412,6 +425,7 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
                 kd.mul_scalar(cfg.kd_weight)
                     + lm_loss(logits, target).mul_scalar(1.0 - cfg.kd_weight)
             }
+            LossKind::AttentionTransfer => unreachable!("returned above"),
         };
         match self.moe_k {
             Some(k) if cfg.aux_coef != 0.0 => {

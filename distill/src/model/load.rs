@@ -100,13 +100,18 @@ pub fn check_supported(arch: &ModelArch) -> Result<()> {
     for (i, l) in arch.layers.iter().enumerate() {
         let a = &l.attention;
         match a.kind {
-            AttentionKind::Softmax => {}
-            AttentionKind::NoOp => {}
-            _ => {
-                return Err(Error::Unsupported(format!(
-                    "layer {i}: attention kind {:?} (only softmax or no-op)",
-                    a.kind
-                )))
+            AttentionKind::Softmax | AttentionKind::NoOp => {}
+            AttentionKind::Hedgehog { feature_dim, .. } => {
+                if feature_dim == 0 {
+                    return Err(Error::Unsupported(format!(
+                        "layer {i}: hedgehog attention with `feature_dim` 0"
+                    )));
+                }
+                if arch.sliding_window.is_some() {
+                    return Err(Error::Unsupported(format!(
+                        "layer {i}: hedgehog attention in a model with `sliding_window`"
+                    )));
+                }
             }
         }
         let bad = a.num_kv_heads == 0
@@ -258,6 +263,7 @@ impl<B: Backend> Llama<B> {
             l.attention.head_dim,
             arch.rope_theta,
             arch.rope_scaling.as_ref(),
+            arch.max_position_embeddings,
         )?;
         Ok((layer, rope))
     }

@@ -14,9 +14,13 @@
 //!
 //! There is one decoder forward ([`DecoderLayer::forward`]); it reports intermediate values to a
 //! [`Probe`] (no-ops by default), from which `crate::probe` builds calibration statistics.
+mod hedgehog;
+#[cfg(test)]
+pub(crate) mod hedgehog_tests;
 mod load;
 mod named;
 
+pub use hedgehog::{FeatureMap, Hedgehog, LinearState};
 pub use load::{check_supported, param_id_for, ParamNames, VarBuilder};
 pub use named::{NamedParamMapper, ParamRef};
 
@@ -26,7 +30,7 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{activation, Bool, IndexingUpdateOp, Int, Tensor, TensorData};
-use surgeon_formats::{Attention, Layer, ModelArch, MoeRouting};
+use surgeon_formats::{Attention, AttentionKind, Layer, ModelArch, MoeRouting};
 
 /// A linear map `y = x W^T + b` with `W` stored `[out, in]` (HF layout).
 #[derive(Module, Debug)]
@@ -320,7 +324,7 @@ impl<B: Backend> Positions<B> {
                 let (c, s) = model.rope[i].tables::<B>(start, len, device);
                 p.rope.push((a.head_dim, c, s));
             }
-            if !p.masks.iter().any(|(w, _)| *w == a.sliding_window) {
+            if a.hedgehog.is_none() && !p.masks.iter().any(|(w, _)| *w == a.sliding_window) {
                 let m = causal_mask::<B>(start, len, a.sliding_window, device);
                 p.masks.push((a.sliding_window, m));
             }
@@ -368,7 +372,8 @@ fn causal_mask<B: Backend>(
     Tensor::<B, 2, Bool>::from_data(TensorData::new(m, [t, tk]), device).reshape([1, 1, t, tk])
 }
 
-/// Grouped-query causal self-attention (optionally sliding-window) with q/k/v/o projections.
+/// Grouped-query causal self-attention (optionally sliding-window) with q/k/v/o projections; with
+/// `hedgehog`, Hedgehog linear attention (optionally the LoLCATs hybrid) instead of softmax.
 #[derive(Module, Debug)]
 pub struct SelfAttention<B: Backend> {
     pub q_proj: Linear<B>,
@@ -386,6 +391,8 @@ pub struct SelfAttention<B: Backend> {
     pub v_head_dim: usize,
     /// Sliding window (keys with `q - k >= window` are masked); 0 means none.
     pub sliding_window: usize,
+    /// Feature maps (and mixing factors) of a layer converted to linear attention.
+    pub hedgehog: Option<Hedgehog<B>>,
 }
 
 impl<B: Backend> SelfAttention<B> {
@@ -413,28 +420,48 @@ impl<B: Backend> SelfAttention<B> {
             head_dim: a.head_dim,
             v_head_dim: a.v_head_dim,
             sliding_window: window,
+            hedgehog: match a.kind {
+                AttentionKind::Hedgehog { window, .. } => Some(Hedgehog::load(vb, window)?),
+                _ => None,
+            },
         })
     }
 
     /// `x`: `[B, T, h]` at the positions of `pos`. With `cache`, keys/values of earlier positions
-    /// are read from and the new ones appended to it.
+    /// (and a linear attention's state) are read from and the new ones added to it.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         pos: &Positions<B>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         self.o_proj.forward(self.heads(x, pos, cache))
     }
 
-    /// The attention's output before `o_proj`: every head's values `[B, T, heads * v_head_dim]`
+    /// The attention's output before `o_proj`, heads concatenated: `[B, T, num_heads * v_head_dim]`
     /// (head `j` in features `j * v_head_dim..`), what Minitron scores heads on.
     pub fn heads(
         &self,
         x: Tensor<B, 3>,
         pos: &Positions<B>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (q, k, v) = self.qkv(x, pos);
+        let y = match &self.hedgehog {
+            Some(hh) => hh.attend_cached(q, (k, v), pos.start, cache, |x| self.repeat_kv(x)),
+            None => self.softmax_attention(q, k, v, pos, cache),
+        };
+        let dv = self.v_head_dim;
+        y.swap_dims(1, 2).reshape([b, t, self.num_heads * dv])
+    }
+
+    /// Queries `[B, H, T, d]`, keys `[B, G, T, d]` (both after RoPE) and values `[B, G, T, dv]`.
+    pub fn qkv(
+        &self,
+        x: Tensor<B, 3>,
+        pos: &Positions<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, _] = x.dims();
         let (h, g, d, dv) = (
             self.num_heads,
@@ -462,32 +489,42 @@ impl<B: Backend> SelfAttention<B> {
             (Some(qn), Some(kn)) => (qn.forward(q), kn.forward(k)),
             _ => (q, k),
         };
-        let q = apply_rope(q, cos, sin);
-        let mut k = apply_rope(k, cos, sin);
-        let mut v = v;
+        (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    }
+
+    /// Key or value heads `[B, G, n, x]` repeated to the query heads `[B, H, n, x]`
+    /// (transformers' `repeat_kv` order).
+    pub fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let (h, g) = (self.num_heads, self.num_kv_heads);
+        if g == h {
+            return x;
+        }
+        let [b, _, n, e] = x.dims();
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, g, h / g, n, e])
+            .reshape([b, h, n, e])
+    }
+
+    /// Causal softmax attention `[B, H, T, dv]`, keys and values appended to `cache`.
+    fn softmax_attention(
+        &self,
+        q: Tensor<B, 4>,
+        mut k: Tensor<B, 4>,
+        mut v: Tensor<B, 4>,
+        pos: &Positions<B>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 4> {
+        let [b, h, t, d] = q.dims();
         if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.take() {
+            if let Some((pk, pv)) = slot.kv.take() {
                 k = Tensor::cat(vec![pk, k], 2);
                 v = Tensor::cat(vec![pv, v], 2);
             }
-            *slot = Some((k.clone(), v.clone()));
+            slot.kv = Some((k.clone(), v.clone()));
         }
         let tk = k.dims()[2];
         debug_assert_eq!(tk, pos.start + t, "cache length and positions disagree");
-        let (k, v) = if g != h {
-            let r = h / g;
-            let k = k
-                .unsqueeze_dim::<5>(2)
-                .expand([b, g, r, tk, d])
-                .reshape([b, h, tk, d]);
-            let v = v
-                .unsqueeze_dim::<5>(2)
-                .expand([b, g, r, tk, dv])
-                .reshape([b, h, tk, dv]);
-            (k, v)
-        } else {
-            (k, v)
-        };
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
         let mask = pos.mask(self.sliding_window).clone().expand([b, h, t, tk]);
         // Attention from basic ops (not burn's fused `attention`/`softmax`), so that the result is
         // bitwise the same on `B` and `Autodiff<B>` (a teacher and an identical student agree exactly).
@@ -495,8 +532,7 @@ impl<B: Backend> SelfAttention<B> {
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (d as f64).sqrt())
             .mask_fill(mask, -1.0e30);
-        let y = softmax(scores, 3).matmul(v);
-        y.swap_dims(1, 2).reshape([b, t, h * dv])
+        softmax(scores, 3).matmul(v)
     }
 }
 
@@ -759,7 +795,7 @@ impl<B: Backend> DecoderLayer<B> {
         l: usize,
         x: Tensor<B, 3>,
         pos: &Positions<B>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut LayerCache<B>>,
         probe: &mut dyn Probe<B>,
     ) -> Tensor<B, 3> {
         probe.layer_input(l, &x);
@@ -786,19 +822,52 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-/// Keys and values of the positions seen so far, per layer (`[B, kv_heads, T, d]`).
+/// What one layer keeps between generation steps.
+#[derive(Clone, Debug)]
+pub struct LayerCache<B: Backend> {
+    /// Keys (after RoPE) and values `[B, kv_heads, n, *]` of the last `n` positions: all of them
+    /// for softmax attention, the window for Hedgehog.
+    pub kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// Hedgehog: the linear-attention state of every older key.
+    pub state: Option<LinearState<B>>,
+}
+
+impl<B: Backend> Default for LayerCache<B> {
+    fn default() -> Self {
+        LayerCache {
+            kv: None,
+            state: None,
+        }
+    }
+}
+
+impl<B: Backend> LayerCache<B> {
+    /// Numbers held (keys, values and state), for memory accounting.
+    pub fn numel(&self) -> usize {
+        let n = |t: &Tensor<B, 4>| t.dims().iter().product::<usize>();
+        let kv = self.kv.as_ref().map_or(0, |(k, v)| n(k) + n(v));
+        kv + self.state.as_ref().map_or(0, |(s, z)| n(s) + n(z))
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer (`[B, kv_heads, T, d]`), and the
+/// states of linear-attention layers.
 #[derive(Clone, Debug)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<LayerCache<B>>,
     len: usize,
 }
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
             len: 0,
         }
+    }
+    /// Numbers held over all layers (keys, values, linear-attention states).
+    pub fn numel(&self) -> usize {
+        self.layers.iter().map(LayerCache::numel).sum()
     }
     /// Number of positions cached.
     pub fn len(&self) -> usize {
@@ -808,7 +877,9 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        self.layers
+            .iter_mut()
+            .for_each(|l| *l = LayerCache::default());
         self.len = 0;
     }
 }
