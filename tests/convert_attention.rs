@@ -6,25 +6,12 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::Output;
-use surgeon_distill::burn;
-use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};
-use surgeon_distill::model::Llama;
-
-type B = burn::backend::Flex;
 
 const PROMPT: [u32; 12] = [1, 504, 3458, 314, 260, 1345, 282, 4566, 28, 339, 416, 253];
 
+/// Logits of `plan` over the prompt.
 fn logits(plan: &surgeon_formats::Plan) -> Vec<f32> {
-    let model = Llama::<B>::from_plan(plan, &Default::default()).unwrap();
-    let v: Vec<i64> = PROMPT.iter().map(|&x| x as i64).collect();
-    let x =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, PROMPT.len()]), &Default::default());
-    model
-        .forward(x)
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap()
+    common::logits(plan, &PROMPT)
 }
 
 fn ok(o: &Output) -> String {

@@ -3,44 +3,18 @@
 //! scripts/goldens/hedgehog_goldens.py, no torch needed here), and the runtime on the real model
 //! (SmolLM2): a window covering the sequence reproduces the original, generation with the
 //! recurrent state reproduces the chunked forward.
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use surgeon_distill::burn;
-use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};
 use surgeon_distill::generate::{generate, GenerateOptions};
 use surgeon_distill::model::Llama;
 use surgeon_formats::synthetic::{SyntheticSpec, Variant};
 use surgeon_formats::{open_hf_dir, AttentionKind, Plan};
 
-type B = burn::backend::Flex;
-
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hedgehog")
-}
-
-fn ids(v: &[u32]) -> Tensor<B, 2, Int> {
-    let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
-    Tensor::from_data(
-        TensorData::new(v.clone(), [1, v.len()]),
-        &Default::default(),
-    )
-}
-
-fn to_vec(t: Tensor<B, 3>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    let a = v.as_array().unwrap();
-    a.iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn surgeon(args: &[&str]) {
