@@ -20,8 +20,9 @@ pub struct Args {
     /// Teacher for distillation (same vocabulary), e.g. the model before surgery.
     #[arg(long)]
     pub teacher: Option<String>,
-    /// lm, kd, kd+lm or attention-transfer (Hedgehog layers learn the teacher's softmax attention;
-    /// use with --train feature-maps). Default: kd with a teacher, lm without.
+    /// lm, kd, kd+lm, attention-transfer or attention-weights (Hedgehog layers learn the teacher's
+    /// softmax attention: MSE of the attention outputs, LoLCATs, or cross-entropy of the attention
+    /// weights, Hedgehog; use with --train feature-maps). Default: kd with a teacher, lm without.
     #[arg(long)]
     pub loss: Option<LossKind>,
     /// W in W*KD + (1-W)*LM for --loss kd+lm.

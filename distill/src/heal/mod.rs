@@ -50,6 +50,19 @@ pub enum LossKind {
     /// LoLCATs attention transfer: per Hedgehog layer, MSE between the teacher's softmax attention
     /// output and the student's linear attention output on the teacher's attention input.
     AttentionTransfer,
+    /// Hedgehog's attention distillation: per Hedgehog layer, cross-entropy between the teacher's
+    /// softmax attention weights and the student's linear attention weights on the same input.
+    AttentionWeights,
+}
+
+impl LossKind {
+    /// The attention-transfer objectives (stage 1 of linearising attention).
+    pub fn is_attention_transfer(self) -> bool {
+        matches!(
+            self,
+            LossKind::AttentionTransfer | LossKind::AttentionWeights
+        )
+    }
 }
 
 impl std::str::FromStr for LossKind {
@@ -60,8 +73,9 @@ impl std::str::FromStr for LossKind {
             "kd" => Ok(LossKind::Kd),
             "kd+lm" | "lm+kd" => Ok(LossKind::KdLm),
             "attention-transfer" => Ok(LossKind::AttentionTransfer),
+            "attention-weights" => Ok(LossKind::AttentionWeights),
             _ => Err(format!(
-                "unknown loss `{s}` (lm, kd, kd+lm, attention-transfer)"
+                "unknown loss `{s}` (lm, kd, kd+lm, attention-transfer, attention-weights)"
             )),
         }
     }

@@ -218,6 +218,9 @@ impl HealPlan {
                 1.0 - cfg.kd_weight
             ),
             LossKind::AttentionTransfer => "attention transfer (MSE of attention outputs)".into(),
+            LossKind::AttentionWeights => {
+                "attention transfer (cross-entropy of attention weights)".into()
+            }
         };
         let aux = match self.trajectory.aux_coef {
             Some(a) => format!(" + {a} x MoE load balancing"),
@@ -339,12 +342,12 @@ pub fn check_models(cfg: &HealConfig, student: &Plan, teacher: Option<&Plan>) ->
         (LossKind::Kd | LossKind::KdLm, None) => {
             return Err(Error::Invalid("`loss` kd / kd+lm needs a `teacher`".into()))
         }
-        (LossKind::AttentionTransfer, None) => {
+        (l, None) if l.is_attention_transfer() => {
             return Err(Error::Invalid(
-                "`loss` attention-transfer needs a `teacher` (the model before conversion)".into(),
+                "`loss` attention-transfer / attention-weights needs a `teacher` (the model before conversion)".into(),
             ))
         }
-        (LossKind::AttentionTransfer, Some(t)) => check_transfer_teacher(student, t)?,
+        (l, Some(t)) if l.is_attention_transfer() => check_transfer_teacher(student, t)?,
         (LossKind::Lm, Some(_)) => {
             return Err(Error::Invalid(
                 "`teacher` given but `loss` lm does not use it (use `loss` kd or kd+lm)".into(),

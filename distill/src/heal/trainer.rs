@@ -404,9 +404,9 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
     /// The loss of one micro-batch of `input` / `target` (LM, KD or both, plus MoE balancing).
     fn loss(&self, input: Tensor<B, 2, Int>, target: Tensor<B, 2, Int>) -> Tensor<B, 1> {
         let cfg = &self.plan.cfg;
-        if cfg.loss == LossKind::AttentionTransfer {
+        if cfg.loss.is_attention_transfer() {
             let teacher = self.teacher.as_ref().expect("checked by HealPlan");
-            return attention_transfer_loss(self.model(), teacher, input);
+            return attention_transfer_loss(self.model(), teacher, input, cfg.loss);
         }
         let (logits, router_logits) = match self.moe_k {
             Some(_) => forward_with_router_logits(self.model(), input.clone()),
@@ -425,7 +425,9 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
                 kd.mul_scalar(cfg.kd_weight)
                     + lm_loss(logits, target).mul_scalar(1.0 - cfg.kd_weight)
             }
-            LossKind::AttentionTransfer => unreachable!("returned above"),
+            LossKind::AttentionTransfer | LossKind::AttentionWeights => {
+                unreachable!("returned above")
+            }
         };
         match self.moe_k {
             Some(k) if cfg.aux_coef != 0.0 => {

@@ -492,6 +492,20 @@ impl<B: Backend> SelfAttention<B> {
         (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
     }
 
+    /// Causal softmax attention weights `[B, H, T, T]` of `x` at positions `0..T` (the teacher's side
+    /// of Hedgehog's attention-weight distillation; the forward never builds them).
+    pub fn softmax_weights(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 4> {
+        let (q, k, _) = self.qkv(x, pos);
+        let [b, h, t, d] = q.dims();
+        let k = self.repeat_kv(k);
+        let mask = pos.mask(self.sliding_window).clone().expand([b, h, t, t]);
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt())
+            .mask_fill(mask, -1.0e30);
+        softmax(scores, 3)
+    }
+
     /// Key or value heads `[B, G, n, x]` repeated to the query heads `[B, H, n, x]`
     /// (transformers' `repeat_kv` order).
     pub fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
