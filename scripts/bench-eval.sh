@@ -7,8 +7,10 @@
 # MODEL: a .gguf file or an HF directory (default: SmolLM2 from scripts/fetch-smollm2.sh)
 # DATA:  text or .jsonl (default: Python's pydoc_data/topics.py)
 # Env:   PYTHON (with torch + transformers + gguf; default $SURGEON_PYTHON, see scripts/env.sh),
-#        THREADS (2), WINDOW (512), MAX_TOKENS (2048), NEW_TOKENS (64), PROFILE (release),
+#        THREADS (2), WINDOW (512), MAX_TOKENS (2048), PROMPT_TOKENS (512: the generation prompt is
+#        the first PROMPT_TOKENS tokens of DATA), NEW_TOKENS (256), PROFILE (release),
 #        SURGEON (a prebuilt binary; otherwise cargo builds one with PROFILE).
+# Each side runs under /usr/bin/time, which reports its peak RSS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -18,9 +20,9 @@ DATA=${2:-$($PYTHON -c "import pydoc_data.topics as t; print(t.__file__)")}
 THREADS=${THREADS:-2}
 WINDOW=${WINDOW:-512}
 MAX_TOKENS=${MAX_TOKENS:-2048}
-NEW_TOKENS=${NEW_TOKENS:-64}
+NEW_TOKENS=${NEW_TOKENS:-256}
+PROMPT_TOKENS=${PROMPT_TOKENS:-512}
 PROFILE=${PROFILE:-release}
-PROMPT=${PROMPT:-"Write a short story about a robot who learns to paint."}
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 if [[ -z "${SURGEON:-}" ]]; then
@@ -30,10 +32,16 @@ if [[ -z "${SURGEON:-}" ]]; then
 fi
 
 echo "== eval: window $WINDOW, first $MAX_TOKENS tokens, $THREADS threads" >&2
-rust_eval=$("$SURGEON" eval "$MODEL" --data "$DATA" --window "$WINDOW" --max-tokens "$MAX_TOKENS" --json)
-echo "surgeon: $rust_eval"
+RSS=$(mktemp)
+trap 'rm -f "$RSS"' EXIT
+# peak RSS in MiB of the last command run under `timed`
+timed() { /usr/bin/time -f %M -o "$RSS" "$@"; }
+peak() { echo "$(( $(tail -1 "$RSS") / 1024 )) MiB"; }
+rust_eval=$(timed "$SURGEON" eval "$MODEL" --data "$DATA" --window "$WINDOW" --max-tokens "$MAX_TOKENS" --json)
+rust_eval_rss=$(peak)
+echo "surgeon: $rust_eval, peak RSS $rust_eval_rss"
 
-torch_eval=$("$PYTHON" - "$MODEL" "$DATA" "$WINDOW" "$MAX_TOKENS" "$THREADS" <<'PY'
+torch_eval=$(timed "$PYTHON" - "$MODEL" "$DATA" "$WINDOW" "$MAX_TOKENS" "$THREADS" <<'PY'
 import json, math, os, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,17 +71,35 @@ secs = time.perf_counter() - start
 print(json.dumps({"tokens": count, "nll": total / count, "ppl": math.exp(total / count), "tokens_per_s": count / secs}))
 PY
 )
-echo "pytorch: $torch_eval"
+torch_eval_rss=$(peak)
+echo "pytorch: $torch_eval, peak RSS $torch_eval_rss"
 "$PYTHON" - "$rust_eval" "$torch_eval" <<'PY'
 import json, sys
 r, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 print(f"eval tokens/s: surgeon {r['tokens_per_s']:.1f}  pytorch {t['tokens_per_s']:.1f}  ratio {r['tokens_per_s'] / t['tokens_per_s']:.2f}"
       f"  (ppl {r['ppl']:.4f} vs {t['ppl']:.4f}, tokens {r['tokens']} vs {t['tokens']})")
 PY
+echo "eval peak RSS: surgeon $rust_eval_rss  pytorch $torch_eval_rss"
 
-echo "== generate: $NEW_TOKENS new tokens, greedy" >&2
-rust_gen=$("$SURGEON" generate "$MODEL" --chat --prompt "$PROMPT" --max-new-tokens "$NEW_TOKENS" --stats 2>&1 >/dev/null | grep -o '[0-9.]* tokens/s' | head -1 | cut -d' ' -f1)
-torch_gen=$("$PYTHON" - "$MODEL" "$PROMPT" "$NEW_TOKENS" "$THREADS" <<'PY'
+echo "== generate: $PROMPT_TOKENS-token prompt, $NEW_TOKENS new tokens, greedy" >&2
+PROMPT=$("$PYTHON" - "$MODEL" "$DATA" "$PROMPT_TOKENS" <<'PY'
+import json, os, sys
+from transformers import AutoTokenizer
+model_path, data, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if model_path.endswith(".gguf"):
+    d, f = os.path.split(os.path.abspath(model_path)); kw = dict(gguf_file=f)
+else:
+    d, kw = model_path, {}
+tok = AutoTokenizer.from_pretrained(d, **kw)
+raw = open(data, encoding="utf-8").read()
+if data.endswith(".jsonl"):
+    raw = "\n\n".join(json.loads(l)["text"] for l in raw.splitlines() if l.strip())
+print(tok.decode(tok(raw[:20 * n], add_special_tokens=False)["input_ids"][:n]), end="")
+PY
+)
+rust_gen=$(timed "$SURGEON" generate "$MODEL" --prompt "$PROMPT" --max-new-tokens "$NEW_TOKENS" --stats 2>&1 >/dev/null | grep -o '[0-9.]* tokens/s' | head -1 | cut -d' ' -f1)
+rust_gen_rss=$(peak)
+torch_gen=$(timed "$PYTHON" - "$MODEL" "$PROMPT" "$NEW_TOKENS" "$THREADS" <<'PY'
 import os, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,9 +111,9 @@ else:
     d, kw = model_path, {}
 tok = AutoTokenizer.from_pretrained(d, **kw)
 model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw).eval()
-text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-# Same loop as surgeon: prefill, then one token at a time with the KV cache, greedy, no EOS stop
+ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+print(f"prompt tokens {ids.shape[1]}", file=sys.stderr)
+# Same loop as surgeon: prefill, then one token at a time with the KV cache, greedy, stopping at EOS
 # (decode speed counts the tokens after the first).
 with torch.inference_mode():
     out = model(ids, use_cache=True)
@@ -102,4 +128,6 @@ with torch.inference_mode():
 print((made - 1) / secs)
 PY
 )
+torch_gen_rss=$(peak)
 echo "generate tokens/s: surgeon ${rust_gen}  pytorch ${torch_gen}  ratio $(python3 -c "print(f'{$rust_gen / $torch_gen:.2f}')")"
+echo "generate peak RSS: surgeon $rust_gen_rss  pytorch $torch_gen_rss"

@@ -17,10 +17,12 @@
 mod hedgehog;
 #[cfg(test)]
 pub(crate) mod hedgehog_tests;
+mod kv_buffer;
 mod load;
 mod named;
 
 pub use hedgehog::{FeatureMap, Hedgehog, LinearState};
+pub use kv_buffer::KvBuffer;
 pub use load::{check_supported, param_id_for, ParamNames, VarBuilder};
 pub use named::{NamedParamMapper, ParamRef};
 
@@ -519,34 +521,42 @@ impl<B: Backend> SelfAttention<B> {
             .reshape([b, h, n, e])
     }
 
-    /// Causal softmax attention `[B, H, T, dv]`, keys and values appended to `cache`.
+    /// Causal softmax attention `[B, H, T, dv]`, keys and values appended to `cache`. Each KV head
+    /// serves its group of query heads as one product (queries of the group stacked), so keys and
+    /// values are never copied to every query head.
     fn softmax_attention(
         &self,
         q: Tensor<B, 4>,
-        mut k: Tensor<B, 4>,
-        mut v: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
         pos: &Positions<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 4> {
         let [b, h, t, d] = q.dims();
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.kv.take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
-            }
-            slot.kv = Some((k.clone(), v.clone()));
-        }
-        let tk = k.dims()[2];
+        let (k, v) = match cache {
+            Some(slot) => KvBuffer::append(&mut slot.buffer, k, v),
+            None => (k, v),
+        };
+        let [_, g, tk, dv] = v.dims();
         debug_assert_eq!(tk, pos.start + t, "cache length and positions disagree");
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-        let mask = pos.mask(self.sliding_window).clone().expand([b, h, t, tk]);
+        let r = h / g;
+        let mask = pos
+            .mask(self.sliding_window)
+            .clone()
+            .reshape([1, 1, 1, t, tk])
+            .expand([b, g, r, t, tk]);
         // Attention from basic ops (not burn's fused `attention`/`softmax`), so that the result is
         // bitwise the same on `B` and `Autodiff<B>` (a teacher and an identical student agree exactly).
         let scores = q
+            .reshape([b, g, r * t, d])
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (d as f64).sqrt())
+            .reshape([b, g, r, t, tk])
             .mask_fill(mask, -1.0e30);
-        softmax(scores, 3).matmul(v)
+        softmax(scores, 4)
+            .reshape([b, g, r * t, tk])
+            .matmul(v)
+            .reshape([b, h, t, dv])
     }
 }
 
@@ -839,8 +849,9 @@ impl<B: Backend> DecoderLayer<B> {
 /// What one layer keeps between generation steps.
 #[derive(Clone, Debug)]
 pub struct LayerCache<B: Backend> {
-    /// Keys (after RoPE) and values `[B, kv_heads, n, *]` of the last `n` positions: all of them
-    /// for softmax attention, the window for Hedgehog.
+    /// Softmax attention: keys (after RoPE) and values of every position so far.
+    pub buffer: Option<KvBuffer<B>>,
+    /// Hedgehog: keys (after RoPE) and values `[B, kv_heads, n, *]` of the window's last positions.
     pub kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     /// Hedgehog: the linear-attention state of every older key.
     pub state: Option<LinearState<B>>,
@@ -849,6 +860,7 @@ pub struct LayerCache<B: Backend> {
 impl<B: Backend> Default for LayerCache<B> {
     fn default() -> Self {
         LayerCache {
+            buffer: None,
             kv: None,
             state: None,
         }
@@ -859,7 +871,8 @@ impl<B: Backend> LayerCache<B> {
     /// Numbers held (keys, values and state), for memory accounting.
     pub fn numel(&self) -> usize {
         let n = |t: &Tensor<B, 4>| t.dims().iter().product::<usize>();
-        let kv = self.kv.as_ref().map_or(0, |(k, v)| n(k) + n(v));
+        let kv = self.kv.as_ref().map_or(0, |(k, v)| n(k) + n(v))
+            + self.buffer.as_ref().map_or(0, KvBuffer::numel);
         kv + self.state.as_ref().map_or(0, |(s, z)| n(s) + n(z))
     }
 }
