@@ -679,18 +679,41 @@ impl<B: Backend> MoeMlp<B> {
         } else {
             top
         };
+        let device = x2.device();
+        let routed = tokens_per_expert(&idx, e);
         let weights =
-            Tensor::<B, 2>::zeros([n, e], &x2.device()).scatter(1, idx, top, IndexingUpdateOp::Add);
-        let mut y: Option<Tensor<B, 2>> = None;
+            Tensor::<B, 2>::zeros([n, e], &device).scatter(1, idx, top, IndexingUpdateOp::Add);
+        // Each expert runs on its routed tokens only; outputs are added back in expert order, as
+        // the dense sum over all experts would (the skipped terms are exact zeros).
+        let mut y = Tensor::<B, 2>::zeros([n, hdim], &device);
         for (i, expert) in self.experts.iter().enumerate() {
-            let out = expert.forward(x2.clone()) * weights.clone().narrow(1, i, 1);
-            y = Some(match y {
-                Some(acc) => acc + out,
-                None => out,
-            });
+            if routed[i].is_empty() {
+                continue;
+            }
+            let rows = routed[i].len();
+            let ids =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(routed[i].clone(), [rows]), &device);
+            let w = weights.clone().narrow(1, i, 1).select(0, ids.clone());
+            let out = expert.forward(x2.clone().select(0, ids.clone())) * w;
+            y = y.select_assign(0, ids, out, IndexingUpdateOp::Add);
         }
-        y.expect("MoE layer without experts").reshape([b, t, hdim])
+        y.reshape([b, t, hdim])
     }
+}
+
+/// For each of `experts`, the rows of `idx` `[n, k]` (each row's chosen experts) that chose it.
+fn tokens_per_expert<B: Backend>(idx: &Tensor<B, 2, Int>, experts: usize) -> Vec<Vec<i64>> {
+    let k = idx.dims()[1];
+    let chosen: Vec<i64> = idx
+        .to_data()
+        .convert::<i64>()
+        .into_vec()
+        .expect("expert indices are integers");
+    let mut rows = vec![vec![]; experts];
+    for (i, &e) in chosen.iter().enumerate() {
+        rows[e as usize].push((i / k) as i64);
+    }
+    rows
 }
 
 /// The MLP of one decoder layer. A layer holds one, so boxing the larger variant would add an
