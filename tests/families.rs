@@ -14,13 +14,15 @@ use surgeon_formats::writer::WriteOptions;
 use surgeon_formats::{open_hf_dir, write_model, Family, Plan};
 use surgeon_surgery::moe::{upcycle, MoeMethod, MoeOptions};
 
-const FIXTURES: [(&str, Family); 6] = [
+const FIXTURES: [(&str, Family); 8] = [
     ("qwen3", Family::Qwen3),
     ("qwen3-tied", Family::Qwen3),
     ("qwen3_moe", Family::Qwen3Moe),
     ("qwen3_moe-unnormalized", Family::Qwen3Moe),
     ("phi3", Family::Phi3),
     ("phi3-longrope", Family::Phi3),
+    ("gemma2", Family::Gemma2),
+    ("gemma3", Family::Gemma3),
 ];
 
 fn fixtures() -> PathBuf {
@@ -75,10 +77,14 @@ fn logits_match_transformers_for_every_family() {
         let g = golden(name);
         assert_eq!(g.plan.arch.family, family, "{name}");
         let a = &g.plan.arch.layers[0].attention;
-        let qwen = family != Family::Phi3;
-        assert_eq!(a.qk_norm, qwen, "{name}: q/k norms read");
-        // Qwen's fixtures have an explicit head_dim of twice hidden / heads.
-        assert_eq!(a.head_dim, if qwen { 32 } else { 16 }, "{name}: head_dim");
+        assert_eq!(a.qk_norm, family.has_qk_norm(), "{name}: q/k norms read");
+        // Qwen's and Gemma's fixtures have an explicit head_dim of twice hidden / heads.
+        let explicit = family != Family::Phi3;
+        assert_eq!(
+            a.head_dim,
+            if explicit { 32 } else { 16 },
+            "{name}: head_dim"
+        );
         let got = logits(&g.plan, &u32s(&g.meta["tokens"]));
         let d = max_diff(&got, &g.logits);
         assert!(d < 1e-4, "{name}: logits differ from transformers' by {d}");
@@ -136,7 +142,10 @@ fn expand_keeps_logits_and_upscale_keeps_the_class() {
     for (name, _) in FIXTURES {
         let g = golden(name);
         let want = logits(&g.plan, &tokens);
-        let expanded = surgeon_surgery::expand_even(&g.plan, 2).unwrap();
+        // One new block per 2 layers (per layer for Gemma 3's 3).
+        let layers = g.plan.arch.num_layers();
+        let add = if layers.is_multiple_of(2) { 2 } else { layers };
+        let expanded = surgeon_surgery::expand_even(&g.plan, add).unwrap();
         assert_eq!(
             logits(&expanded, &tokens),
             want,
