@@ -57,3 +57,70 @@ pub fn configure_attention<B: Backend>(
         norm.offset = offset;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RmsNorm;
+    use burn::module::Param;
+    use burn::tensor::TensorData;
+    type B = burn::backend::Flex;
+
+    /// LLaMA Pro on Gemma rests on this: a zeroed projection followed by a (1 + w) post-norm
+    /// still adds exactly zero to the residual stream.
+    #[test]
+    fn a_gemma_norm_of_zeros_is_zeros() {
+        let dev = Default::default();
+        let norm = RmsNorm::<B> {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::from([0.5f32, -0.3, 2.0]),
+                &dev,
+            )),
+            eps: 1e-6,
+            offset: 1.0,
+        };
+        let out = norm.forward(Tensor::<B, 2>::zeros([2, 3], &dev));
+        assert!(out
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .all(|&x| x == 0.0));
+        let one = norm.forward(Tensor::<B, 2>::from_data(
+            TensorData::from([[1f32, 1.0, 1.0]]),
+            &dev,
+        ));
+        let got = one.into_data().to_vec::<f32>().unwrap();
+        for (g, w) in got.iter().zip([1.5f32, 0.7, 3.0]) {
+            assert!((g - w / (1.0f32 + 1e-6).sqrt()).abs() < 1e-6, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn embed_scale_is_rounded_to_the_embedding_dtype() {
+        use surgeon_formats::DType;
+        assert_eq!(embed_scale(3072, DType::BF16), 55.5);
+        assert_eq!(embed_scale(3072, DType::F32), 3072f32.sqrt());
+        assert_eq!(embed_scale(64, DType::BF16), 8.0);
+    }
+
+    #[test]
+    fn gelu_tanh_and_softcap_match_their_formulas() {
+        let dev = Default::default();
+        let xs = [-3.0f32, -0.5, 0.0, 0.7, 4.0];
+        let x = Tensor::<B, 1>::from_data(TensorData::from(xs), &dev);
+        let g = gelu_tanh(x.clone()).into_data().to_vec::<f32>().unwrap();
+        let c = softcap(x, 2.0).into_data().to_vec::<f32>().unwrap();
+        for (i, &v) in xs.iter().enumerate() {
+            let v = v as f64;
+            let want = 0.5
+                * v
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
+            assert!((g[i] as f64 - want).abs() < 1e-6, "gelu {v}");
+            assert!(
+                (c[i] as f64 - 2.0 * (v / 2.0).tanh()).abs() < 1e-6,
+                "softcap {v}"
+            );
+        }
+    }
+}

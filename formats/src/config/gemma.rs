@@ -182,10 +182,12 @@ pub(super) fn insert_attention_fields(arch: &ModelArch, m: &mut Map<String, Valu
         .collect();
     m.insert("layer_types".into(), json!(types));
     m.insert("sliding_window".into(), json!(arch.sliding_window));
-    m.insert(
-        "query_pre_attn_scalar".into(),
-        json!(g.query_pre_attn_scalar),
-    );
+    // transformers >= 5 validates this field as an int (real models: 256, 144).
+    let scalar = g.query_pre_attn_scalar.map(|s| match s.fract() == 0.0 {
+        true => json!(s as u64),
+        false => json!(s),
+    });
+    m.insert("query_pre_attn_scalar".into(), json!(scalar));
     m.insert(
         "attn_logit_softcapping".into(),
         json!(g.attn_logit_softcapping),
@@ -195,4 +197,95 @@ pub(super) fn insert_attention_fields(arch: &ModelArch, m: &mut Map<String, Valu
         json!(g.final_logit_softcapping),
     );
     m.insert("attention_bias".into(), json!(false));
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{config_json, parse_config};
+    use crate::DType;
+    use serde_json::{json, Value};
+    use std::path::Path;
+
+    fn gemma(model_type: &str) -> Value {
+        json!({
+            "model_type": model_type, "hidden_size": 64, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "intermediate_size": 96, "vocab_size": 128, "sliding_window": 4, "torch_dtype": "bfloat16"
+        })
+    }
+
+    fn full(arch: &crate::ModelArch) -> Vec<bool> {
+        arch.layers
+            .iter()
+            .map(|l| l.attention.full_attention)
+            .collect()
+    }
+
+    #[test]
+    fn older_gemma3_config_reads_and_round_trips() {
+        let mut v = gemma("gemma3_text");
+        v["rope_theta"] = json!(1e6);
+        v["rope_local_base_freq"] = json!(1e4);
+        v["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        v["sliding_window_pattern"] = json!(3);
+        let arch = parse_config(Path::new("c.json"), &v).unwrap();
+        assert_eq!(full(&arch), [false, false, true, false, false, true]);
+        assert_eq!(arch.rope_theta, 1e6);
+        assert_eq!(arch.gemma.rope_local_theta, Some(1e4));
+        assert_eq!(arch.rope_scaling.as_ref().unwrap()["factor"], json!(8.0));
+        assert!(arch.tie_word_embeddings && arch.layers[0].attention.qk_norm);
+        assert_eq!(arch.hidden_act, "gelu_pytorch_tanh");
+        assert_eq!(arch.gemma.attn_logit_softcapping, None);
+        let out = config_json(&arch, DType::BF16).unwrap();
+        assert_eq!(out["architectures"], json!(["Gemma3ForCausalLM"]));
+        assert_eq!(
+            out["rope_parameters"]["sliding_attention"]["rope_theta"],
+            json!(1e4)
+        );
+        assert_eq!(out["layer_types"][2], json!("full_attention"));
+        assert_eq!(parse_config(Path::new("c.json"), &out).unwrap(), arch);
+    }
+
+    #[test]
+    fn gemma2_defaults_are_transformers_and_null_turns_capping_off() {
+        let mut v = gemma("gemma2");
+        let arch = parse_config(Path::new("c.json"), &v).unwrap();
+        assert_eq!(full(&arch), [false, true, false, true, false, true]);
+        assert_eq!(arch.gemma.attn_logit_softcapping, Some(50.0));
+        assert_eq!(arch.gemma.final_logit_softcapping, Some(30.0));
+        assert_eq!(arch.gemma.query_pre_attn_scalar, Some(256.0));
+        assert!(!arch.layers[0].attention.qk_norm);
+        v["final_logit_softcapping"] = Value::Null;
+        let arch = parse_config(Path::new("c.json"), &v).unwrap();
+        assert_eq!(arch.gemma.final_logit_softcapping, None);
+        let out = config_json(&arch, DType::BF16).unwrap();
+        assert_eq!(out["final_logit_softcapping"], Value::Null);
+        assert_eq!(out["hidden_activation"], json!("gelu_pytorch_tanh"));
+        assert_eq!(parse_config(Path::new("c.json"), &out).unwrap(), arch);
+    }
+
+    #[test]
+    fn gemma_configs_we_cannot_run_name_the_field() {
+        for (field, value, want) in [
+            ("layer_types", json!(["full_attention"]), "lists 1 layers"),
+            ("layer_types", json!(vec!["sliding_attention"; 6]), ""),
+            ("use_bidirectional_attention", json!(true), "bidirectional"),
+            (
+                "hidden_activation",
+                json!("relu"),
+                "`relu` is not supported",
+            ),
+            ("attn_logit_softcapping", json!(-1.0), "must be a positive"),
+        ] {
+            let mut v = gemma("gemma2");
+            v[field] = value;
+            match parse_config(Path::new("c.json"), &v) {
+                Ok(_) => assert!(want.is_empty(), "{field}"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(e.contains(field) && e.contains(want), "{e}");
+                }
+            }
+        }
+    }
 }
