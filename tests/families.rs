@@ -371,3 +371,16 @@ fn gemma3_kv_heads_regroup_exactly() {
     assert_eq!(c["architectures"][0], "Gemma3ForCausalLM");
     assert_eq!(c["num_key_value_heads"], 4);
 }
+
+/// CLOVER's value-output decomposition rotates `v_proj` rows and `o_proj` columns per head; the
+/// product each head adds is unchanged, so Gemma's post-attention norm sees the same input.
+#[test]
+fn clover_values_on_gemma2_keep_logits_and_the_class() {
+    let g = golden("gemma2");
+    let opts = surgeon_convert::CloverOptions::default();
+    let (out, _) = surgeon_convert::clover(&g.plan, &opts, None).unwrap();
+    let d = max_diff(&logits(&out, &u32s(&g.meta["tokens"])), &g.logits);
+    assert!(d < 1e-4, "{d}");
+    let c = surgeon_formats::config::config_json(&out.arch, surgeon_formats::DType::F32).unwrap();
+    assert_eq!(c["architectures"][0], "Gemma2ForCausalLM");
+}

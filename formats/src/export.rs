@@ -96,10 +96,17 @@ pub fn choose_export(arch: &ModelArch) -> ExportChoice {
         let family = native_family(arch);
         return ExportChoice {
             format: ExportFormat::Native(family),
-            reason: format!(
-                "every layer is alike and standard: transformers' {} loads it",
-                family.architecture()
-            ),
+            reason: match family.is_gemma() {
+                true => format!(
+                    "every layer is standard, sliding and global ones listed in layer_types: \
+                     transformers' {} loads it",
+                    family.architecture()
+                ),
+                false => format!(
+                    "every layer is alike and standard: transformers' {} loads it",
+                    family.architecture()
+                ),
+            },
         };
     };
     match why_not_nemotron(arch) {
