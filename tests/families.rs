@@ -14,13 +14,15 @@ use surgeon_formats::writer::WriteOptions;
 use surgeon_formats::{open_hf_dir, write_model, Family, Plan};
 use surgeon_surgery::moe::{upcycle, MoeMethod, MoeOptions};
 
-const FIXTURES: [(&str, Family); 6] = [
+const FIXTURES: [(&str, Family); 8] = [
     ("qwen3", Family::Qwen3),
     ("qwen3-tied", Family::Qwen3),
     ("qwen3_moe", Family::Qwen3Moe),
     ("qwen3_moe-unnormalized", Family::Qwen3Moe),
     ("phi3", Family::Phi3),
     ("phi3-longrope", Family::Phi3),
+    ("gemma2", Family::Gemma2),
+    ("gemma3", Family::Gemma3),
 ];
 
 fn fixtures() -> PathBuf {
@@ -75,10 +77,14 @@ fn logits_match_transformers_for_every_family() {
         let g = golden(name);
         assert_eq!(g.plan.arch.family, family, "{name}");
         let a = &g.plan.arch.layers[0].attention;
-        let qwen = family != Family::Phi3;
-        assert_eq!(a.qk_norm, qwen, "{name}: q/k norms read");
-        // Qwen's fixtures have an explicit head_dim of twice hidden / heads.
-        assert_eq!(a.head_dim, if qwen { 32 } else { 16 }, "{name}: head_dim");
+        assert_eq!(a.qk_norm, family.has_qk_norm(), "{name}: q/k norms read");
+        // Qwen's and Gemma's fixtures have an explicit head_dim of twice hidden / heads.
+        let explicit = family != Family::Phi3;
+        assert_eq!(
+            a.head_dim,
+            if explicit { 32 } else { 16 },
+            "{name}: head_dim"
+        );
         let got = logits(&g.plan, &u32s(&g.meta["tokens"]));
         let d = max_diff(&got, &g.logits);
         assert!(d < 1e-4, "{name}: logits differ from transformers' by {d}");
@@ -136,7 +142,10 @@ fn expand_keeps_logits_and_upscale_keeps_the_class() {
     for (name, _) in FIXTURES {
         let g = golden(name);
         let want = logits(&g.plan, &tokens);
-        let expanded = surgeon_surgery::expand_even(&g.plan, 2).unwrap();
+        // One new block per 2 layers (per layer for Gemma 3's 3).
+        let layers = g.plan.arch.num_layers();
+        let add = if layers.is_multiple_of(2) { 2 } else { layers };
+        let expanded = surgeon_surgery::expand_even(&g.plan, add).unwrap();
         assert_eq!(
             logits(&expanded, &tokens),
             want,
@@ -212,4 +221,166 @@ fn a_qwen3_gguf_imports_to_the_same_model() {
     assert_eq!(plan.arch.layers, g.plan.arch.layers);
     let d = max_diff(&logits(&plan, &u32s(&g.meta["tokens"])), &g.logits);
     assert!(d < 1e-4, "logits differ from transformers' by {d}");
+}
+
+/// Every Gemma departure from Llama is exercised by its golden: turning one off moves the logits
+/// well past the 1e-4 the goldens allow.
+#[test]
+fn every_gemma_feature_moves_the_logits() {
+    type Edit = fn(&mut surgeon_formats::ModelArch);
+    let edits: [(&str, &str, Edit); 6] = [
+        ("gemma2", "sliding window", |a| a.sliding_window = None),
+        ("gemma2", "attention soft-capping", |a| {
+            a.gemma.attn_logit_softcapping = None
+        }),
+        ("gemma2", "final soft-capping", |a| {
+            a.gemma.final_logit_softcapping = None
+        }),
+        ("gemma2", "query_pre_attn_scalar", |a| {
+            a.gemma.query_pre_attn_scalar = None
+        }),
+        ("gemma3", "local RoPE base", |a| {
+            a.gemma.rope_local_theta = None
+        }),
+        ("gemma3", "global layers", |a| {
+            a.layers
+                .iter_mut()
+                .for_each(|l| l.attention.full_attention = false)
+        }),
+    ];
+    for (name, what, edit) in edits {
+        let g = golden(name);
+        let mut plan = g.plan.clone();
+        edit(&mut plan.arch);
+        let d = max_diff(&logits(&plan, &u32s(&g.meta["tokens"])), &g.logits);
+        assert!(d > 1e-3, "{name} without its {what}: logits moved only {d}");
+    }
+}
+
+/// LLaMA Pro blocks on Gemma: the zeroed `o_proj` and `down_proj` feed the post-norms, and an
+/// RMSNorm of zeros is zeros, so each new block adds exactly nothing (bitwise, checked by
+/// `expand_keeps_logits_and_upscale_keeps_the_class`); here the new blocks' shapes.
+#[test]
+fn gemma_expansion_zeroes_the_projections_before_the_post_norms() {
+    let g = golden("gemma2");
+    let expanded = surgeon_surgery::expand_even(&g.plan, 2).unwrap();
+    let new = &expanded.arch.surgeon.new_layers;
+    assert_eq!(new.len(), 2);
+    for &l in new {
+        for t in ["self_attn.o_proj", "mlp.down_proj"] {
+            let (_, v) = expanded
+                .load_f32(&format!("model.layers.{l}.{t}.weight"))
+                .unwrap();
+            assert!(v.iter().all(|&x| x == 0.0), "layer {l} {t}");
+        }
+        // A copy keeps its source's layer type (the window and RoPE base follow it).
+        assert_eq!(
+            expanded.arch.layers[l].attention,
+            expanded.arch.layers[l - 1].attention
+        );
+    }
+}
+
+/// Vocabulary extension adds stored rows; the runtime scales old and new rows alike, so a new
+/// token initialised from its pieces embeds as the mean of the pieces' scaled embeddings, and the
+/// old tokens' logits (the tied matrix gains columns) are unchanged.
+#[test]
+fn vocabulary_extension_honours_gemmas_embedding_scale() {
+    use surgeon_formats::{Op, Source, TensorEntry};
+    use surgeon_surgery::vocab::{new_rows, Init};
+    let g = golden("gemma2");
+    let name = "model.embed_tokens.weight";
+    let entry = g.plan.tensors[name].clone();
+    let v = g.plan.arch.vocab_size;
+    let rows = new_rows(&entry.source, v, &[vec![3, 45]], 0, Init::ZipTie, 0).unwrap();
+    let mut plan = g.plan.clone();
+    let source = Source::op(Op::Concat {
+        inputs: vec![entry.source.clone(), rows],
+        dim: 0,
+    });
+    plan.tensors
+        .insert(name.into(), TensorEntry { source, ..entry });
+    plan.arch.vocab_size = v + 1;
+    let model = Llama::<B>::from_plan(&plan, &Default::default()).unwrap();
+    let e = |t: u32| to_vec(model.embed(ids(&[t])));
+    let mean: Vec<f32> = e(3).iter().zip(e(45)).map(|(a, b)| (a + b) / 2.0).collect();
+    let d = max_diff(&e(v as u32), &mean);
+    assert!(d < 1e-5, "new row vs mean of scaled pieces: {d}");
+    let scale = (g.plan.arch.hidden_size as f32).sqrt();
+    let (_, stored) = g.plan.load_f32(name).unwrap();
+    let h = g.plan.arch.hidden_size;
+    assert!(
+        max_diff(
+            &e(3),
+            &stored[3 * h..4 * h]
+                .iter()
+                .map(|x| x * scale)
+                .collect::<Vec<_>>()
+        ) < 1e-6
+    );
+    let tokens = [1, 17, 100, 3];
+    let old = logits(&g.plan, &tokens);
+    let new = logits(&plan, &tokens);
+    let kept: Vec<f32> = new.chunks(v + 1).flat_map(|r| r[..v].to_vec()).collect();
+    assert_eq!(kept, old);
+}
+
+/// Operators whose result no Gemma class describes (or whose computation drops Gemma's) refuse
+/// with the family and the reason, before anything is written.
+#[test]
+fn gemma_refusals_name_the_family_and_the_reason() {
+    let g = golden("gemma2");
+    let Err(e) = upcycle(&g.plan, &MoeOptions::new(MoeMethod::Upcycle, 4, 2)) else {
+        panic!("upcycled a gemma2 model");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("gemma2") && e.contains("mixture-of-experts"),
+        "{e}"
+    );
+    let opts = surgeon_convert::HedgehogOptions {
+        feature_dim: 8,
+        ..Default::default()
+    };
+    let Err(e) = surgeon_convert::to_hedgehog(&g.plan, &opts) else {
+        panic!("converted a gemma2 model to hedgehog");
+    };
+    let e = e.to_string();
+    assert!(e.contains("gemma2") && e.contains("soft-capping"), "{e}");
+    // Layers of different widths: no Gemma2ForCausalLM, and the surgeon dialect has no Gemma.
+    let mut plan = g.plan.clone();
+    plan.arch.layers[0].mlp = surgeon_formats::Mlp::Dense {
+        intermediate_size: 48,
+    };
+    let e = surgeon_formats::config::config_json(&plan.arch, surgeon_formats::DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gemma2") && e.contains("MLPs differ"), "{e}");
+}
+
+/// GQA -> MHA on Gemma 3 (key norms shared by all heads): duplicated key/value heads compute the
+/// same attention, so the logits stay, and the result is still Gemma3ForCausalLM.
+#[test]
+fn gemma3_kv_heads_regroup_exactly() {
+    let g = golden("gemma3");
+    let mha = surgeon_convert::regroup_kv_heads(&g.plan, 4).unwrap();
+    let tokens = u32s(&g.meta["tokens"]);
+    let d = max_diff(&logits(&mha, &tokens), &g.logits);
+    assert!(d < 1e-4, "{d}");
+    let c = surgeon_formats::config::config_json(&mha.arch, surgeon_formats::DType::F32).unwrap();
+    assert_eq!(c["architectures"][0], "Gemma3ForCausalLM");
+    assert_eq!(c["num_key_value_heads"], 4);
+}
+
+/// CLOVER's value-output decomposition rotates `v_proj` rows and `o_proj` columns per head; the
+/// product each head adds is unchanged, so Gemma's post-attention norm sees the same input.
+#[test]
+fn clover_values_on_gemma2_keep_logits_and_the_class() {
+    let g = golden("gemma2");
+    let opts = surgeon_convert::CloverOptions::default();
+    let (out, _) = surgeon_convert::clover(&g.plan, &opts, None).unwrap();
+    let d = max_diff(&logits(&out, &u32s(&g.meta["tokens"])), &g.logits);
+    assert!(d < 1e-4, "{d}");
+    let c = surgeon_formats::config::config_json(&out.arch, surgeon_formats::DType::F32).unwrap();
+    assert_eq!(c["architectures"][0], "Gemma2ForCausalLM");
 }

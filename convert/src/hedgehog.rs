@@ -51,6 +51,14 @@ pub fn to_hedgehog(plan: &Plan, opts: &HedgehogOptions) -> Result<Plan> {
     if opts.feature_dim == 0 {
         return Err(Error::Invalid("`feature_dim` must be at least 1".into()));
     }
+    if plan.arch.family.is_gemma() {
+        return Err(Error::Invalid(format!(
+            "a {} model cannot get Hedgehog attention: its feature maps replace the softmax that \
+             Gemma's score soft-capping and query_pre_attn_scalar shape, and no exported class \
+             would describe the result",
+            plan.arch.family.model_type()
+        )));
+    }
     if plan.arch.sliding_window.is_some() {
         return Err(Error::Invalid(
             "the model has a `sliding_window`: Hedgehog conversion needs full attention layers"

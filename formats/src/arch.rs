@@ -19,6 +19,14 @@ pub enum Family {
     Qwen3Moe,
     /// Phi-3: Llama's computation with fused `qkv_proj` and `gate_up_proj` tensors.
     Phi3,
+    /// Gemma 2: (1 + w) RMSNorms, sandwich norms around attention and MLP, GeGLU, embeddings
+    /// scaled by sqrt(hidden), soft-capped attention and final logits, alternating sliding and
+    /// global layers, tied embeddings.
+    Gemma2,
+    /// Gemma 3 (text, `Gemma3ForCausalLM`): Gemma 2 with (1 + w) q/k norms, its own RoPE base for
+    /// the sliding layers and no soft-capping by default.
+    #[serde(rename = "gemma3_text")]
+    Gemma3,
 }
 
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
@@ -29,7 +37,12 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen3",
     "qwen3_moe",
     "phi3",
+    "gemma2",
+    "gemma3_text",
 ];
+
+/// Activations of the gated MLP the runtime computes: SwiGLU and tanh-approximated GeGLU.
+pub const SUPPORTED_ACTIVATIONS: &[&str] = &["silu", "gelu_pytorch_tanh"];
 
 impl Family {
     pub fn from_model_type(model_type: &str) -> Option<Self> {
@@ -41,6 +54,8 @@ impl Family {
             "qwen3" => Some(Family::Qwen3),
             "qwen3_moe" => Some(Family::Qwen3Moe),
             "phi3" => Some(Family::Phi3),
+            "gemma2" => Some(Family::Gemma2),
+            "gemma3_text" => Some(Family::Gemma3),
             _ => None,
         }
     }
@@ -53,6 +68,8 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Qwen3Moe => "qwen3_moe",
             Family::Phi3 => "phi3",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3_text",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -64,11 +81,26 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Qwen3Moe => "Qwen3MoeForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
         }
     }
     /// Queries and keys pass a per-head RMSNorm (`q_norm`, `k_norm`) before the rotary embedding.
     pub fn has_qk_norm(self) -> bool {
-        matches!(self, Family::Qwen3 | Family::Qwen3Moe)
+        matches!(self, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3)
+    }
+    /// Gemma: RMSNorms multiply by `1 + weight` (the stored weight is centred on 0), every layer
+    /// has sandwich norms (`post_attention_layernorm` after attention, `pre_feedforward_layernorm`
+    /// and `post_feedforward_layernorm` around the MLP), embeddings are scaled by sqrt(hidden).
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
+    }
+    /// What an RMSNorm adds to its stored weight before multiplying (1 for Gemma, else 0).
+    pub fn norm_offset(self) -> f32 {
+        match self.is_gemma() {
+            true => 1.0,
+            false => 0.0,
+        }
     }
     /// The family of the same attention with routed experts in every layer, as transformers
     /// names it (Mixtral for the Llama-like families).
@@ -126,6 +158,11 @@ pub struct Attention {
     /// Per-head RMSNorm of queries and keys before the rotary embedding (Qwen3 `q_norm`, `k_norm`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub qk_norm: bool,
+    /// Attends to every earlier position even when the model has a [`ModelArch::sliding_window`]
+    /// (Gemma's `full_attention` layers among its `sliding_attention` ones); such a layer also
+    /// keeps the global RoPE base when the model has a [`GemmaParams::rope_local_theta`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_attention: bool,
 }
 
 /// What [`Attention`] is read from: the flat form it is written in, or the form of configs written
@@ -143,6 +180,8 @@ struct AttentionRepr {
     qkv_bias: bool,
     #[serde(default)]
     qk_norm: bool,
+    #[serde(default)]
+    full_attention: bool,
 }
 
 impl TryFrom<AttentionRepr> for Attention {
@@ -169,6 +208,7 @@ impl TryFrom<AttentionRepr> for Attention {
             v_head_dim: r.v_head_dim.unwrap_or(r.head_dim),
             qkv_bias: r.qkv_bias,
             qk_norm: r.qk_norm,
+            full_attention: r.full_attention,
         })
     }
 }
@@ -184,6 +224,7 @@ impl Attention {
             v_head_dim: head_dim,
             qkv_bias: false,
             qk_norm: false,
+            full_attention: false,
         }
     }
     /// A skipped attention in a model whose attention layers have `num_heads` heads of `head_dim`.
@@ -289,13 +330,40 @@ pub struct ModelArch {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
-    /// Hidden activation; only `silu` is supported by the runtime.
+    /// Hidden activation of the gated MLP: `silu` (SwiGLU) or `gelu_pytorch_tanh` (GeGLU).
     pub hidden_act: String,
+    /// Attention and logit details beyond Llama's (Gemma's); all `None` for the other families.
+    #[serde(default, skip_serializing_if = "GemmaParams::is_default")]
+    pub gemma: GemmaParams,
     /// dtype the checkpoint declares (`torch_dtype`), if any.
     pub torch_dtype: Option<crate::DType>,
     pub surgeon: SurgeonMeta,
     /// config.json keys we do not interpret, carried over unchanged.
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Gemma's departures from Llama's attention and output, as config.json names them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GemmaParams {
+    /// Attention scores are `q.k / sqrt(query_pre_attn_scalar)` (instead of `/ sqrt(head_dim)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Scores become `c * tanh(score / c)` before the mask and softmax.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Logits become `c * tanh(logit / c)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+    /// RoPE base of the sliding-window layers (Gemma 3's `rope_local_base_freq`; no scaling),
+    /// the layers with [`Attention::full_attention`] keep `rope_theta` and `rope_scaling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_theta: Option<f64>,
+}
+
+impl GemmaParams {
+    pub fn is_default(&self) -> bool {
+        self == &GemmaParams::default()
+    }
 }
 
 impl ModelArch {
@@ -325,12 +393,34 @@ impl ModelArch {
             "model.embed_tokens.weight".to_string(),
             vec![self.vocab_size, h],
         )];
-        for (i, layer) in self.layers.iter().enumerate() {
-            out.extend(layer_tensors(i, layer, h));
+        for i in 0..self.layers.len() {
+            out.extend(self.layer_tensors(i));
         }
         out.push(("model.norm.weight".into(), vec![h]));
         if !self.tie_word_embeddings {
             out.push(("lm_head.weight".into(), vec![self.vocab_size, h]));
+        }
+        out
+    }
+
+    /// Tensors of decoder layer `i`, HF names and shapes: [`layer_tensors`], for Gemma with its
+    /// sandwich norms (`post_attention_layernorm` then follows the attention, and the MLP sits
+    /// between `pre_feedforward_layernorm` and `post_feedforward_layernorm`).
+    pub fn layer_tensors(&self, i: usize) -> Vec<(String, Vec<usize>)> {
+        let (layer, h) = (&self.layers[i], self.hidden_size);
+        let mut out = layer_tensors(i, layer, h);
+        if !self.family.is_gemma() {
+            return out;
+        }
+        let p = format!("model.layers.{i}");
+        let post_attention = format!("{p}.post_attention_layernorm.weight");
+        out.retain(|(n, _)| n != &post_attention);
+        if !layer.attention.is_no_op() {
+            out.push((post_attention, vec![h]));
+        }
+        if layer.mlp != Mlp::NoOp {
+            out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
         }
         out
     }

@@ -8,6 +8,8 @@ use crate::{DType, Error, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
+mod gemma;
+
 /// Keys this module interprets; everything else is carried over in `ModelArch::extra`.
 const KNOWN_KEYS: &[&str] = &[
     "architectures",
@@ -49,6 +51,13 @@ const KNOWN_KEYS: &[&str] = &[
     "block_configs",
     "transformers_version",
     "_name_or_path",
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "rope_local_base_freq",
+    "sliding_window_pattern",
+    "use_bidirectional_attention",
 ];
 
 struct Fields<'a> {
@@ -145,17 +154,7 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         ));
     }
     let vocab_size = f.usize("vocab_size")?;
-    let hidden_act = map
-        .get("hidden_act")
-        .and_then(Value::as_str)
-        .unwrap_or("silu")
-        .to_string();
-    if hidden_act != "silu" {
-        return Err(f.err(
-            "hidden_act",
-            format!("`{hidden_act}` is not supported (only silu)"),
-        ));
-    }
+    let hidden_act = hidden_act(&f, family)?;
     if f.bool_opt("mlp_bias")?.unwrap_or(false) {
         return Err(f.err("mlp_bias", "MLP biases are not supported"));
     }
@@ -163,12 +162,23 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         NEMOTRON_MODEL_TYPE => nemotron_layers(&f, hidden_size, num_layers)?,
         _ => uniform_layers(&f, family, hidden_size, num_layers)?,
     };
-    let (rope_theta, rope_scaling) = rope(&f, family)?;
+    let native = model_type != SURGEON_MODEL_TYPE;
+    let (rope_theta, rope_scaling, rope_local_theta) = match family {
+        Family::Gemma3 if native => gemma::rope(&f)?,
+        _ => {
+            let (theta, scaling) = rope(&f, family)?;
+            (theta, scaling, None)
+        }
+    };
     let sliding_window = match family {
-        Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe if model_type != SURGEON_MODEL_TYPE => {
+        Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe if native => {
             qwen_sliding_window(&f, num_layers)?
         }
         _ => f.usize_opt("sliding_window")?,
+    };
+    let gemma = match family.is_gemma() && native {
+        true => gemma::params(&f, family, rope_local_theta, sliding_window, &mut layers)?,
+        false => GemmaParams::default(),
     };
 
     let surgeon = surgeon_meta(&f, model_type, num_layers, &mut layers)?;
@@ -196,16 +206,46 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
         rope_theta,
         rope_scaling,
         max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
-        tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+        // transformers' default: tied for Gemma, untied otherwise.
+        tie_word_embeddings: f
+            .bool_opt("tie_word_embeddings")?
+            .unwrap_or(family.is_gemma()),
         sliding_window,
         bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
         eos_token_ids: f.token_ids("eos_token_id")?,
         pad_token_id: f.token_ids("pad_token_id")?.first().copied(),
         hidden_act,
+        gemma,
         torch_dtype,
         surgeon,
         extra,
     })
+}
+
+/// The MLP's activation: `hidden_act`, or for Gemma `hidden_activation` (what transformers reads;
+/// default `gelu_pytorch_tanh`). The runtime has SwiGLU and tanh-approximated GeGLU.
+fn hidden_act(f: &Fields, family: Family) -> Result<String> {
+    let (field, default) = match family.is_gemma() && f.map.contains_key("hidden_activation") {
+        true => ("hidden_activation", "gelu_pytorch_tanh"),
+        false if family.is_gemma() => ("hidden_act", "gelu_pytorch_tanh"),
+        false => ("hidden_act", "silu"),
+    };
+    let act = match f.map.get(field) {
+        None | Some(Value::Null) => default,
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| f.err(field, format!("expected a string, got {v}")))?,
+    };
+    if !SUPPORTED_ACTIVATIONS.contains(&act) {
+        return Err(f.err(
+            field,
+            format!(
+                "`{act}` is not supported (supported: {})",
+                SUPPORTED_ACTIVATIONS.join(", ")
+            ),
+        ));
+    }
+    Ok(act.to_string())
 }
 
 /// The family a config describes: its `model_type`, or for the surgeon dialect `surgeon.family`.
@@ -502,7 +542,16 @@ pub fn config_json(arch: &ModelArch, dtype: DType) -> Result<Value> {
     if arch.layers.is_empty() {
         return Err(Error::invalid("a model needs at least one layer"));
     }
-    let format = choose_export(arch).format;
+    let choice = choose_export(arch);
+    let format = choice.format;
+    if arch.family.is_gemma() && !matches!(format, ExportFormat::Native(_)) {
+        return Err(Error::invalid(format!(
+            "a {} model that no transformers class describes ({}) cannot be written: \
+             surgeon's shipped modeling code does not implement Gemma's norms and soft-capping",
+            arch.family.model_type(),
+            choice.reason
+        )));
+    }
     let mut m = Map::new();
     m.insert("architectures".into(), json!([format.architecture()]));
     m.insert("model_type".into(), json!(format.model_type()));
@@ -518,7 +567,10 @@ pub fn config_json(arch: &ModelArch, dtype: DType) -> Result<Value> {
     m.insert("vocab_size".into(), json!(arch.vocab_size));
     m.insert("hidden_act".into(), json!(arch.hidden_act));
     m.insert("rms_norm_eps".into(), json!(arch.rms_norm_eps));
-    insert_rope(arch, &mut m);
+    match format {
+        ExportFormat::Native(Family::Gemma3) => gemma::insert_rope(arch, &mut m),
+        _ => insert_rope(arch, &mut m),
+    }
     m.insert(
         "max_position_embeddings".into(),
         json!(arch.max_position_embeddings),
@@ -645,6 +697,10 @@ fn native_attention_fields(
     family: Family,
     m: &mut Map<String, Value>,
 ) -> Result<()> {
+    if family.is_gemma() {
+        gemma::insert_attention_fields(arch, m);
+        return Ok(());
+    }
     let qwen = matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe);
     if qwen {
         m.insert(
@@ -854,7 +910,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral, qwen3, qwen3_moe, phi3, nemotron-nas, surgeon"
+            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral, qwen3, qwen3_moe, phi3, gemma2, gemma3_text, nemotron-nas, surgeon"
         );
     }
 

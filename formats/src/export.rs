@@ -96,10 +96,17 @@ pub fn choose_export(arch: &ModelArch) -> ExportChoice {
         let family = native_family(arch);
         return ExportChoice {
             format: ExportFormat::Native(family),
-            reason: format!(
-                "every layer is alike and standard: transformers' {} loads it",
-                family.architecture()
-            ),
+            reason: match family.is_gemma() {
+                true => format!(
+                    "every layer is standard, sliding and global ones listed in layer_types: \
+                     transformers' {} loads it",
+                    family.architecture()
+                ),
+                false => format!(
+                    "every layer is alike and standard: transformers' {} loads it",
+                    family.architecture()
+                ),
+            },
         };
     };
     match why_not_nemotron(arch) {
@@ -160,6 +167,12 @@ fn why_not_native(arch: &ModelArch) -> Option<String> {
         if l.mlp == Mlp::NoOp {
             return Some(format!("layer {i} has no MLP"));
         }
+        if a.full_attention && !family.is_gemma() && arch.sliding_window.is_some() {
+            return Some(format!(
+                "layer {i} attends globally in a sliding-window {} model",
+                family.model_type()
+            ));
+        }
         if let Mlp::Moe { routing, .. } = &l.mlp {
             let native = match family {
                 Family::Qwen3Moe => {
@@ -175,7 +188,18 @@ fn why_not_native(arch: &ModelArch) -> Option<String> {
             }
         }
     }
-    if arch.uniform_attention().is_none() {
+    // Gemma's `layer_types` spell out which layers attend globally; no other class can.
+    let same_shapes = match family.is_gemma() {
+        true => arch.layers.iter().all(|l| {
+            let global = |a: &Attention| Attention {
+                full_attention: false,
+                ..a.clone()
+            };
+            global(&l.attention) == global(&arch.layers[0].attention)
+        }),
+        false => arch.uniform_attention().is_some(),
+    };
+    if !same_shapes {
         return Some("attention shapes differ between layers".into());
     }
     if arch.uniform_mlp().is_none() {

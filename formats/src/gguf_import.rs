@@ -155,6 +155,7 @@ fn layer_from_hyper(hyper: &gguf::LlamaHyper, qkv_bias: bool) -> (Family, Layer)
         v_head_dim: hyper.head_dim(),
         qkv_bias,
         qk_norm: hyper.architecture == "qwen3",
+        full_attention: false,
     };
     let (family, mlp) = match (hyper.expert_count, hyper.expert_used_count) {
         (Some(e), Some(k)) if e > 1 => (
@@ -219,6 +220,7 @@ fn arch_from_hyper(
         eos_token_ids: hyper.eos_token_id.into_iter().collect(),
         pad_token_id: hyper.pad_token_id,
         hidden_act: "silu".into(),
+        gemma: Default::default(),
         torch_dtype: None,
         surgeon: SurgeonMeta {
             history: vec![format!(

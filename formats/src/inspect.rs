@@ -29,6 +29,12 @@ pub struct ModelSummary {
     pub tied_embeddings: bool,
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
+    /// Gemma's attention and logit parameters (Gemma models only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gemma: Option<crate::arch::GemmaParams>,
+    /// Keys a sliding-window layer sees (`sliding_window`), if any layer slides.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
     pub dtypes: BTreeMap<String, u64>,
     pub parameters: u64,
     pub bytes: u64,
@@ -129,6 +135,8 @@ pub fn summarize(plan: &Plan, with_tensors: bool) -> ModelSummary {
         tied_embeddings: a.tie_word_embeddings,
         rope_theta: a.rope_theta,
         max_position_embeddings: a.max_position_embeddings,
+        gemma: a.family.is_gemma().then(|| a.gemma.clone()),
+        sliding_window: a.sliding_window,
         dtypes,
         parameters: plan.parameter_count(),
         bytes: plan.byte_size(),
@@ -180,6 +188,20 @@ impl ModelSummary {
             "rope theta        {} (context {})",
             self.rope_theta, self.max_position_embeddings
         );
+        if let Some(w) = self.sliding_window {
+            let _ = writeln!(s, "sliding window    {w} keys");
+        }
+        if let Some(g) = &self.gemma {
+            let show = |x: Option<f64>| x.map_or("none".to_string(), |x| x.to_string());
+            let _ = writeln!(
+                s,
+                "gemma             query scalar {}, attention softcap {}, logit softcap {}, local rope theta {}",
+                show(g.query_pre_attn_scalar),
+                show(g.attn_logit_softcapping),
+                show(g.final_logit_softcapping),
+                show(g.rope_local_theta)
+            );
+        }
         let d: Vec<String> = self
             .dtypes
             .iter()

@@ -19,7 +19,9 @@ pub mod synthetic;
 pub mod tokenizer_extend;
 pub mod writer;
 
-pub use arch::{Attention, AttentionKind, Family, Layer, Mlp, ModelArch, MoeRouting, SurgeonMeta};
+pub use arch::{
+    Attention, AttentionKind, Family, GemmaParams, Layer, Mlp, ModelArch, MoeRouting, SurgeonMeta,
+};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use importance::{ImportanceScores, LayerImportance};

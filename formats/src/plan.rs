@@ -721,6 +721,12 @@ pub fn describe_layer(l: &crate::arch::Layer) -> String {
     } else {
         bias.to_string()
     };
+    // A global layer among sliding-window ones (Gemma's `full_attention`).
+    let bias = if at.full_attention {
+        format!("{bias} global")
+    } else {
+        bias
+    };
     let mlp = match &l.mlp {
         Mlp::Dense { intermediate_size } => format!("dense {intermediate_size}"),
         Mlp::NoOp => "no-op".into(),

@@ -92,6 +92,7 @@ impl SyntheticSpec {
             eos_token_ids: vec![2],
             pad_token_id: None,
             hidden_act: "silu".into(),
+            gemma: Default::default(),
             torch_dtype: Some(self.dtype),
             surgeon: SurgeonMeta::default(),
             extra: Default::default(),

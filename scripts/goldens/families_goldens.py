@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Small random checkpoints of the model families surgeon reads beyond Llama (Qwen3, Qwen3-MoE, Phi-3), made
+"""Small random checkpoints of the model families surgeon reads beyond Llama (Qwen3, Qwen3-MoE, Phi-3, Gemma 2,
+Gemma 3), made
 by transformers, with transformers' logits, for tests/families.rs.
 
 Usage: python scripts/goldens/families_goldens.py [--out tests/fixtures/families] [--surgeon target/debug/surgeon]
+                                                 [--only gemma2,gemma3]
 
 For every entry of FAMILIES it
 - builds the transformers model from a small config with seeded random weights (norm weights too,
@@ -20,7 +22,8 @@ transformers loads the outputs as the same class, with the logits of `expand` un
 import argparse, json, pathlib, subprocess, tempfile
 
 import torch
-from transformers import AutoModelForCausalLM, Phi3Config, Qwen3Config, Qwen3MoeConfig
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config,
+                          Qwen3MoeConfig)
 
 TOKENS = [1, 17, 100, 3, 45, 99, 120, 7, 25, 64, 12, 33, 5, 80, 90, 2]
 PROMPT = 5
@@ -45,6 +48,18 @@ FAMILIES = {
                                 rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
                                               "long_factor": [1.5 + 0.5 * i for i in range(8)]},
                                 **{**PHI3, "max_position_embeddings": 64}),
+    # Gemma 2: sliding window 6 (< len(TOKENS)) on layers 0 and 2, global layers 1 and 3; soft-capping
+    # small enough to bend the scores and logits of random weights; a query scalar unlike head_dim.
+    "gemma2": Gemma2Config(intermediate_size=96, sliding_window=6, query_pre_attn_scalar=24,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=0,
+                           **{**COMMON, "num_hidden_layers": 4, "tie_word_embeddings": True}),
+    # Gemma 3: (1 + w) q/k norms, local RoPE base 1e4 on sliding layers, linear-scaled global base.
+    "gemma3": Gemma3TextConfig(intermediate_size=96, sliding_window=6, query_pre_attn_scalar=24, pad_token_id=0,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                               rope_parameters={
+                                   "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                               **{**COMMON, "num_hidden_layers": 3, "tie_word_embeddings": True}),
 }
 
 # Derived models: name -> (fixture, surgeon arguments).
@@ -55,10 +70,12 @@ DERIVED = {
 
 def randomise(model, seed):
     g = torch.Generator().manual_seed(seed)
+    # Gemma's norms multiply by 1 + w: its stored weights are centred on 0.
+    centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:  # norm weights: around 1, not exactly 1
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+                p.copy_(centre + 0.3 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
@@ -70,8 +87,10 @@ def logits_of(d):
 
 
 def check_surgeon_outputs(surgeon, src, name, want_class, logits):
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    add = 2 if layers % 2 == 0 else layers  # `expand --add` must divide the layers
     with tempfile.TemporaryDirectory() as tmp:
-        for op, args in [("upscale", ["--slices", "0..2,1..2"]), ("expand", ["--add", "2"])]:
+        for op, args in [("upscale", ["--slices", "0..2,1..2"]), ("expand", ["--add", str(add)])]:
             out = pathlib.Path(tmp) / op
             subprocess.run([surgeon, op, str(src), *args, "--out", str(out)], check=True, capture_output=True)
             model, got = logits_of(out)
@@ -86,10 +105,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/fixtures/families")
     ap.add_argument("--surgeon", help="also check surgeon's upscale/expand outputs in transformers")
+    ap.add_argument("--only", help="comma-separated fixture names to (re)make, leaving the others as they are")
     a = ap.parse_args()
+    only = set(a.only.split(",")) if a.only else set(FAMILIES) | set(DERIVED)
     torch.set_num_threads(2)
     out = pathlib.Path(a.out)
     for seed, (name, config) in enumerate(FAMILIES.items()):
+        if name not in only:
+            continue
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         randomise(model, seed)
@@ -105,10 +128,12 @@ def main():
         print(f"{name}: {type(model).__name__}, greedy {greedy}")
         if a.surgeon:
             check_surgeon_outputs(a.surgeon, out / name, name, type(model).__name__, logits)
-    write_qwen3_gguf(out / "qwen3", out / "qwen3.gguf")
+    if "qwen3" in only:
+        write_qwen3_gguf(out / "qwen3", out / "qwen3.gguf")
     if a.surgeon:
         for name, (fixture, args) in DERIVED.items():
-            derived_golden(a.surgeon, out, name, fixture, args)
+            if name in only:
+                derived_golden(a.surgeon, out, name, fixture, args)
 
 
 # HF tensor name (after model.layers.N.) -> llama.cpp's, for Qwen3 (its converter does not permute q/k rows).

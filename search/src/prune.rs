@@ -380,7 +380,7 @@ pub fn prune(plan: &Plan, spec: &PruneSpec, scores: Option<&ImportanceScores>) -
             scores.map(|x| &x.layers[s.source]),
         );
         for (rest, entry) in &per_layer[s.source] {
-            if !keeps(rest, s) {
+            if !keeps(rest, s, parent.family.is_gemma()) {
                 continue;
             }
             let src = layer_cut(rest, &entry.source, &sel, hidden.as_ref());
@@ -411,10 +411,17 @@ fn with_source(entry: &TensorEntry, source: Source) -> TensorEntry {
     }
 }
 
-/// Whether a parent layer's tensor survives the spec (skipped halves lose norm and projections).
-fn keeps(rest: &str, s: &LayerSpec) -> bool {
-    let attention = rest.starts_with("self_attn.") || rest.starts_with("input_layernorm.");
-    let mlp = rest.starts_with("mlp.") || rest.starts_with("post_attention_layernorm.");
+/// Whether a parent layer's tensor survives the spec (skipped halves lose norms and projections;
+/// Gemma's `post_attention_layernorm` follows the attention, its MLP has two norms of its own).
+fn keeps(rest: &str, s: &LayerSpec, gemma: bool) -> bool {
+    let norm = |n: &str| rest.starts_with(n);
+    let attention = norm("self_attn.")
+        || norm("input_layernorm.")
+        || gemma && norm("post_attention_layernorm.");
+    let mlp = norm("mlp.")
+        || !gemma && norm("post_attention_layernorm.")
+        || norm("pre_feedforward_layernorm.")
+        || norm("post_feedforward_layernorm.");
     !(attention && s.attention == AttentionSpec::NoOp || mlp && s.mlp == MlpSpec::NoOp)
 }
 
@@ -450,7 +457,10 @@ fn layer_cut(
 ) -> Source {
     let h = |s: Source| cols(&s, hidden, "hidden");
     match rest {
-        "input_layernorm.weight" | "post_attention_layernorm.weight" => rows(src, hidden, "hidden"),
+        "input_layernorm.weight"
+        | "post_attention_layernorm.weight"
+        | "pre_feedforward_layernorm.weight"
+        | "post_feedforward_layernorm.weight" => rows(src, hidden, "hidden"),
         "self_attn.q_proj.weight" => h(rows(src, sel.q.as_ref(), "heads")),
         "self_attn.k_proj.weight" => h(rows(src, sel.kv.as_ref(), "kv groups")),
         "self_attn.v_proj.weight" => h(rows(src, sel.v.as_ref(), "kv groups")),

@@ -157,6 +157,13 @@ pub fn check_request(arch: &ModelArch, opts: &MoeOptions) -> Result<()> {
     if arch.layers.is_empty() {
         return Err(Error::invalid("the model has no layers"));
     }
+    if arch.family.is_gemma() {
+        return Err(Error::invalid(format!(
+            "a {} model cannot get experts: transformers has no Gemma mixture-of-experts class, \
+             and surgeon's shipped modeling code does not implement Gemma's norms and soft-capping",
+            arch.family.model_type()
+        )));
+    }
     for (l, layer) in arch.layers.iter().enumerate() {
         match layer.mlp {
             Mlp::Moe { num_experts, .. } => {

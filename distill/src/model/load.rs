@@ -8,7 +8,6 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use surgeon_formats::arch::layer_tensors;
 use surgeon_formats::{AttentionKind, ModelArch, Plan};
 
 /// The HF tensor name of every parameter of a model, by parameter id. Filled in by [`VarBuilder`]
@@ -88,10 +87,11 @@ fn mismatch(plan: &Plan, message: impl Into<String>) -> Error {
 
 /// Checks that the runtime supports `arch`.
 pub fn check_supported(arch: &ModelArch) -> Result<()> {
-    if arch.hidden_act != "silu" {
+    if !surgeon_formats::arch::SUPPORTED_ACTIVATIONS.contains(&arch.hidden_act.as_str()) {
         return Err(Error::Unsupported(format!(
-            "hidden_act `{}` (only silu)",
-            arch.hidden_act
+            "hidden_act `{}` (supported: {})",
+            arch.hidden_act,
+            surgeon_formats::arch::SUPPORTED_ACTIVATIONS.join(", ")
         )));
     }
     if arch.layers.is_empty() {
@@ -207,7 +207,7 @@ impl<B: Backend> Llama<B> {
         }
         ld.group(plan, &top)?;
         let embed_tokens = ld.root("model.embed_tokens").param("weight")?;
-        let norm = RmsNorm::load(&mut ld.root("model.norm"), arch.rms_norm_eps)?;
+        let norm = RmsNorm::load_for(&mut ld.root("model.norm"), arch)?;
         let lm_head = match arch.tie_word_embeddings {
             true => None,
             false => Some(ld.root("lm_head").param("weight")?),
@@ -216,24 +216,23 @@ impl<B: Backend> Llama<B> {
         let mut rope = Vec::with_capacity(arch.layers.len());
         for (i, l) in arch.layers.iter().enumerate() {
             // One layer's tensors at a time bounds the host memory held.
-            ld.group(plan, &layer_tensors(i, l, h))?;
+            ld.group(plan, &arch.layer_tensors(i))?;
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer::load(&mut ld.root(&p), l, arch)?);
-            let scaling = arch.rope_scaling.as_ref();
-            let max = arch.max_position_embeddings;
-            rope.push(Rope::new(
-                l.attention.head_dim,
-                arch.rope_theta,
-                scaling,
-                max,
-            )?);
+            rope.push(layer_rope(arch, i)?);
         }
+        let embed_dtype = plan.tensors["model.embed_tokens.weight"].dtype;
         Ok(Llama {
             embed_tokens,
             layers,
             norm,
             lm_head,
             rope,
+            embed_scale: arch
+                .family
+                .is_gemma()
+                .then(|| super::embed_scale(h, embed_dtype)),
+            final_softcap: arch.gemma.final_logit_softcapping,
             names: ParamNames(Arc::new(ld.names)),
         })
     }
@@ -257,14 +256,19 @@ impl<B: Backend> Llama<B> {
             device,
             names: BTreeMap::new(),
         };
-        ld.group(plan, &layer_tensors(i, l, arch.hidden_size))?;
+        ld.group(plan, &arch.layer_tensors(i))?;
         let layer = DecoderLayer::load(&mut ld.root(&format!("model.layers.{i}")), l, arch)?;
-        let rope = Rope::new(
-            l.attention.head_dim,
-            arch.rope_theta,
-            arch.rope_scaling.as_ref(),
-            arch.max_position_embeddings,
-        )?;
-        Ok((layer, rope))
+        Ok((layer, layer_rope(arch, i)?))
+    }
+}
+
+/// The rotary frequencies of layer `i`: the model's `rope_theta` and `rope_scaling`, or for a
+/// sliding layer of a model with a local base (Gemma 3) that base, unscaled.
+fn layer_rope(arch: &ModelArch, i: usize) -> Result<Rope> {
+    let a = &arch.layers[i].attention;
+    let max = arch.max_position_embeddings;
+    match arch.gemma.rope_local_theta {
+        Some(local) if !a.full_attention => Rope::new(a.head_dim, local, None, max),
+        _ => Rope::new(a.head_dim, arch.rope_theta, arch.rope_scaling.as_ref(), max),
     }
 }

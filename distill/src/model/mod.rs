@@ -14,6 +14,7 @@
 //!
 //! There is one decoder forward ([`DecoderLayer::forward`]); it reports intermediate values to a
 //! [`Probe`] (no-ops by default), from which `crate::probe` builds calibration statistics.
+mod gemma;
 mod hedgehog;
 #[cfg(test)]
 pub(crate) mod hedgehog_tests;
@@ -21,6 +22,7 @@ mod kv_buffer;
 mod load;
 mod named;
 
+pub use gemma::{embed_scale, gelu_tanh, softcap};
 pub use hedgehog::{FeatureMap, Hedgehog, LinearState};
 pub use kv_buffer::KvBuffer;
 pub use load::{check_supported, param_id_for, ParamNames, VarBuilder};
@@ -68,11 +70,13 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// RMSNorm as in HF Llama: `weight * x / sqrt(mean(x^2) + eps)`.
+/// RMSNorm as in HF Llama: `weight * x / sqrt(mean(x^2) + eps)`; Gemma's multiplies by
+/// `offset + weight` with `offset` 1 (the stored weight is centred on 0).
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
     pub eps: f64,
+    pub offset: f32,
 }
 
 impl<B: Backend> RmsNorm<B> {
@@ -81,6 +85,15 @@ impl<B: Backend> RmsNorm<B> {
         Ok(RmsNorm {
             weight: vb.param("weight")?,
             eps,
+            offset: 0.0,
+        })
+    }
+
+    /// Loads `weight` under `vb` for a model of `arch`'s family (eps and offset from `arch`).
+    pub fn load_for(vb: &mut VarBuilder<'_, '_, B>, arch: &ModelArch) -> Result<Self> {
+        Ok(RmsNorm {
+            offset: arch.family.norm_offset(),
+            ..RmsNorm::load(vb, arch.rms_norm_eps)?
         })
     }
 
@@ -88,7 +101,11 @@ impl<B: Backend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let var = x.clone().powi_scalar(2).mean_dim(D - 1);
         let x = x * (var + self.eps).sqrt().recip();
-        x * self.weight.val().unsqueeze::<D>()
+        let w = match self.offset {
+            0.0 => self.weight.val(),
+            o => self.weight.val() + o,
+        };
+        x * w.unsqueeze::<D>()
     }
 }
 
@@ -293,13 +310,17 @@ pub fn apply_rope<B: Backend>(
     x * cos.clone() + rotated * sin.clone()
 }
 
+/// Which rotary tables a layer reads: its head size, and whether it uses the local base.
+type RopeKey = (usize, bool);
+
 /// Tables shared by every layer of one forward call, built once per call: rotary `(cos, sin)` per
 /// head size and the causal (optionally sliding-window) mask per window.
 pub struct Positions<B: Backend> {
     /// Query positions `start..start + len`; keys cover `0..start + len`.
     pub start: usize,
     pub len: usize,
-    rope: Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)>,
+    /// Per (head size, local base): Gemma 3's sliding layers have their own RoPE base.
+    rope: Vec<(RopeKey, Tensor<B, 4>, Tensor<B, 4>)>,
     masks: Vec<(usize, Tensor<B, 4, Bool>)>,
 }
 
@@ -322,9 +343,10 @@ impl<B: Backend> Positions<B> {
             let Some(a) = model.layers[i].self_attn() else {
                 continue;
             };
-            if !p.rope.iter().any(|(d, ..)| *d == a.head_dim) {
+            let key = (a.head_dim, a.local_rope);
+            if !p.rope.iter().any(|(k, ..)| *k == key) {
                 let (c, s) = model.rope[i].tables::<B>(start, len, device);
-                p.rope.push((a.head_dim, c, s));
+                p.rope.push((key, c, s));
             }
             if a.hedgehog.is_none() && !p.masks.iter().any(|(w, _)| *w == a.sliding_window) {
                 let m = causal_mask::<B>(start, len, a.sliding_window, device);
@@ -336,10 +358,15 @@ impl<B: Backend> Positions<B> {
 
     /// `(cos, sin)` `[1, 1, len, head_dim]` for heads of size `head_dim`.
     pub fn rope(&self, head_dim: usize) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
+        self.rope_for(head_dim, false)
+    }
+
+    /// `(cos, sin)` for heads of size `head_dim`, with the local RoPE base when `local`.
+    pub fn rope_for(&self, head_dim: usize, local: bool) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
         let (_, c, s) = self
             .rope
             .iter()
-            .find(|(d, ..)| *d == head_dim)
+            .find(|(k, ..)| *k == (head_dim, local))
             .expect("rotary tables built for every layer's head size");
         (c, s)
     }
@@ -393,6 +420,12 @@ pub struct SelfAttention<B: Backend> {
     pub v_head_dim: usize,
     /// Sliding window (keys with `q - k >= window` are masked); 0 means none.
     pub sliding_window: usize,
+    /// Multiplier of the scores `q . k` (`1 / sqrt(head_dim)`; Gemma: `1 / sqrt(query_pre_attn_scalar)`).
+    pub scale: f64,
+    /// Scores become `c * tanh(score / c)` before the mask (Gemma 2's `attn_logit_softcapping`).
+    pub softcap: Option<f64>,
+    /// Rotary tables of the model's local base (Gemma 3's sliding layers).
+    pub local_rope: bool,
     /// Feature maps (and mixing factors) of a layer converted to linear attention.
     pub hedgehog: Option<Hedgehog<B>>,
 }
@@ -422,6 +455,9 @@ impl<B: Backend> SelfAttention<B> {
             head_dim: a.head_dim,
             v_head_dim: a.v_head_dim,
             sliding_window: window,
+            scale: 1.0 / (a.head_dim as f64).sqrt(),
+            softcap: None,
+            local_rope: false,
             hedgehog: match a.kind {
                 AttentionKind::Hedgehog { window, .. } => Some(Hedgehog::load(vb, window)?),
                 _ => None,
@@ -471,7 +507,7 @@ impl<B: Backend> SelfAttention<B> {
             self.head_dim,
             self.v_head_dim,
         );
-        let (cos, sin) = pos.rope(d);
+        let (cos, sin) = pos.rope_for(d, self.local_rope);
         let q = self
             .q_proj
             .forward(x.clone())
@@ -498,12 +534,12 @@ impl<B: Backend> SelfAttention<B> {
     /// of Hedgehog's attention-weight distillation; the forward never builds them).
     pub fn softmax_weights(&self, x: Tensor<B, 3>, pos: &Positions<B>) -> Tensor<B, 4> {
         let (q, k, _) = self.qkv(x, pos);
-        let [b, h, t, d] = q.dims();
+        let [b, h, t, _] = q.dims();
         let k = self.repeat_kv(k);
         let mask = pos.mask(self.sliding_window).clone().expand([b, h, t, t]);
         let scores = q
             .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (d as f64).sqrt())
+            .mul_scalar(self.scale)
             .mask_fill(mask, -1.0e30);
         softmax(scores, 3)
     }
@@ -550,10 +586,13 @@ impl<B: Backend> SelfAttention<B> {
         let scores = q
             .reshape([b, g, r * t, d])
             .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (d as f64).sqrt())
-            .reshape([b, g, r, t, tk])
-            .mask_fill(mask, -1.0e30);
-        softmax(scores, 4)
+            .mul_scalar(self.scale)
+            .reshape([b, g, r, t, tk]);
+        let scores = match self.softcap {
+            Some(c) => softcap(scores, c),
+            None => scores,
+        };
+        softmax(scores.mask_fill(mask, -1.0e30), 4)
             .reshape([b, g, r * t, tk])
             .matmul(v)
             .reshape([b, h, t, dv])
@@ -579,6 +618,8 @@ pub struct SwiGlu<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    /// GeGLU with tanh-approximated GELU (`gelu_pytorch_tanh`, Gemma) instead of SiLU.
+    pub gelu_tanh: bool,
 }
 
 /// HF names of a SwiGLU's gate, up and down projections in a dense layer (`mlp`).
@@ -593,6 +634,7 @@ impl<B: Backend> SwiGlu<B> {
             gate_proj: Linear::load(&mut vb.pp(names[0]), false)?,
             up_proj: Linear::load(&mut vb.pp(names[1]), false)?,
             down_proj: Linear::load(&mut vb.pp(names[2]), false)?,
+            gelu_tanh: false,
         })
     }
 
@@ -602,7 +644,11 @@ impl<B: Backend> SwiGlu<B> {
 
     /// The neuron activations `silu(gate(x)) * up(x)` (the input of `down_proj`).
     pub fn activation<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let g = activation::silu(self.gate_proj.forward(x.clone()));
+        let g = self.gate_proj.forward(x.clone());
+        let g = match self.gelu_tanh {
+            true => gelu_tanh(g),
+            false => activation::silu(g),
+        };
         g * self.up_proj.forward(x)
     }
 }
@@ -756,6 +802,16 @@ impl<B: Backend> Mlp<B> {
         self.forward_probed(x, 0, &mut NoProbe)
     }
 
+    /// The MLP with GeGLU (tanh-approximated GELU) when `hidden_act` is `gelu_pytorch_tanh`.
+    pub fn with_activation(mut self, hidden_act: &str) -> Self {
+        let gelu = hidden_act == "gelu_pytorch_tanh";
+        match &mut self {
+            Mlp::Dense(m) => m.gelu_tanh = gelu,
+            Mlp::Moe(m) => m.experts.iter_mut().for_each(|e| e.gelu_tanh = gelu),
+        }
+        self
+    }
+
     /// [`Mlp::forward`] reporting the dense activations or the router logits of layer `l`.
     pub fn forward_probed(
         &self,
@@ -774,18 +830,23 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// The attention half of a decoder layer: `input_layernorm` and `self_attn`.
+/// The attention half of a decoder layer: `input_layernorm` and `self_attn` (for Gemma also the
+/// norm of the attention's output, its `post_attention_layernorm`).
 #[derive(Module, Debug)]
 pub struct AttentionBlock<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: SelfAttention<B>,
+    pub post_norm: Option<RmsNorm<B>>,
 }
 
-/// The MLP half of a decoder layer: `post_attention_layernorm` and the MLP.
+/// The MLP half of a decoder layer: `post_attention_layernorm` and the MLP (for Gemma:
+/// `pre_feedforward_layernorm`, the MLP and `post_feedforward_layernorm`).
 #[derive(Module, Debug)]
 pub struct MlpBlock<B: Backend> {
+    /// The norm of the MLP's input (Gemma's `pre_feedforward_layernorm`).
     pub post_attention_layernorm: RmsNorm<B>,
     pub mlp: Mlp<B>,
+    pub post_norm: Option<RmsNorm<B>>,
 }
 
 /// One pre-norm decoder layer. A skipped (no-op) attention or MLP has neither its norm nor its
@@ -800,23 +861,46 @@ impl<B: Backend> DecoderLayer<B> {
     /// Loads layer `layer` of `arch` under `vb` (HF `model.layers.{i}`).
     pub fn load(vb: &mut VarBuilder<'_, '_, B>, layer: &Layer, arch: &ModelArch) -> Result<Self> {
         let eps = arch.rms_norm_eps;
-        let window = arch.sliding_window.unwrap_or(0);
+        let window = gemma::layer_window(arch, &layer.attention);
         let a = &layer.attention;
+        let gemma = arch.family.is_gemma();
         let attention = match a.is_no_op() {
             true => None,
-            false => Some(AttentionBlock {
-                input_layernorm: RmsNorm::load(&mut vb.pp("input_layernorm"), eps)?,
-                self_attn: SelfAttention::load(&mut vb.pp("self_attn"), a, window, eps)?,
-            }),
+            false => {
+                let input_layernorm = RmsNorm::load_for(&mut vb.pp("input_layernorm"), arch)?;
+                let mut self_attn = SelfAttention::load(&mut vb.pp("self_attn"), a, window, eps)?;
+                let post_norm = match gemma {
+                    true => {
+                        gemma::configure_attention(&mut self_attn, arch, a);
+                        Some(RmsNorm::load_for(
+                            &mut vb.pp("post_attention_layernorm"),
+                            arch,
+                        )?)
+                    }
+                    false => None,
+                };
+                Some(AttentionBlock {
+                    input_layernorm,
+                    self_attn,
+                    post_norm,
+                })
+            }
         };
         let feed_forward = match layer.mlp {
             surgeon_formats::Mlp::NoOp => None,
             _ => Some(MlpBlock {
-                post_attention_layernorm: RmsNorm::load(
-                    &mut vb.pp("post_attention_layernorm"),
-                    eps,
-                )?,
-                mlp: Mlp::load(vb, &layer.mlp)?,
+                post_attention_layernorm: match gemma {
+                    true => RmsNorm::load_for(&mut vb.pp("pre_feedforward_layernorm"), arch)?,
+                    false => RmsNorm::load(&mut vb.pp("post_attention_layernorm"), eps)?,
+                },
+                post_norm: match gemma {
+                    true => Some(RmsNorm::load_for(
+                        &mut vb.pp("post_feedforward_layernorm"),
+                        arch,
+                    )?),
+                    false => None,
+                },
+                mlp: Mlp::load(vb, &layer.mlp)?.with_activation(&arch.hidden_act),
             }),
         };
         Ok(DecoderLayer {
@@ -852,7 +936,11 @@ impl<B: Backend> DecoderLayer<B> {
                 probe.attention_input(l, &a);
                 let heads = att.self_attn.heads(a, pos, cache);
                 probe.attention_heads(l, &heads);
-                x + att.self_attn.o_proj.forward(heads)
+                let o = att.self_attn.o_proj.forward(heads);
+                match &att.post_norm {
+                    Some(n) => x + n.forward(o),
+                    None => x + o,
+                }
             }
             None => x,
         };
@@ -860,7 +948,11 @@ impl<B: Backend> DecoderLayer<B> {
             Some(ff) => {
                 let m = ff.post_attention_layernorm.forward(h.clone());
                 probe.mlp_input(l, &m);
-                h + ff.mlp.forward_probed(m, l, probe)
+                let o = ff.mlp.forward_probed(m, l, probe);
+                match &ff.post_norm {
+                    Some(n) => h + n.forward(o),
+                    None => h + o,
+                }
             }
             None => h,
         };
@@ -947,6 +1039,12 @@ pub struct Llama<B: Backend> {
     /// Per-layer rotary tables' frequencies (layers may differ in head_dim).
     #[module(skip)]
     pub rope: Vec<Rope>,
+    /// Factor of the token embeddings (Gemma: sqrt(hidden) in the embedding's dtype).
+    #[module(skip)]
+    pub embed_scale: Option<f32>,
+    /// Logits become `c * tanh(logit / c)` (Gemma 2's `final_logit_softcapping`).
+    #[module(skip)]
+    pub final_softcap: Option<f64>,
     /// HF tensor name of every parameter, by parameter id (recorded while loading).
     #[module(skip)]
     pub names: ParamNames,
@@ -1016,7 +1114,11 @@ impl<B: Backend> Llama<B> {
 
     /// Token embeddings `[B, T, h]`.
     pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embedding(self.embed_tokens.val(), tokens)
+        let x = embedding(self.embed_tokens.val(), tokens);
+        match self.embed_scale {
+            Some(s) => x.mul_scalar(s),
+            None => x,
+        }
     }
 
     /// Runs decoder layers `range` over hidden states `x` (positions continue `cache` if given; without
@@ -1061,9 +1163,13 @@ impl<B: Backend> Llama<B> {
             None => self.embed_tokens.val(),
         };
         let v = w.dims()[0];
-        hidden
+        let logits = hidden
             .reshape([b * t, h])
             .matmul(w.transpose())
-            .reshape([b, t, v])
+            .reshape([b, t, v]);
+        match self.final_softcap {
+            Some(c) => softcap(logits, c),
+            None => logits,
+        }
     }
 }
