@@ -101,6 +101,30 @@ pub fn check_supported(arch: &ModelArch) -> Result<()> {
         let a = &l.attention;
         match a.kind {
             AttentionKind::Softmax | AttentionKind::NoOp => {}
+            AttentionKind::Mla {
+                kv_lora_rank,
+                qk_rope_head_dim,
+                ..
+            } => {
+                let bad = kv_lora_rank == 0
+                    || qk_rope_head_dim == 0
+                    || qk_rope_head_dim % 2 != 0
+                    || qk_rope_head_dim > a.head_dim
+                    || a.qkv_bias
+                    || a.qk_norm;
+                if bad {
+                    return Err(Error::Unsupported(format!(
+                        "layer {i}: latent attention with kv_lora_rank {kv_lora_rank}, \
+                         qk_rope_head_dim {qk_rope_head_dim}, head_dim {}{}",
+                        a.head_dim,
+                        if a.qkv_bias || a.qk_norm {
+                            ", biases or query/key norms"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
             AttentionKind::Hedgehog { feature_dim, .. } => {
                 if feature_dim == 0 {
                     return Err(Error::Unsupported(format!(
@@ -117,7 +141,7 @@ pub fn check_supported(arch: &ModelArch) -> Result<()> {
         let bad = a.num_kv_heads == 0
             || a.num_heads % a.num_kv_heads != 0
             || a.head_dim == 0
-            || a.head_dim % 2 != 0
+            || a.rope_dim() % 2 != 0
             || a.v_head_dim == 0;
         if !a.is_no_op() && bad {
             return Err(Error::Unsupported(format!(
@@ -222,7 +246,7 @@ impl<B: Backend> Llama<B> {
             let scaling = arch.rope_scaling.as_ref();
             let max = arch.max_position_embeddings;
             rope.push(Rope::new(
-                l.attention.head_dim,
+                l.attention.rope_dim(),
                 arch.rope_theta,
                 scaling,
                 max,
@@ -260,7 +284,7 @@ impl<B: Backend> Llama<B> {
         ld.group(plan, &layer_tensors(i, l, arch.hidden_size))?;
         let layer = DecoderLayer::load(&mut ld.root(&format!("model.layers.{i}")), l, arch)?;
         let rope = Rope::new(
-            l.attention.head_dim,
+            l.attention.rope_dim(),
             arch.rope_theta,
             arch.rope_scaling.as_ref(),
             arch.max_position_embeddings,
