@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use surgeon_convert::mla::{full_kv_rank, LatentNorm, MlaOptions, RopeSelect};
-use surgeon_convert::InputStats;
 use surgeon_distill::generate::{generate, GenerateOptions};
 use surgeon_distill::model::Llama;
 use surgeon_distill::probe;
@@ -75,19 +74,11 @@ fn latent_cache_generation_equals_the_parallel_forward() {
     assert_eq!(cache.numel(), toks.len() * 2 * (12 + 4));
 }
 
-/// Attention-input second moments of `plan` on `tokens` (two windows).
-fn stats(plan: &Plan, tokens: &[u32]) -> Vec<InputStats> {
+/// Attention inputs of `plan` on `tokens` (two windows), token by token.
+fn stats(plan: &Plan, tokens: &[u32]) -> Vec<Vec<f32>> {
     let model = Llama::<B>::from_plan(plan, &Default::default()).unwrap();
     let windows: Vec<&[u32]> = tokens.chunks(tokens.len().div_ceil(2)).collect();
-    probe::attention_input_moments(&model, &windows)
-        .unwrap()
-        .into_iter()
-        .map(|m| InputStats {
-            tokens: m.tokens,
-            sum_outer: m.sum_outer,
-            sum: m.sum,
-        })
-        .collect()
+    probe::attention_inputs(&model, &windows).unwrap()
 }
 
 fn calibration_tokens() -> Vec<u32> {

@@ -12,19 +12,20 @@
 //!   root-mean-square pair norms from the calibration second moments, summed over heads and
 //!   layers: one progression for the whole model, as rope parameters are global). The other pairs
 //!   lose RoPE (approximation; healing recovers it).
-//! - One rotary key shared by all heads: the mean of the `G` key heads' rotary pairs (mean-pooling
-//!   commutes with RoPE); exact when `G = 1`.
+//! - One rotary key shared by all heads: per kept pair, the `G` key heads mixed by the leading
+//!   eigenvector of their calibration second moment (mixing heads at one frequency commutes with
+//!   RoPE); each query scales its pair by its key head's weight. Exact when `G = 1`.
 //! - Joint latent: PCA of the calibration activations of `[non-rotary keys of every KV head;
 //!   values of every KV head]` (`G (2d - r)` features, second moment `W M W^T` from the attention
 //!   input's second moment `M`); `kv_a_proj_with_mqa` holds the top `R` components, `kv_b_proj`
 //!   gives each query head its group's rows of them. Exact at full rank `R = G (2d - r)`.
 //! - The latent RMSNorm (`kv_a_layernorm`, and `q_a_layernorm` with `q_lora_rank`) that
-//!   DeepSeek-V3 always applies ([`LatentNorm`]).
+//!   DeepSeek-V3 always applies ([`LatentNorm`]): by default its weight is fitted by least squares
+//!   on the calibration tokens' latents.
 //! - Rotary features are written in DeepSeek's interleaved pairs ([`interleave_rows`], exact).
 //! - Query and key heads keep size `d` (`qk_nope_head_dim + qk_rope_head_dim = d`), so the
 //!   softmax scale `d^-0.5` is unchanged; values keep `d`; `o_proj` is unchanged.
 use crate::error::{Error, Result};
-use crate::InputStats;
 use nalgebra::{DMatrix, SymmetricEigen};
 use rayon::prelude::*;
 use serde_json::json;
@@ -50,9 +51,9 @@ pub enum RopeSelect {
 /// How the always-applied latent RMSNorm is handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LatentNorm {
-    /// Weight `sqrt(E[mean(c^2)] + eps)` from the calibration second moments: the norm returns a
-    /// token of average latent energy unchanged, others rescaled by their own 1/rms (approximate;
-    /// well scaled for healing).
+    /// Per-feature weight fitted by least squares on the calibration tokens so that the norm's
+    /// output is as close as possible to its input (approximate: each token is still rescaled by
+    /// its own 1/rms; well scaled for healing).
     Fit,
     /// The latent rows scaled by `a` so that `mean(c^2)` is about 1e-6 of `eps` on calibration
     /// text and the weight `sqrt(eps) / a`: the norm is then linear (relative deviation about
@@ -153,24 +154,40 @@ pub fn full_kv_rank(a: &Attention, rope_dim: usize) -> usize {
     a.num_kv_heads * (2 * a.head_dim - rope_dim)
 }
 
-/// The plan converted to DeepSeek-V3 latent attention; `stats` are each layer's attention-input
-/// second moments on calibration text.
-pub fn to_mla(plan: &Plan, opts: &MlaOptions, stats: &[InputStats]) -> Result<Plan> {
+/// The plan converted to DeepSeek-V3 latent attention; `inputs` are each layer's attention inputs
+/// on calibration text, token by token (`[tokens, hidden]` row-major, as `surgeon_distill`'s probe
+/// collects them).
+pub fn to_mla(plan: &Plan, opts: &MlaOptions, inputs: &[Vec<f32>]) -> Result<Plan> {
     check_options(plan, opts)?;
     let arch = &plan.arch;
-    if stats.len() != arch.num_layers() || stats.iter().any(|s| s.tokens == 0) {
+    let h = arch.hidden_size;
+    let bad = |x: &Vec<f32>| x.is_empty() || !x.len().is_multiple_of(h);
+    if inputs.len() != arch.num_layers() || inputs.iter().any(bad) {
         return Err(Error::Invalid(format!(
-            "calibration statistics for {} layers (some empty), the model has {}",
-            stats.len(),
+            "calibration inputs for {} layers (some empty or not [tokens, {h}]), the model has {}",
+            inputs.len(),
             arch.num_layers()
         )));
     }
     let a = arch.layers[0].attention.clone();
-    let moments: Vec<DMatrix<f64>> = stats.iter().map(second_moment).collect();
+    let samples: Vec<DMatrix<f64>> = inputs
+        .par_iter()
+        .map(|x| DMatrix::from_row_slice(x.len() / h, h, x).map(|v| v as f64))
+        .collect();
+    let moments: Vec<DMatrix<f64>> = samples
+        .par_iter()
+        .map(|x| x.tr_mul(x) / x.nrows() as f64)
+        .collect();
     let prog = select_pairs(plan, &a, opts, &moments)?;
     let layers = (0..arch.num_layers())
         .into_par_iter()
-        .map(|l| convert_layer(plan, l, &a, opts, prog, &moments[l]))
+        .map(|l| {
+            let cal = Calib {
+                x: &samples[l],
+                m: &moments[l],
+            };
+            convert_layer(plan, l, &a, opts, prog, cal)
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut out = plan.clone();
     for (l, tensors) in layers.into_iter().enumerate() {
@@ -232,10 +249,11 @@ fn rewrite_arch(out: &mut Plan, a: &Attention, opts: &MlaOptions, prog: Progress
     ));
 }
 
-/// `sum x x^T / tokens`.
-fn second_moment(s: &InputStats) -> DMatrix<f64> {
-    let h = s.sum.len();
-    DMatrix::from_row_slice(h, h, &s.sum_outer) / s.tokens as f64
+/// One layer's calibration data: attention inputs `x` (`[tokens, h]`) and `m = x^T x / tokens`.
+#[derive(Clone, Copy)]
+struct Calib<'a> {
+    x: &'a DMatrix<f64>,
+    m: &'a DMatrix<f64>,
 }
 
 /// The kept pairs: a fixed rule, or the progression of largest 2-norm score.
@@ -363,7 +381,7 @@ fn convert_layer(
     a: &Attention,
     opts: &MlaOptions,
     prog: Progression,
-    m: &DMatrix<f64>,
+    cal: Calib,
 ) -> Result<Tensors> {
     let p = format!("model.layers.{l}.self_attn");
     let hsz = plan.arch.hidden_size;
@@ -372,25 +390,29 @@ fn convert_layer(
     let wv = matrix(plan, &format!("{p}.v_proj.weight"), hsz)?;
     let (d, g, heads) = (a.head_dim, a.num_kv_heads, a.num_heads);
     let (rope, nope) = head_rows(d, &prog.pairs(opts.rope_dim / 2));
-    // Queries: per head [non-rotary | rotary interleaved].
+    let (k_rot, mix) = shared_rotary_key(&wk, &rope, g, d, cal.m);
+    // Queries: per head [non-rotary | rotary interleaved], the rotary pairs weighted by their key
+    // head's share in the shared key.
     let q_order: Vec<usize> = (0..heads)
         .flat_map(|q| nope.iter().chain(&rope).map(move |&r| q * d + r))
         .collect();
-    let wq = wq.select_rows(&q_order);
-    // Shared rotary key: the mean over key heads.
-    let mut k_rot = DMatrix::zeros(rope.len(), hsz);
-    for kv in 0..g {
-        let rows: Vec<usize> = rope.iter().map(|r| kv * d + r).collect();
-        k_rot += wk.select_rows(&rows) / g as f64;
+    let mut wq = wq.select_rows(&q_order);
+    for q in 0..heads {
+        let kv = q * g / heads;
+        for (i, pair) in mix.iter().enumerate() {
+            let row = q * d + nope.len() + 2 * i;
+            for r in [row, row + 1] {
+                wq.row_mut(r).scale_mut(pair[kv]);
+            }
+        }
     }
     // Joint latent over [non-rotary keys of every head; values of every head].
     let k_rows: Vec<usize> = (0..g)
         .flat_map(|kv| nope.iter().map(move |r| kv * d + r))
         .collect();
     let z = stack(&wk.select_rows(&k_rows), &wv);
-    let u = top_components(&(&z * m * z.transpose()), opts.kv_rank);
-    let latent = u.transpose() * &z;
-    let (latent, w_kv) = latent_norm(latent, m, opts.latent_norm);
+    let u = top_components(&(&z * cal.m * z.transpose()), opts.kv_rank);
+    let (latent, w_kv) = latent_norm(u.transpose() * &z, cal, opts.latent_norm);
     let kv_a = stack(&latent, &k_rot);
     let kn = nope.len();
     let kv_b_rows: Vec<usize> = (0..heads)
@@ -406,8 +428,8 @@ fn convert_layer(
     match opts.q_rank {
         None => out.push(tensor("q_proj", &wq)),
         Some(rank) => {
-            let v = top_components(&(&wq * m * wq.transpose()), rank);
-            let (qa, w_q) = latent_norm(v.transpose() * &wq, m, opts.latent_norm);
+            let v = top_components(&(&wq * cal.m * wq.transpose()), rank);
+            let (qa, w_q) = latent_norm(v.transpose() * &wq, cal, opts.latent_norm);
             out.push(tensor("q_a_proj", &qa));
             out.push(("q_a_layernorm".into(), vec![rank], w_q));
             out.push(tensor("q_b_proj", &v));
@@ -417,6 +439,38 @@ fn convert_layer(
     out.push(("kv_a_layernorm".into(), vec![opts.kv_rank], w_kv));
     out.push(tensor("kv_b_proj", &kv_b));
     Ok(out)
+}
+
+/// The one rotary key shared by all heads (`rope` rows of a head, interleaved pairs) and, per
+/// kept pair, each key head's weight in it: the key heads mixed by the leading eigenvector of
+/// their second moment on that pair (TransMLA's RoRoPE idea: a mix of heads at one frequency
+/// commutes with RoPE). Exact for one key head; otherwise the best one-head approximation of the
+/// pair's keys, and each query keeps `weight x` its pair.
+fn shared_rotary_key(
+    wk: &DMatrix<f64>,
+    rope: &[usize],
+    g: usize,
+    d: usize,
+    m: &DMatrix<f64>,
+) -> (DMatrix<f64>, Vec<Vec<f64>>) {
+    let mut k_rot = DMatrix::zeros(rope.len(), wk.ncols());
+    let mut mix = vec![];
+    for (i, pair) in rope.chunks(2).enumerate() {
+        let heads: Vec<DMatrix<f64>> = (0..g)
+            .map(|kv| wk.select_rows(&[kv * d + pair[0], kv * d + pair[1]]))
+            .collect();
+        let c = DMatrix::from_fn(g, g, |x, y| (&heads[x] * m).component_mul(&heads[y]).sum());
+        let top = top_components(&c, 1);
+        let sign = if top.sum() < 0.0 { -1.0 } else { 1.0 };
+        let u: Vec<f64> = top.iter().map(|v| v * sign).collect();
+        let mut rows = DMatrix::zeros(2, wk.ncols());
+        for (kv, h) in heads.iter().enumerate() {
+            rows += h * u[kv];
+        }
+        k_rot.rows_mut(2 * i, 2).copy_from(&rows);
+        mix.push(u);
+    }
+    (k_rot, mix)
 }
 
 /// `[a; b]` (rows of `a`, then rows of `b`).
@@ -436,22 +490,42 @@ fn top_components(c: &DMatrix<f64>, k: usize) -> DMatrix<f64> {
 }
 
 /// The down-projection `a` (`[R, h]`) and the weight of the RMSNorm after it, as `norm` says,
-/// from the attention input's second moment `m`.
-fn latent_norm(a: DMatrix<f64>, m: &DMatrix<f64>, norm: LatentNorm) -> (DMatrix<f64>, Vec<f32>) {
+/// from the calibration inputs.
+fn latent_norm(a: DMatrix<f64>, cal: Calib, norm: LatentNorm) -> (DMatrix<f64>, Vec<f32>) {
     let rank = a.nrows();
-    // E[mean_j c_j^2] for c = a x.
-    let energy = ((&a * m).component_mul(&a).sum() / rank as f64).max(0.0);
     match norm {
         LatentNorm::Fit => {
-            let w = (energy + LATENT_EPS).sqrt() as f32;
-            (a, vec![w; rank])
+            let w = fit_norm_weight(&(cal.x * a.transpose()));
+            (a, w)
         }
         LatentNorm::Linear => {
+            // E[mean_j c_j^2] for c = a x.
+            let energy = ((&a * cal.m).component_mul(&a).sum() / rank as f64).max(0.0);
             let scale = (1e-6 * LATENT_EPS / energy.max(f64::MIN_POSITIVE)).sqrt();
             let w = (LATENT_EPS.sqrt() / scale) as f32;
             (a * scale, vec![w; rank])
         }
     }
+}
+
+/// Per feature `j`, the weight `w_j` minimising `sum_t (w_j c_tj / rms_t - c_tj)^2` over the
+/// calibration latents `c` (`[tokens, R]`): `sum c^2 / rms / sum c^2 / rms^2` (1 for a feature
+/// that is always zero).
+pub fn fit_norm_weight(c: &DMatrix<f64>) -> Vec<f32> {
+    let rank = c.ncols();
+    let mut num = vec![0f64; rank];
+    let mut den = vec![0f64; rank];
+    for row in c.row_iter() {
+        let rms = (row.norm_squared() / rank as f64 + LATENT_EPS).sqrt();
+        for (j, v) in row.iter().enumerate() {
+            num[j] += v * v / rms;
+            den[j] += v * v / (rms * rms);
+        }
+    }
+    num.iter()
+        .zip(&den)
+        .map(|(n, d)| if *d > 0.0 { (n / d) as f32 } else { 1.0 })
+        .collect()
 }
 
 fn tensor(name: &str, m: &DMatrix<f64>) -> (String, Vec<usize>, Vec<f32>) {

@@ -3,7 +3,7 @@
 use super::common::{command_line, BackendArgs, OutputArgs};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-use surgeon_convert::{HedgehogOptions, InputStats, LatentNorm, MlaOptions, RopeSelect};
+use surgeon_convert::{HedgehogOptions, LatentNorm, MlaOptions, RopeSelect};
 use surgeon_distill::calibrate::{self, Calibration};
 
 /// The attention to convert to.
@@ -73,8 +73,8 @@ pub struct Args {
     /// --to mla: queries through a low-rank bottleneck of Q features (`q_lora_rank`).
     #[arg(long, value_name = "Q")]
     pub q_rank: Option<usize>,
-    /// --to mla: which frequency pairs keep RoPE.
-    #[arg(long, value_enum, default_value = "2norm")]
+    /// --to mla: which frequency pairs keep RoPE (high: measured best on SmolLM2, see README).
+    #[arg(long, value_enum, default_value = "high")]
     pub rope_select: RopeSelectArg,
     /// --to mla: how the latent RMSNorm is set.
     #[arg(long, value_enum, default_value = "fit")]
@@ -185,18 +185,10 @@ fn to_mla(a: &Args, plan: &surgeon_formats::Plan) -> Result<surgeon_formats::Pla
         max_tokens: a.max_tokens,
         window: a.calib_window,
     };
-    let (moments, tokens) = calibrate::attention_input_moments(plan, &cal, a.backend.backend)
+    let (inputs, tokens) = calibrate::attention_inputs(plan, &cal, a.backend.backend)
         .context("measuring attention inputs on the calibration text")?;
-    eprintln!("calibration: attention-input second moments of every layer on {tokens} tokens");
-    let stats: Vec<InputStats> = moments
-        .into_iter()
-        .map(|m| InputStats {
-            tokens: m.tokens,
-            sum_outer: m.sum_outer,
-            sum: m.sum,
-        })
-        .collect();
-    let out = surgeon_convert::to_mla(plan, &opts, &stats)?;
+    eprintln!("calibration: attention inputs of every layer on {tokens} tokens");
+    let out = surgeon_convert::to_mla(plan, &opts, &inputs)?;
     eprintln!(
         "KV cache per token at 16 bits: {} -> {} bytes",
         2 * plan.arch.kv_cache_values_per_token(),
