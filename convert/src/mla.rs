@@ -590,6 +590,19 @@ mod tests {
     }
 
     #[test]
+    fn fitted_norm_weight_undoes_a_constant_rms() {
+        // Every token's latent has rms 2 (and eps is negligible): the weight is 2 everywhere.
+        let c = DMatrix::from_row_slice(2, 2, &[2.0, -2.0, 2.0 * 2f64.sqrt(), 0.0]);
+        let w = fit_norm_weight(&c);
+        for x in w {
+            assert!((x - 2.0).abs() < 1e-5, "{x}");
+        }
+        // A feature that is always zero keeps weight 1.
+        let z = DMatrix::from_row_slice(2, 2, &[1.0, 0.0, 3.0, 0.0]);
+        assert_eq!(fit_norm_weight(&z)[1], 1.0);
+    }
+
+    #[test]
     fn head_rows_split_pairs() {
         let (rope, nope) = head_rows(8, &[0, 2]);
         assert_eq!(rope, vec![0, 4, 2, 6]);
