@@ -4,6 +4,7 @@
 //!   pruned (data-aware with calibration statistics).
 //! - [`gqa`]: regroup key/value heads (MHA <-> GQA <-> MQA) by mean-pooling or repeating them.
 //! - [`hedgehog`]: linearise attention (Hedgehog feature maps, LoLCATs sliding-window hybrid).
+//! - [`mla`]: multi-head latent attention in DeepSeek-V3 layout (partial RoPE, PCA latent).
 //!
 //! Like the structural operators in `surgeon-surgery`, these rewrite plans without touching data;
 //! the writer materialises the new tensors while streaming.
@@ -11,8 +12,10 @@ pub mod clover;
 pub mod error;
 pub mod gqa;
 pub mod hedgehog;
+pub mod mla;
 
 pub use clover::{clover, CloverOptions, CloverReport, InputStats, VoRank};
 pub use error::{Error, Result};
 pub use gqa::regroup_kv_heads;
 pub use hedgehog::{to_hedgehog, HedgehogOptions};
+pub use mla::{to_mla, LatentNorm, MlaOptions, RopeSelect};

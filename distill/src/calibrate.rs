@@ -6,6 +6,7 @@
 //! - [`mlp_captures`]: per-layer MLP inputs and SwiGLU activations (`moe` split methods).
 //! - [`attention_input_moments`]: per-layer second moments of the attention input (`clover`'s
 //!   data-aware whitening).
+//! - [`attention_inputs`]: per-layer attention inputs token by token (`convert-attention --to mla`).
 //! - [`importance`]: Minitron's activation importance (`importance`, `prune`, `search`).
 use crate::backend::{BackendJob, BackendKind};
 use crate::error::{Error, Result};
@@ -154,6 +155,30 @@ pub fn attention_input_moments(
     let windows = ids.chunks(cal.window_for(plan)).collect();
     let moments = backend.run(Job { plan, windows })??;
     Ok((moments, ids.len()))
+}
+
+/// Every layer's attention input per token (`[tokens, h]` row-major) on the calibration text, run
+/// on `backend`, with the number of tokens.
+pub fn attention_inputs(
+    plan: &Plan,
+    cal: &Calibration,
+    backend: BackendKind,
+) -> Result<(Vec<Vec<f32>>, usize)> {
+    struct Job<'a> {
+        plan: &'a Plan,
+        windows: Vec<&'a [u32]>,
+    }
+    impl BackendJob for Job<'_> {
+        type Output = Result<Vec<Vec<f32>>>;
+        fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+            let model = Llama::<B>::from_plan(self.plan, &device)?;
+            probe::attention_inputs(&model, &self.windows)
+        }
+    }
+    let ids = cal.tokens(plan)?;
+    let windows = ids.chunks(cal.window_for(plan)).collect();
+    let inputs = backend.run(Job { plan, windows })??;
+    Ok((inputs, ids.len()))
 }
 
 // ---- Minitron activation importance (`surgeon importance`) ----

@@ -11,6 +11,8 @@
 //!   (`surgeon_surgery::moe` split and router methods).
 //! - [`Importance`] / [`importance()`]: Minitron's activation importance of neurons, heads and
 //!   hidden channels (`surgeon importance`, `surgeon prune`).
+//! - [`AttentionInputs`] / [`attention_inputs`]: every layer's attention input per token
+//!   (`surgeon_convert::mla`).
 //! - [`RouterLogits`]: router logits of every MoE layer, as tensors, for the load-balancing loss.
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -204,6 +206,33 @@ pub fn capture_layers<B: Backend>(
     let mut p = MlpCapture {
         activations: want_activations,
         layers: vec![LayerCapture::default(); model.layers.len()],
+    };
+    for w in windows.iter().filter(|w| !w.is_empty()) {
+        model.forward_probed(window_tensor(model, w)?, &mut p);
+    }
+    Ok(p.layers)
+}
+
+/// Collects every layer's attention input token by token (`[tokens, h]` row-major per layer), for
+/// statistics that need each token (`convert-attention --to mla` fits its latent norm on them).
+#[derive(Clone, Debug, Default)]
+pub struct AttentionInputs {
+    pub layers: Vec<Vec<f32>>,
+}
+
+impl<B: Backend> Probe<B> for AttentionInputs {
+    fn attention_input(&mut self, l: usize, x: &Tensor<B, 3>) {
+        if self.layers.len() <= l {
+            self.layers.resize(l + 1, vec![]);
+        }
+        self.layers[l].extend(host(x));
+    }
+}
+
+/// Runs `model` over `windows` and returns every layer's attention inputs, in window order.
+pub fn attention_inputs<B: Backend>(model: &Llama<B>, windows: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+    let mut p = AttentionInputs {
+        layers: vec![vec![]; model.layers.len()],
     };
     for w in windows.iter().filter(|w| !w.is_empty()) {
         model.forward_probed(window_tensor(model, w)?, &mut p);

@@ -27,6 +27,9 @@ pub enum Family {
     /// the sliding layers and no soft-capping by default.
     #[serde(rename = "gemma3_text")]
     Gemma3,
+    /// DeepSeek-V3 with every layer dense: multi-head latent attention ([`AttentionKind::Mla`]).
+    #[serde(rename = "deepseek_v3")]
+    DeepseekV3,
 }
 
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
@@ -39,6 +42,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "phi3",
     "gemma2",
     "gemma3_text",
+    "deepseek_v3",
 ];
 
 /// Activations of the gated MLP the runtime computes: SwiGLU and tanh-approximated GeGLU.
@@ -56,6 +60,7 @@ impl Family {
             "phi3" => Some(Family::Phi3),
             "gemma2" => Some(Family::Gemma2),
             "gemma3_text" => Some(Family::Gemma3),
+            "deepseek_v3" => Some(Family::DeepseekV3),
             _ => None,
         }
     }
@@ -70,6 +75,7 @@ impl Family {
             Family::Phi3 => "phi3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3_text",
+            Family::DeepseekV3 => "deepseek_v3",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -83,6 +89,7 @@ impl Family {
             Family::Phi3 => "Phi3ForCausalLM",
             Family::Gemma2 => "Gemma2ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
     }
     /// Queries and keys pass a per-head RMSNorm (`q_norm`, `k_norm`) before the rotary embedding.
@@ -136,6 +143,19 @@ pub enum AttentionKind {
     /// layer input directly (nemotron-nas `attention.no_op`). The head counts are kept only so the
     /// model's global head count stays known; see [`Attention::no_op`].
     NoOp,
+    /// DeepSeek-V3 multi-head latent attention (transformers' `DeepseekV3Attention`). Keys and values
+    /// come from one latent of `kv_lora_rank` features per token (`kv_a_proj_with_mqa`, then
+    /// `kv_a_layernorm`, then `kv_b_proj`), plus one rotary key of `qk_rope_head_dim` features shared
+    /// by all heads. Queries come from `q_proj`, or with `q_lora_rank` from `q_a_proj`,
+    /// `q_a_layernorm`, `q_b_proj`. Each query/key head is `[non-rotary | rotary]`: `head_dim` is
+    /// `qk_nope_head_dim + qk_rope_head_dim`; the rotary features are stored in interleaved pairs
+    /// (`rope_interleave`). `num_kv_heads` equals `num_heads`; there are no biases.
+    Mla {
+        kv_lora_rank: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        q_lora_rank: Option<usize>,
+        qk_rope_head_dim: usize,
+    },
 }
 
 /// One layer's attention: `num_heads` query heads and `num_kv_heads` key/value heads; queries and
@@ -173,6 +193,9 @@ struct AttentionRepr {
     kind: serde_json::Value,
     feature_dim: Option<usize>,
     window: Option<usize>,
+    kv_lora_rank: Option<usize>,
+    q_lora_rank: Option<usize>,
+    qk_rope_head_dim: Option<usize>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -193,8 +216,15 @@ impl TryFrom<AttentionRepr> for Attention {
                 if let Some(f) = r.feature_dim {
                     tagged["feature_dim"] = f.into();
                 }
-                if let Some(w) = r.window {
-                    tagged["window"] = w.into();
+                for (key, v) in [
+                    ("window", r.window),
+                    ("kv_lora_rank", r.kv_lora_rank),
+                    ("q_lora_rank", r.q_lora_rank),
+                    ("qk_rope_head_dim", r.qk_rope_head_dim),
+                ] {
+                    if let Some(v) = v {
+                        tagged[key] = v.into();
+                    }
                 }
                 tagged
             }
@@ -236,6 +266,16 @@ impl Attention {
     }
     pub fn is_no_op(&self) -> bool {
         self.kind == AttentionKind::NoOp
+    }
+    /// Features per head that the rotary embedding turns: `qk_rope_head_dim` for latent attention,
+    /// the whole `head_dim` otherwise.
+    pub fn rope_dim(&self) -> usize {
+        match self.kind {
+            AttentionKind::Mla {
+                qk_rope_head_dim, ..
+            } => qk_rope_head_dim,
+            _ => self.head_dim,
+        }
     }
     /// Rows of `q_proj`.
     pub fn q_dim(&self) -> usize {
@@ -426,14 +466,23 @@ impl ModelArch {
     }
 
     /// Key and value numbers a softmax-attention KV cache holds per token, over all layers:
-    /// `num_kv_heads * (head_dim + v_head_dim)` per layer. Skipped attention holds nothing, and so
-    /// does linear attention (its state does not grow with the sequence).
+    /// `num_kv_heads * (head_dim + v_head_dim)` per layer, `kv_lora_rank + qk_rope_head_dim` for
+    /// latent attention (the latent and the shared rotary key). Skipped attention holds nothing, and
+    /// so does linear attention (its state does not grow with the sequence).
     pub fn kv_cache_values_per_token(&self) -> u64 {
         self.layers
             .iter()
-            .filter(|l| l.attention.kind == AttentionKind::Softmax)
             .map(|l| {
-                (l.attention.num_kv_heads * (l.attention.head_dim + l.attention.v_head_dim)) as u64
+                let a = &l.attention;
+                match a.kind {
+                    AttentionKind::Softmax => (a.num_kv_heads * (a.head_dim + a.v_head_dim)) as u64,
+                    AttentionKind::Mla {
+                        kv_lora_rank,
+                        qk_rope_head_dim,
+                        ..
+                    } => (kv_lora_rank + qk_rope_head_dim) as u64,
+                    AttentionKind::Hedgehog { .. } | AttentionKind::NoOp => 0,
+                }
             })
             .sum()
     }
@@ -452,7 +501,22 @@ pub fn layer_tensors(i: usize, layer: &Layer, h: usize) -> Vec<(String, Vec<usiz
     let p = format!("model.layers.{i}");
     let mut out = vec![];
     let a = &layer.attention;
-    if !a.is_no_op() {
+    if let AttentionKind::Mla {
+        kv_lora_rank,
+        q_lora_rank,
+        qk_rope_head_dim,
+    } = a.kind
+    {
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.extend(mla_tensors(
+            &p,
+            a,
+            h,
+            kv_lora_rank,
+            q_lora_rank,
+            qk_rope_head_dim,
+        ));
+    } else if !a.is_no_op() {
         out.extend([
             (format!("{p}.input_layernorm.weight"), vec![h]),
             (format!("{p}.self_attn.q_proj.weight"), vec![a.q_dim(), h]),
@@ -461,12 +525,13 @@ pub fn layer_tensors(i: usize, layer: &Layer, h: usize) -> Vec<(String, Vec<usiz
             (format!("{p}.self_attn.o_proj.weight"), vec![h, a.o_dim()]),
         ]);
     }
-    if a.qkv_bias && !a.is_no_op() {
+    let softmax_like = !a.is_no_op() && !matches!(a.kind, AttentionKind::Mla { .. });
+    if a.qkv_bias && softmax_like {
         out.push((format!("{p}.self_attn.q_proj.bias"), vec![a.q_dim()]));
         out.push((format!("{p}.self_attn.k_proj.bias"), vec![a.kv_dim()]));
         out.push((format!("{p}.self_attn.v_proj.bias"), vec![a.v_dim()]));
     }
-    if a.qk_norm && !a.is_no_op() {
+    if a.qk_norm && softmax_like {
         out.push((format!("{p}.self_attn.q_norm.weight"), vec![a.head_dim]));
         out.push((format!("{p}.self_attn.k_norm.weight"), vec![a.head_dim]));
     }
@@ -516,6 +581,40 @@ pub fn layer_tensors(i: usize, layer: &Layer, h: usize) -> Vec<(String, Vec<usiz
             }
         }
     }
+    out
+}
+
+/// DeepSeek-V3 attention tensors under `p` (`model.layers.{i}`), HF names and shapes.
+fn mla_tensors(
+    p: &str,
+    a: &Attention,
+    h: usize,
+    kv_lora_rank: usize,
+    q_lora_rank: Option<usize>,
+    rope: usize,
+) -> Vec<(String, Vec<usize>)> {
+    let s = format!("{p}.self_attn");
+    let nope = a.head_dim - rope.min(a.head_dim);
+    let mut out = match q_lora_rank {
+        None => vec![(format!("{s}.q_proj.weight"), vec![a.q_dim(), h])],
+        Some(q) => vec![
+            (format!("{s}.q_a_proj.weight"), vec![q, h]),
+            (format!("{s}.q_a_layernorm.weight"), vec![q]),
+            (format!("{s}.q_b_proj.weight"), vec![a.q_dim(), q]),
+        ],
+    };
+    out.extend([
+        (
+            format!("{s}.kv_a_proj_with_mqa.weight"),
+            vec![kv_lora_rank + rope, h],
+        ),
+        (format!("{s}.kv_a_layernorm.weight"), vec![kv_lora_rank]),
+        (
+            format!("{s}.kv_b_proj.weight"),
+            vec![a.num_heads * (nope + a.v_head_dim), kv_lora_rank],
+        ),
+        (format!("{s}.o_proj.weight"), vec![h, a.o_dim()]),
+    ]);
     out
 }
 
@@ -580,11 +679,25 @@ mod tests {
         let old = json!({"kind": {"kind": "hedgehog", "feature_dim": 8}, "num_heads": 4,
                          "num_kv_heads": 2, "head_dim": 16, "qkv_bias": false});
         assert_eq!(serde_json::from_value::<Attention>(old).unwrap(), hedgehog);
-        let bad = json!({"kind": "mla", "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+        let bad = json!({"kind": "mamba", "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
                          "qkv_bias": false});
         let e = serde_json::from_value::<Attention>(bad)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("attention kind") && e.contains("mla"), "{e}");
+        assert!(e.contains("attention kind") && e.contains("mamba"), "{e}");
+        let mla = Attention {
+            kind: AttentionKind::Mla {
+                kv_lora_rank: 32,
+                q_lora_rank: None,
+                qk_rope_head_dim: 8,
+            },
+            v_head_dim: 12,
+            ..Attention::softmax(4, 4, 24)
+        };
+        let v = serde_json::to_value(&mla).unwrap();
+        let want = json!({"kind": "mla", "kv_lora_rank": 32, "qk_rope_head_dim": 8, "num_heads": 4,
+                          "num_kv_heads": 4, "head_dim": 24, "v_head_dim": 12, "qkv_bias": false});
+        assert_eq!(v, want);
+        assert_eq!(serde_json::from_value::<Attention>(v).unwrap(), mla);
     }
 }

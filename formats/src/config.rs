@@ -58,6 +58,13 @@ const KNOWN_KEYS: &[&str] = &[
     "rope_local_base_freq",
     "sliding_window_pattern",
     "use_bidirectional_attention",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "first_k_dense_replace",
+    "rope_interleave",
 ];
 
 struct Fields<'a> {
@@ -160,6 +167,7 @@ pub fn parse_config(path: &Path, value: &Value) -> Result<ModelArch> {
     }
     let mut layers = match model_type {
         NEMOTRON_MODEL_TYPE => nemotron_layers(&f, hidden_size, num_layers)?,
+        "deepseek_v3" => deepseek_layers(&f, num_layers)?,
         _ => uniform_layers(&f, family, hidden_size, num_layers)?,
     };
     let native = model_type != SURGEON_MODEL_TYPE;
@@ -420,6 +428,52 @@ fn uniform_layers(
         qkv_bias,
         qk_norm: family.has_qk_norm(),
         ..Attention::softmax(num_heads, num_kv_heads, head_dim)
+    };
+    Ok(vec![Layer { attention, mlp }; num_layers])
+}
+
+/// Layers of a DeepSeek-V3 config: multi-head latent attention, every layer dense (the routed
+/// experts of layers from `first_k_dense_replace` on are not supported).
+fn deepseek_layers(f: &Fields, num_layers: usize) -> Result<Vec<Layer>> {
+    let dense = f.usize_opt("first_k_dense_replace")?.unwrap_or(3);
+    if dense < num_layers {
+        return Err(f.err(
+            "first_k_dense_replace",
+            format!(
+                "{dense}: layers {dense}.. of {num_layers} would be DeepSeek-V3 MoE layers, which are \
+                 not supported (only dense models: first_k_dense_replace >= num_hidden_layers)"
+            ),
+        ));
+    }
+    if f.bool_opt("attention_bias")?.unwrap_or(false) {
+        return Err(f.err("attention_bias", "MLA projection biases are not supported"));
+    }
+    if !f.bool_opt("rope_interleave")?.unwrap_or(true) {
+        return Err(f.err(
+            "rope_interleave",
+            "only interleaved rotary pairs (true) are supported",
+        ));
+    }
+    let num_heads = positive(f, "num_attention_heads")?;
+    let rope = positive(f, "qk_rope_head_dim")?;
+    if rope % 2 != 0 {
+        return Err(f.err("qk_rope_head_dim", format!("{rope} is odd")));
+    }
+    let q_lora_rank = match f.usize_opt("q_lora_rank")? {
+        Some(0) => return Err(f.err("q_lora_rank", "must be positive or null")),
+        q => q,
+    };
+    let attention = Attention {
+        kind: AttentionKind::Mla {
+            kv_lora_rank: positive(f, "kv_lora_rank")?,
+            q_lora_rank,
+            qk_rope_head_dim: rope,
+        },
+        v_head_dim: positive(f, "v_head_dim")?,
+        ..Attention::softmax(num_heads, num_heads, f.usize("qk_nope_head_dim")? + rope)
+    };
+    let mlp = Mlp::Dense {
+        intermediate_size: positive(f, "intermediate_size")?,
     };
     Ok(vec![Layer { attention, mlp }; num_layers])
 }
@@ -717,11 +771,41 @@ fn native_attention_fields(
             "a sliding window needs a mistral, mixtral, qwen or phi3 config",
         ));
     }
-    if matches!(family, Family::Llama | Family::Qwen3 | Family::Qwen3Moe) {
+    if family == Family::DeepseekV3 {
+        deepseek_fields(arch, m);
+    }
+    if matches!(
+        family,
+        Family::Llama | Family::Qwen3 | Family::Qwen3Moe | Family::DeepseekV3
+    ) {
         m.insert("attention_bias".into(), json!(false));
         m.insert("mlp_bias".into(), json!(false));
     }
     Ok(())
+}
+
+/// DeepSeek-V3's attention sizes (every layer alike, see `choose_export`), all layers dense.
+fn deepseek_fields(arch: &ModelArch, m: &mut Map<String, Value>) {
+    let a = &arch.layers[0].attention;
+    if let AttentionKind::Mla {
+        kv_lora_rank,
+        q_lora_rank,
+        qk_rope_head_dim,
+    } = a.kind
+    {
+        m.insert("kv_lora_rank".into(), json!(kv_lora_rank));
+        m.insert("q_lora_rank".into(), json!(q_lora_rank));
+        m.insert("qk_rope_head_dim".into(), json!(qk_rope_head_dim));
+        m.insert(
+            "qk_nope_head_dim".into(),
+            json!(a.head_dim - qk_rope_head_dim),
+        );
+        m.insert("v_head_dim".into(), json!(a.v_head_dim));
+        // transformers' DeepseekV3Config takes `head_dim` to be the rotary size.
+        m.insert("head_dim".into(), json!(qk_rope_head_dim));
+    }
+    m.insert("first_k_dense_replace".into(), json!(arch.num_layers()));
+    m.insert("rope_interleave".into(), json!(true));
 }
 
 fn insert_token_ids(arch: &ModelArch, m: &mut Map<String, Value>) {
@@ -910,7 +994,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral, qwen3, qwen3_moe, phi3, gemma2, gemma3_text, nemotron-nas, surgeon"
+            "m/config.json: field `model_type`: unsupported model type `gpt2`; supported: llama, mistral, qwen2, mixtral, qwen3, qwen3_moe, phi3, gemma2, gemma3_text, deepseek_v3, nemotron-nas, surgeon"
         );
     }
 

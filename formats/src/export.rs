@@ -145,6 +145,26 @@ fn why_not_native(arch: &ModelArch) -> Option<String> {
             AttentionKind::Hedgehog { .. } => {
                 return Some(format!("layer {i} has hedgehog linear attention"))
             }
+            AttentionKind::Mla { .. } => {}
+        }
+        let mla = matches!(a.kind, AttentionKind::Mla { .. });
+        if mla != (family == Family::DeepseekV3) {
+            return Some(format!(
+                "layer {i}: latent attention is {}, the family is {}",
+                if mla { "present" } else { "absent" },
+                family.model_type()
+            ));
+        }
+        if mla {
+            if a.qkv_bias || a.qk_norm {
+                return Some(format!(
+                    "layer {i}: biases or query/key norms in latent attention"
+                ));
+            }
+            if !matches!(l.mlp, Mlp::Dense { .. }) {
+                return Some(format!("layer {i}: DeepSeek-V3 export needs dense MLPs"));
+            }
+            continue;
         }
         if a.v_head_dim != a.head_dim {
             return Some(format!(

@@ -714,6 +714,14 @@ pub fn describe_layer(l: &crate::arch::Layer) -> String {
             window,
         } => format!("hedgehog(features {feature_dim}, window {window})"),
         AttentionKind::NoOp => String::new(),
+        AttentionKind::Mla {
+            kv_lora_rank,
+            q_lora_rank,
+            qk_rope_head_dim,
+        } => {
+            let q = q_lora_rank.map_or(String::new(), |q| format!(", q rank {q}"));
+            format!("mla(kv rank {kv_lora_rank}, rope {qk_rope_head_dim}{q})")
+        }
     };
     let bias = if at.qkv_bias { " qkv-bias" } else { "" };
     let bias = if at.qk_norm {

@@ -1,8 +1,10 @@
 //! `surgeon convert-attention`: change how attention is computed (regroup key/value heads, or
-//! linearise it with Hedgehog feature maps).
-use super::common::{command_line, OutputArgs};
-use anyhow::{bail, Result};
-use surgeon_convert::HedgehogOptions;
+//! linearise it with Hedgehog feature maps, or turn it into DeepSeek-V3 latent attention).
+use super::common::{command_line, BackendArgs, OutputArgs};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use surgeon_convert::{HedgehogOptions, LatentNorm, MlaOptions, RopeSelect};
+use surgeon_distill::calibrate::{self, Calibration};
 
 /// The attention to convert to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -13,6 +15,31 @@ pub enum Target {
     Mha,
     /// Hedgehog linear attention (LoLCATs hybrid with --window > 0); heal it afterwards.
     Hedgehog,
+    /// DeepSeek-V3 multi-head latent attention (--kv-rank, --rope-dim, --calib); heal it afterwards.
+    Mla,
+}
+
+/// Which frequency pairs keep RoPE with --to mla.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RopeSelectArg {
+    /// The evenly spaced pairs of largest query/key 2-norm on the calibration text.
+    #[value(name = "2norm")]
+    TwoNorm,
+    /// The highest frequencies.
+    High,
+    /// The lowest frequencies.
+    Low,
+    /// Evenly spaced from the highest frequency.
+    Uniform,
+}
+
+/// How --to mla handles DeepSeek-V3's always-applied latent RMSNorm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LatentNormArg {
+    /// Weight fitted to the mean latent energy on the calibration text (approximate; heals).
+    Fit,
+    /// Latent scaled into the norm's linear regime (exact at full rank; tiny weights, not for healing).
+    Linear,
 }
 
 #[derive(clap::Args)]
@@ -37,6 +64,32 @@ pub struct Args {
     /// --to hedgehog: seed of the feature maps' initialisation.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// --to mla: features of the key/value latent (`kv_lora_rank`).
+    #[arg(long, value_name = "R", required_if_eq("to", "mla"))]
+    pub kv_rank: Option<usize>,
+    /// --to mla: rotary features per head (even; `qk_rope_head_dim`).
+    #[arg(long, value_name = "r", required_if_eq("to", "mla"))]
+    pub rope_dim: Option<usize>,
+    /// --to mla: queries through a low-rank bottleneck of Q features (`q_lora_rank`).
+    #[arg(long, value_name = "Q")]
+    pub q_rank: Option<usize>,
+    /// --to mla: which frequency pairs keep RoPE (high: measured best on SmolLM2, see README).
+    #[arg(long, value_enum, default_value = "high")]
+    pub rope_select: RopeSelectArg,
+    /// --to mla: how the latent RMSNorm is set.
+    #[arg(long, value_enum, default_value = "fit")]
+    pub latent_norm: LatentNormArg,
+    /// --to mla: calibration text (.txt, or .jsonl with a "text" field).
+    #[arg(long, value_name = "FILE", required_if_eq("to", "mla"))]
+    pub calib: Option<PathBuf>,
+    /// --to mla: use at most this many calibration tokens.
+    #[arg(long, default_value_t = Calibration::DEFAULT_MAX_TOKENS)]
+    pub max_tokens: usize,
+    /// --to mla: tokens per calibration forward pass (capped at the model's context).
+    #[arg(long, default_value_t = Calibration::DEFAULT_WINDOW)]
+    pub calib_window: usize,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -47,6 +100,10 @@ pub fn run(a: Args) -> Result<()> {
         a.feature_dim.is_some() || a.window.is_some() || a.layers.is_some() || a.seed.is_some();
     if a.to != Target::Hedgehog && hedgehog_flags {
         bail!("--feature-dim, --window, --layers and --seed are for --to hedgehog");
+    }
+    let mla_flags = a.kv_rank.is_some() || a.rope_dim.is_some() || a.q_rank.is_some();
+    if a.to != Target::Mla && (mla_flags || a.calib.is_some()) {
+        bail!("--kv-rank, --rope-dim, --q-rank and --calib are for --to mla");
     }
     let plan = match a.to {
         Target::Gqa => {
@@ -69,6 +126,12 @@ pub fn run(a: Args) -> Result<()> {
                 bail!("--kv-heads is for --to gqa");
             }
             surgeon_convert::to_hedgehog(&plan, &hedgehog_options(&a)?)?
+        }
+        Target::Mla => {
+            if a.kv_heads.is_some() {
+                bail!("--kv-heads is for --to gqa");
+            }
+            to_mla(&a, &plan)?
         }
     };
     a.output.finish(plan, command_line())
@@ -95,4 +158,41 @@ fn parse_layers(list: &str) -> Result<Vec<usize>> {
             })
         })
         .collect()
+}
+
+fn to_mla(a: &Args, plan: &surgeon_formats::Plan) -> Result<surgeon_formats::Plan> {
+    let opts = MlaOptions {
+        kv_rank: a.kv_rank.expect("clap requires --kv-rank with --to mla"),
+        rope_dim: a.rope_dim.expect("clap requires --rope-dim with --to mla"),
+        q_rank: a.q_rank,
+        rope_select: match a.rope_select {
+            RopeSelectArg::TwoNorm => RopeSelect::TwoNorm,
+            RopeSelectArg::High => RopeSelect::High,
+            RopeSelectArg::Low => RopeSelect::Low,
+            RopeSelectArg::Uniform => RopeSelect::Uniform,
+        },
+        latent_norm: match a.latent_norm {
+            LatentNormArg::Fit => LatentNorm::Fit,
+            LatentNormArg::Linear => LatentNorm::Linear,
+        },
+    };
+    surgeon_convert::mla::check_options(plan, &opts)?;
+    let cal = Calibration {
+        data: a
+            .calib
+            .clone()
+            .expect("clap requires --calib with --to mla"),
+        max_tokens: a.max_tokens,
+        window: a.calib_window,
+    };
+    let (inputs, tokens) = calibrate::attention_inputs(plan, &cal, a.backend.backend)
+        .context("measuring attention inputs on the calibration text")?;
+    eprintln!("calibration: attention inputs of every layer on {tokens} tokens");
+    let out = surgeon_convert::to_mla(plan, &opts, &inputs)?;
+    eprintln!(
+        "KV cache per token at 16 bits: {} -> {} bytes",
+        2 * plan.arch.kv_cache_values_per_token(),
+        2 * out.arch.kv_cache_values_per_token()
+    );
+    Ok(out)
 }

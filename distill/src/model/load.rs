@@ -101,6 +101,30 @@ pub fn check_supported(arch: &ModelArch) -> Result<()> {
         let a = &l.attention;
         match a.kind {
             AttentionKind::Softmax | AttentionKind::NoOp => {}
+            AttentionKind::Mla {
+                kv_lora_rank,
+                qk_rope_head_dim,
+                ..
+            } => {
+                let bad = kv_lora_rank == 0
+                    || qk_rope_head_dim == 0
+                    || qk_rope_head_dim % 2 != 0
+                    || qk_rope_head_dim > a.head_dim
+                    || a.qkv_bias
+                    || a.qk_norm;
+                if bad {
+                    return Err(Error::Unsupported(format!(
+                        "layer {i}: latent attention with kv_lora_rank {kv_lora_rank}, \
+                         qk_rope_head_dim {qk_rope_head_dim}, head_dim {}{}",
+                        a.head_dim,
+                        if a.qkv_bias || a.qk_norm {
+                            ", biases or query/key norms"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
             AttentionKind::Hedgehog { feature_dim, .. } => {
                 if feature_dim == 0 {
                     return Err(Error::Unsupported(format!(
@@ -117,7 +141,7 @@ pub fn check_supported(arch: &ModelArch) -> Result<()> {
         let bad = a.num_kv_heads == 0
             || a.num_heads % a.num_kv_heads != 0
             || a.head_dim == 0
-            || a.head_dim % 2 != 0
+            || a.rope_dim() % 2 != 0
             || a.v_head_dim == 0;
         if !a.is_no_op() && bad {
             return Err(Error::Unsupported(format!(
@@ -262,13 +286,14 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-/// The rotary frequencies of layer `i`: the model's `rope_theta` and `rope_scaling`, or for a
+/// The rotary frequencies of layer `i` (over its rotary features: all of a head, or an MLA layer's
+/// `qk_rope_head_dim`): the model's `rope_theta` and `rope_scaling`, or for a
 /// sliding layer of a model with a local base (Gemma 3) that base, unscaled.
 fn layer_rope(arch: &ModelArch, i: usize) -> Result<Rope> {
     let a = &arch.layers[i].attention;
     let max = arch.max_position_embeddings;
     match arch.gemma.rope_local_theta {
-        Some(local) if !a.full_attention => Rope::new(a.head_dim, local, None, max),
-        _ => Rope::new(a.head_dim, arch.rope_theta, arch.rope_scaling.as_ref(), max),
+        Some(local) if !a.full_attention => Rope::new(a.rope_dim(), local, None, max),
+        _ => Rope::new(a.rope_dim(), arch.rope_theta, arch.rope_scaling.as_ref(), max),
     }
 }

@@ -20,12 +20,14 @@ mod hedgehog;
 pub(crate) mod hedgehog_tests;
 mod kv_buffer;
 mod load;
+mod mla;
 mod named;
 
 pub use gemma::{embed_scale, gelu_tanh, softcap};
 pub use hedgehog::{FeatureMap, Hedgehog, LinearState};
 pub use kv_buffer::KvBuffer;
 pub use load::{check_supported, param_id_for, ParamNames, VarBuilder};
+pub use mla::{LowRankQuery, Mla, MlaBlock, QueryProj};
 pub use named::{NamedParamMapper, ParamRef};
 
 use crate::error::{Error, Result};
@@ -340,17 +342,23 @@ impl<B: Backend> Positions<B> {
             masks: vec![],
         };
         for i in range {
-            let Some(a) = model.layers[i].self_attn() else {
-                continue;
+            let layer = &model.layers[i];
+            let (rope_dim, local, window) = match (layer.self_attn(), &layer.latent_attention) {
+                (Some(a), _) => (
+                    a.head_dim,
+                    a.local_rope,
+                    a.hedgehog.is_none().then_some(a.sliding_window),
+                ),
+                (None, Some(m)) => (m.self_attn.qk_rope_head_dim, false, Some(0)),
+                (None, None) => continue,
             };
-            let key = (a.head_dim, a.local_rope);
+            let key = (rope_dim, local);
             if !p.rope.iter().any(|(k, ..)| *k == key) {
                 let (c, s) = model.rope[i].tables::<B>(start, len, device);
                 p.rope.push((key, c, s));
             }
-            if a.hedgehog.is_none() && !p.masks.iter().any(|(w, _)| *w == a.sliding_window) {
-                let m = causal_mask::<B>(start, len, a.sliding_window, device);
-                p.masks.push((a.sliding_window, m));
+            if let Some(w) = window.filter(|w| !p.masks.iter().any(|(x, _)| x == w)) {
+                p.masks.push((w, causal_mask::<B>(start, len, w, device)));
             }
         }
         p
@@ -854,6 +862,8 @@ pub struct MlpBlock<B: Backend> {
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub attention: Option<AttentionBlock<B>>,
+    /// DeepSeek-V3 latent attention, in place of `attention`.
+    pub latent_attention: Option<MlaBlock<B>>,
     pub feed_forward: Option<MlpBlock<B>>,
 }
 
@@ -864,7 +874,15 @@ impl<B: Backend> DecoderLayer<B> {
         let window = gemma::layer_window(arch, &layer.attention);
         let a = &layer.attention;
         let gemma = arch.family.is_gemma();
-        let attention = match a.is_no_op() {
+        let mla = matches!(a.kind, AttentionKind::Mla { .. });
+        let latent_attention = match mla {
+            false => None,
+            true => Some(MlaBlock {
+                input_layernorm: RmsNorm::load(&mut vb.pp("input_layernorm"), eps)?,
+                self_attn: Mla::load(&mut vb.pp("self_attn"), a, arch.rope_scaling.as_ref())?,
+            }),
+        };
+        let attention = match a.is_no_op() || mla {
             true => None,
             false => {
                 let input_layernorm = RmsNorm::load_for(&mut vb.pp("input_layernorm"), arch)?;
@@ -905,6 +923,7 @@ impl<B: Backend> DecoderLayer<B> {
         };
         Ok(DecoderLayer {
             attention,
+            latent_attention,
             feed_forward,
         })
     }
@@ -930,8 +949,8 @@ impl<B: Backend> DecoderLayer<B> {
         probe: &mut dyn Probe<B>,
     ) -> Tensor<B, 3> {
         probe.layer_input(l, &x);
-        let h = match &self.attention {
-            Some(att) => {
+        let h = match (&self.attention, &self.latent_attention) {
+            (Some(att), _) => {
                 let a = att.input_layernorm.forward(x.clone());
                 probe.attention_input(l, &a);
                 let heads = att.self_attn.heads(a, pos, cache);
@@ -942,7 +961,14 @@ impl<B: Backend> DecoderLayer<B> {
                     None => x + o,
                 }
             }
-            None => x,
+            (None, Some(att)) => {
+                let a = att.input_layernorm.forward(x.clone());
+                probe.attention_input(l, &a);
+                let heads = att.self_attn.heads(a, pos, cache);
+                probe.attention_heads(l, &heads);
+                x + att.self_attn.o_proj.forward(heads)
+            }
+            (None, None) => x,
         };
         let y = match &self.feed_forward {
             Some(ff) => {
@@ -967,6 +993,8 @@ pub struct LayerCache<B: Backend> {
     /// Softmax attention: keys (after RoPE) and values of every position so far.
     pub buffer: Option<KvBuffer<B>>,
     /// Hedgehog: keys (after RoPE) and values `[B, kv_heads, n, *]` of the window's last positions.
+    /// Latent attention: the normalised latents `[B, 1, n, kv_lora_rank]` and the shared rotary
+    /// keys after RoPE `[B, 1, n, qk_rope_head_dim]`.
     pub kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     /// Hedgehog: the linear-attention state of every older key.
     pub state: Option<LinearState<B>>,
