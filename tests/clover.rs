@@ -221,6 +221,85 @@ fn cli(dir: &Path, text: &Path, aware: &Plan) {
     assert!(!bad.exists());
 }
 
+/// Heals `gguf` for a few steps with `--train TRAIN` on TEXT (held out: OTHER) into `out`; returns
+/// the report (stderr).
+fn heal_briefly(gguf: &str, dir: &Path, train: &str, out: &Path) -> String {
+    let text = dir.join("train.txt");
+    let other = dir.join("heldout.txt");
+    std::fs::write(&text, TEXT.repeat(8)).unwrap();
+    std::fs::write(&other, OTHER.repeat(4)).unwrap();
+    let o = surgeon(&[
+        "heal",
+        gguf,
+        "--train",
+        train,
+        "--data",
+        text.to_str().unwrap(),
+        "--eval-data",
+        other.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch",
+        "1",
+        "--lr",
+        "1e-3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    ok(&o);
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `heal --train lora` on the real model: only the adapted projections change, merged into
+/// the original tensors (same names, shapes and class), and the report counts the adapter
+/// parameters from the formula.
+#[test]
+fn smollm2_heals_with_lora_merged_at_save() {
+    let plan = surgeon_formats::gguf::open_smollm2().unwrap_or_else(|e| panic!("{e}"));
+    let gguf = surgeon_formats::gguf::smollm2_gguf_path().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lora");
+    let report = heal_briefly(
+        gguf.to_str().unwrap(),
+        dir.path(),
+        "lora:r=4,alpha=8,targets=q+v+down",
+        &out,
+    );
+    // Per layer r * (in + out): q 576+576, v 576+192, down 1536+576; 30 layers.
+    let want = 30 * 4 * ((576 + 576) + (576 + 192) + (1536 + 576));
+    assert_eq!(want, 483_840);
+    assert!(
+        report.contains("healed 90 tensors (483,840 parameters through lora:r=4,alpha=8,targets=q_proj+v_proj+down_proj adapters, merged)"),
+        "{report}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM", "{config}");
+    let healed = surgeon_formats::open_hf_dir(&out).unwrap();
+    let names: Vec<&String> = healed.tensors.keys().collect();
+    assert_eq!(names, plan.tensors.keys().collect::<Vec<_>>());
+    let mut changed = 0;
+    for (name, e) in &healed.tensors {
+        assert_eq!(e.shape(), plan.tensors[name].shape(), "{name}");
+        let adapted = [".q_proj.", ".v_proj.", ".down_proj."]
+            .iter()
+            .any(|p| name.contains(p));
+        let same = healed.load_f32(name).unwrap().1 == plan.load_f32(name).unwrap().1;
+        if !adapted {
+            assert!(same, "{name} changed without an adapter");
+        }
+        changed += (adapted && !same) as usize;
+    }
+    assert_eq!(changed, 90, "every adapted projection moved");
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 5, "{metrics}");
+}
+
+/// Held-out text for the healing tests (never trained on).
+const OTHER: &str = "Rivers carry sediment to the sea, where it settles into layers that harden over millions of years. Wind and rain wear mountains down, and the rock returns, grain by grain, to the lowlands. ";
+
 const TEXT: &str = "The interpreter reads a statement, compiles it to bytecode and runs it. \
 Names are bound in namespaces; a function call creates a new local namespace. Modules are \
 objects too, and importing one runs its code once. Exceptions unwind the stack until a handler \

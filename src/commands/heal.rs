@@ -34,7 +34,8 @@ pub struct Args {
     #[arg(long, default_value_t = defaults().temperature)]
     pub temperature: f64,
     /// all, new-blocks, embeddings, new-embeddings, feature-maps (Hedgehog feature maps and
-    /// window factors), or a regex over HF tensor names.
+    /// window factors), lora[:r=8,alpha=16,targets=q+k+v+o+gate+up+down] (adapters on those
+    /// linear layers, merged into their weights when saving), or a regex over HF tensor names.
     #[arg(long, default_value_t = defaults().train)]
     pub train: TrainSet,
     /// Optimizer steps.
@@ -149,8 +150,12 @@ pub fn run(a: Args) -> Result<()> {
         ))
         .into());
     }
+    let via = match &cfg.train {
+        TrainSet::Lora(spec) => format!(" through {spec} adapters, merged"),
+        _ => String::new(),
+    };
     eprintln!(
-        "healed {} tensors ({} parameters) for {} steps, {} tokens at {:.0} tokens/s; \
+        "healed {} tensors ({} parameters{via}) for {} steps, {} tokens at {:.0} tokens/s; \
          eval perplexity {} -> {}; wrote {}",
         r.trainable_tensors.len(),
         surgeon_formats::plan::group_digits(r.trainable_parameters),

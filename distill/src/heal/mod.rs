@@ -17,6 +17,8 @@ pub mod trainer;
 pub mod transfer;
 
 #[cfg(test)]
+mod adapter_tests;
+#[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
@@ -27,7 +29,7 @@ pub use data::DataSpec;
 pub use plan::{HealPlan, Trajectory};
 pub use run::{heal_on, HealObserver, Quiet};
 pub use schedule::Schedule;
-pub use select::TrainSet;
+pub use select::{LoraSpec, TrainSet};
 pub use trainer::Trainer;
 
 /// Healing reports the runtime's errors: one error type per crate.

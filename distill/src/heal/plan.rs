@@ -134,11 +134,7 @@ impl HealPlan {
         } else {
             cfg.command.clone()
         };
-        let trainable_parameters = sel
-            .names
-            .iter()
-            .map(|n| student.tensors[n].numel() as u64)
-            .sum();
+        let trainable_parameters = sel.parameters(student);
         Ok(HealPlan {
             cfg: cfg.clone(),
             model_fingerprint: model_fingerprint(student)?,
@@ -410,6 +406,7 @@ pub(crate) fn train_set_name(t: &TrainSet) -> String {
         TrainSet::Embeddings => "embeddings".into(),
         TrainSet::NewEmbeddings => "new-embeddings".into(),
         TrainSet::FeatureMaps => "feature-maps".into(),
+        TrainSet::Lora(spec) => spec.to_string(),
         TrainSet::Regex(r) => format!("`{r}`"),
     }
 }

@@ -14,12 +14,14 @@
 //!
 //! There is one decoder forward ([`DecoderLayer::forward`]); it reports intermediate values to a
 //! [`Probe`] (no-ops by default), from which `crate::probe` builds calibration statistics.
+mod adapter;
 mod hedgehog;
 #[cfg(test)]
 pub(crate) mod hedgehog_tests;
 mod load;
 mod named;
 
+pub use adapter::{is_adapter_param, Adapter, AdapterMaker, AdapterValues, Lora};
 pub use hedgehog::{FeatureMap, Hedgehog, LinearState};
 pub use load::{check_supported, param_id_for, ParamNames, VarBuilder};
 pub use named::{NamedParamMapper, ParamRef};
@@ -37,6 +39,8 @@ use surgeon_formats::{Attention, AttentionKind, Layer, ModelArch, MoeRouting};
 pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A trainable adapter (LoRA, CLOVER), applied before the bias; see [`Llama::attach_adapters`].
+    pub adapter: Option<Adapter<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -45,6 +49,7 @@ impl<B: Backend> Linear<B> {
         Ok(Linear {
             weight: vb.param("weight")?,
             bias: if bias { Some(vb.param("bias")?) } else { None },
+            adapter: None,
         })
     }
 
@@ -56,7 +61,11 @@ impl<B: Backend> Linear<B> {
         let w = self.weight.val();
         let out = w.dims()[0];
         // One large GEMM over all rows; the transpose is a strided view, not a copy (CPU backend).
-        let mut y = x.reshape([rows, inner]).matmul(w.transpose());
+        let x = x.reshape([rows, inner]);
+        let mut y = x.clone().matmul(w.transpose());
+        if let Some(a) = &self.adapter {
+            y = a.apply(x, y);
+        }
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze_dim(0);
         }
