@@ -77,7 +77,7 @@ fn untrained_lora_is_exact_and_merge_computes_the_adapted_map() {
     let per_layer = 8 * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3);
     assert_eq!(sel.parameters(&plan), 2 * per_layer as u64);
     let plain = Llama::<Flex>::from_plan(&plan, &dev).unwrap();
-    let adapted = load_student::<Flex>(&plan, &sel, 0, None, &dev).unwrap();
+    let adapted = load_student::<Flex>(&plan, &sel, &HealConfig::default(), None, &dev).unwrap();
     // B = 0: the adapted model computes exactly the original function and merges to the weights.
     assert_eq!(bits(&logits(&plain, &dev)), bits(&logits(&adapted, &dev)));
     let merged = params(&adapted.merge_adapters());
@@ -90,7 +90,7 @@ fn untrained_lora_is_exact_and_merge_computes_the_adapted_map() {
     // Random A and B: the merged weights compute what the adapters did.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let mut saved = AdapterValues::new();
-    let fresh = load_student::<Flex>(&plan, &sel, 0, None, &dev).unwrap();
+    let fresh = load_student::<Flex>(&plan, &sel, &HealConfig::default(), None, &dev).unwrap();
     fresh.visit_named(&mut |n, p| {
         if is_adapter_param(n) {
             let v = (0..p.to_f32().len()).map(|_| rng.random_range(-0.1..0.1));
@@ -98,7 +98,8 @@ fn untrained_lora_is_exact_and_merge_computes_the_adapted_map() {
         }
     });
     assert_eq!(saved.len(), 28);
-    let adapted = load_student::<Flex>(&plan, &sel, 0, Some(&saved), &dev).unwrap();
+    let adapted =
+        load_student::<Flex>(&plan, &sel, &HealConfig::default(), Some(&saved), &dev).unwrap();
     let before = logits(&adapted, &dev);
     let merged = adapted.merge_adapters();
     let after = logits(&merged, &dev);

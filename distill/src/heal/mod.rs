@@ -124,7 +124,13 @@ pub struct HealConfig {
     pub stop_after: Option<u64>,
     /// The command line that ran, for the model card.
     pub command: String,
+    /// For `train` clover: each adapted linear layer's factors by HF module name (computed by
+    /// `surgeon_convert::clover_finetune::finetune_factors`).
+    pub clover_factors: Option<Arc<CloverFactors>>,
 }
+
+/// CLOVER factors by HF module name (e.g. `model.layers.0.self_attn.q_proj`).
+pub type CloverFactors = std::collections::BTreeMap<String, crate::model::BlockFactors>;
 
 impl Default for HealConfig {
     fn default() -> Self {
@@ -156,6 +162,7 @@ impl Default for HealConfig {
             stop: None,
             stop_after: None,
             command: String::new(),
+            clover_factors: None,
         }
     }
 }

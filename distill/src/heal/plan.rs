@@ -279,6 +279,11 @@ pub fn check_options(cfg: &HealConfig) -> Result<()> {
     if cfg.seq_len == 0 || cfg.batch == 0 || cfg.grad_accum == 0 {
         return bad("seq_len, batch and grad_accum must be positive".into());
     }
+    if cfg.train == TrainSet::Clover && cfg.clover_factors.is_none() {
+        return bad("`train` clover needs `clover_factors` (surgeon_convert's \
+             clover_finetune::finetune_factors computes them from the student)"
+            .into());
+    }
     // Beyond ~1 (Adam's step is about lr per weight) training only diverges.
     if !(cfg.lr.is_finite() && cfg.lr > 0.0 && cfg.lr <= 1.0) {
         return bad(format!(
@@ -407,6 +412,7 @@ pub(crate) fn train_set_name(t: &TrainSet) -> String {
         TrainSet::NewEmbeddings => "new-embeddings".into(),
         TrainSet::FeatureMaps => "feature-maps".into(),
         TrainSet::Lora(spec) => spec.to_string(),
+        TrainSet::Clover => "clover".into(),
         TrainSet::Regex(r) => format!("`{r}`"),
     }
 }

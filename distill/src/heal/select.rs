@@ -18,6 +18,9 @@ pub enum TrainSet {
     FeatureMaps,
     /// LoRA adapters on linear layers, merged into their weights at save.
     Lora(LoraSpec),
+    /// CLOVER singular-value fine-tuning: per-head cores of `q_proj` and `v_proj` (value-output
+    /// SVD) and per-block cores of `up_proj`, merged at save.
+    Clover,
     /// HF tensor names matching a regular expression.
     Regex(String),
 }
@@ -118,6 +121,7 @@ impl std::str::FromStr for TrainSet {
             "new-embeddings" => TrainSet::NewEmbeddings,
             "feature-maps" => TrainSet::FeatureMaps,
             "lora" => TrainSet::Lora(LoraSpec::default()),
+            "clover" => TrainSet::Clover,
             s if s.starts_with("lora:") => TrainSet::Lora(s["lora:".len()..].parse()?),
             re => TrainSet::Regex(re.to_string()),
         })
@@ -133,6 +137,7 @@ impl std::fmt::Display for TrainSet {
             TrainSet::NewEmbeddings => "new-embeddings",
             TrainSet::FeatureMaps => "feature-maps",
             TrainSet::Lora(spec) => return write!(f, "{spec}"),
+            TrainSet::Clover => "clover",
             TrainSet::Regex(re) => re,
         })
     }
@@ -153,6 +158,7 @@ pub struct Selection {
 #[derive(Clone, Debug, PartialEq)]
 pub enum AdapterKind {
     Lora { r: usize, alpha: f64 },
+    Clover,
 }
 
 impl Selection {
@@ -169,6 +175,7 @@ impl Selection {
         let shape = |n: &String| plan.tensors[n].shape();
         let count = |n: &String| match self.adapter {
             Some(AdapterKind::Lora { r, .. }) => (r * shape(n).iter().sum::<usize>()) as u64,
+            Some(AdapterKind::Clover) => (shape(n)[0] * clover_block(plan, n)) as u64,
             None => plan.tensors[n].numel() as u64,
         };
         self.names.iter().map(count).sum()
@@ -225,6 +232,41 @@ fn lora_targets(plan: &Plan, spec: &LoraSpec) -> Result<Vec<String>> {
             )));
         }
         names.extend(found.into_iter().cloned());
+    }
+    Ok(names)
+}
+
+/// Rows per CLOVER block of the weight `name`: the head size for `q_proj`, the value head size for
+/// `v_proj`, half the head size for `up_proj` (the reference's split).
+fn clover_block(plan: &Plan, name: &str) -> usize {
+    let a = split_layer_name(name).map(|(l, _)| &plan.arch.layers[l].attention);
+    match a {
+        Some(a) if name.ends_with(".v_proj.weight") => a.v_head_dim,
+        Some(a) if name.ends_with(".up_proj.weight") => (a.head_dim / 2).max(1),
+        Some(a) => a.head_dim,
+        None => 0,
+    }
+}
+
+/// `q_proj` and `v_proj` of softmax attention layers, `up_proj` of dense MLPs.
+fn clover_targets(plan: &Plan) -> Result<Vec<String>> {
+    let mut names = vec![];
+    for (l, layer) in plan.arch.layers.iter().enumerate() {
+        let p = format!("model.layers.{l}");
+        if layer.attention.kind == surgeon_formats::AttentionKind::Softmax {
+            names.push(format!("{p}.self_attn.q_proj.weight"));
+            names.push(format!("{p}.self_attn.v_proj.weight"));
+        }
+        match layer.mlp {
+            surgeon_formats::Mlp::Dense { .. } => names.push(format!("{p}.mlp.up_proj.weight")),
+            surgeon_formats::Mlp::Moe { .. } => {
+                return Err(Error::Invalid(format!(
+                    "`train` clover: layer {l} is a MoE layer (CLOVER fine-tuning adapts softmax \
+                     attention and dense MLPs)"
+                )))
+            }
+            surgeon_formats::Mlp::NoOp => {}
+        }
     }
     Ok(names)
 }
@@ -286,6 +328,10 @@ pub fn resolve(plan: &Plan, set: &TrainSet) -> Result<Selection> {
                 alpha: spec.alpha,
             });
             lora_targets(plan, spec)?
+        }
+        TrainSet::Clover => {
+            adapter = Some(AdapterKind::Clover);
+            clover_targets(plan)?
         }
         TrainSet::Regex(re) => {
             let r = regex::Regex::new(re)

@@ -8,8 +8,8 @@ use super::plan::HealPlan;
 use super::schedule::lr_at;
 use super::select::{AdapterKind, Selection};
 use super::transfer::attention_transfer_loss;
-use super::{Error, LossKind, MetricRow, Result};
-use crate::model::{Adapter, AdapterValues, Llama, Lora, Mlp};
+use super::{Error, HealConfig, LossKind, MetricRow, Result};
+use crate::model::{Adapter, AdapterValues, Cores, Llama, Lora, Mlp};
 use crate::moe_aux::{forward_with_router_logits, load_balancing_loss};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -53,11 +53,11 @@ pub fn load_model<B: Backend>(
 
 /// Loads the student of a run selecting `sel`: [`load_model`], and for an adapter run every base
 /// tensor frozen and adapters attached to the selected weights (from `saved` on a resume, else
-/// freshly initialised from `seed`).
+/// initialised from `cfg`'s seed or CLOVER factors).
 pub fn load_student<B: Backend>(
     base: &Plan,
     sel: &Selection,
-    seed: u64,
+    cfg: &HealConfig,
     saved: Option<&AdapterValues>,
     device: &B::Device,
 ) -> Result<Llama<B>> {
@@ -69,11 +69,20 @@ pub fn load_student<B: Backend>(
         if !sel.contains(&format!("{module}.weight")) {
             return Ok(None);
         }
-        let [out, inp] = lin.weight.dims();
+        let shape = lin.weight.dims();
         Ok(Some(match *kind {
             AdapterKind::Lora { r, alpha } => {
-                let (l, ids) = Lora::new(module, [out, inp], (r, alpha), seed, saved, device);
+                let (l, ids) = Lora::new(module, shape, (r, alpha), cfg.seed, saved, device);
                 (Adapter::Lora(l), ids)
+            }
+            AdapterKind::Clover => {
+                let f = cfg.clover_factors.as_ref().and_then(|f| f.get(module));
+                let f = f.ok_or_else(|| {
+                    Error::Invalid(format!("`clover_factors` has no factors for `{module}`"))
+                })?;
+                let (c, basis, ids) = Cores::new(module, shape, f, saved, device)?;
+                lin.weight = Param::initialized(lin.weight.id, basis);
+                (Adapter::Cores(c), ids)
             }
         }))
     })?;
@@ -380,7 +389,7 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         device: &B::Device,
     ) -> Result<Self> {
         let sel = &plan.sel;
-        let model = load_student::<B>(&base, sel, plan.cfg.seed, saved, device)?;
+        let model = load_student::<B>(&base, sel, &plan.cfg, saved, device)?;
         let teacher = match teacher {
             Some(t) => Some(load_model::<B::InnerBackend>(t, &|_| false, device)?),
             None => None,

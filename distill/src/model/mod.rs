@@ -21,7 +21,9 @@ pub(crate) mod hedgehog_tests;
 mod load;
 mod named;
 
-pub use adapter::{is_adapter_param, Adapter, AdapterMaker, AdapterValues, Lora};
+pub use adapter::{
+    is_adapter_param, Adapter, AdapterMaker, AdapterValues, BlockFactors, Cores, Lora,
+};
 pub use hedgehog::{FeatureMap, Hedgehog, LinearState};
 pub use load::{check_supported, param_id_for, ParamNames, VarBuilder};
 pub use named::{NamedParamMapper, ParamRef};
