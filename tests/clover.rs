@@ -416,6 +416,49 @@ fn clover_gradients_reach_only_the_cores() {
     }
 }
 
+/// An interrupted clover run resumed from its checkpoint (cores from adapters.safetensors, bases
+/// recomputed) ends where the uninterrupted run does.
+#[test]
+fn clover_resume_continues_the_same_trajectory() {
+    use surgeon_distill::heal::heal;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = surgeon_formats::synthetic::SyntheticSpec::tiny().plan();
+    let text: Vec<Vec<u32>> = (0..24u32)
+        .map(|i| (0..40u32).map(|j| 3 + (i * 37 + j * 11) % 250).collect())
+        .collect();
+    let cfg = |out: &Path| HealConfig {
+        data: DataSpec::Tokens(text.clone()),
+        budget: Budget::Steps(8),
+        seq_len: 16,
+        batch: 2,
+        lr: 1e-2,
+        warmup: 2,
+        ..clover_cfg(&plan, out)
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    heal(&cfg(&a), plan.clone(), None).unwrap();
+    let stop = HealConfig {
+        stop_after: Some(3),
+        ..cfg(&b)
+    };
+    let r1 = heal(&stop, plan.clone(), None).unwrap();
+    let ck = r1.last_checkpoint.unwrap();
+    assert!(ck.join("trainer_state/adapters.safetensors").is_file());
+    let resume = HealConfig {
+        resume: Some(b.clone()),
+        ..cfg(&b)
+    };
+    assert_eq!(heal(&resume, plan.clone(), None).unwrap().steps, 8);
+    let (pa, pb) = (
+        surgeon_formats::open_hf_dir(&a).unwrap(),
+        surgeon_formats::open_hf_dir(&b).unwrap(),
+    );
+    for name in plan.tensors.keys() {
+        let d = max_diff(&pa.load_f32(name).unwrap().1, &pb.load_f32(name).unwrap().1);
+        assert!(d < 1e-6, "{name}: resumed differs by {d}");
+    }
+}
+
 /// `heal --train clover` on the real model: the cores of q_proj, v_proj and up_proj train and
 /// merge back; nothing else changes, and the model keeps its names, shapes and class.
 #[test]
