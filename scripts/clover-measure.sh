@@ -3,6 +3,8 @@
 # 50% of every KV head's directions (data-aware CLOVER, weights-only CLOVER, channels by magnitude, at
 # random), then after STEPS KD heal steps for some of them.
 #   scripts/clover-measure.sh            (N=2048 held-out tokens, STEPS=20)
+# Run end to end (exit 0) as `N=64 STEPS=1 SURGEON=target/debug/surgeon scripts/clover-measure.sh`
+# (~30 min on 2 loaded cores, most of it heal's own evaluation on 5% of the training text).
 # Text: pydoc topics as in scripts/demo.sh (first 80% of the keys calibrate and train, the rest is held out).
 set -euo pipefail
 cd "$(dirname "$0")/.."

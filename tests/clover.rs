@@ -7,10 +7,18 @@
 mod common;
 
 use common::*;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
+use std::sync::Arc;
 use surgeon_convert::{clover, CloverOptions, InputStats, VoRank};
+use surgeon_distill::burn::backend::Autodiff;
+use surgeon_distill::burn::tensor::backend::Backend;
 use surgeon_distill::calibrate::{self, Calibration};
+use surgeon_distill::heal::select::resolve;
+use surgeon_distill::heal::trainer::load_student;
+use surgeon_distill::heal::{Budget, DataSpec, HealConfig, HealPlan, TrainSet, Trainer};
+use surgeon_distill::model::Llama;
 use surgeon_distill::BackendKind;
 use surgeon_formats::Plan;
 
@@ -220,6 +228,270 @@ fn cli(dir: &Path, text: &Path, aware: &Plan) {
     );
     assert!(!bad.exists());
 }
+
+/// Heals `gguf` for a few steps with `--train TRAIN` on TEXT (held out: OTHER) into `out`; returns
+/// the report (stderr).
+fn heal_briefly(gguf: &str, dir: &Path, train: &str, out: &Path) -> String {
+    let text = dir.join("train.txt");
+    let other = dir.join("heldout.txt");
+    std::fs::write(&text, TEXT.repeat(8)).unwrap();
+    std::fs::write(&other, OTHER.repeat(4)).unwrap();
+    let o = surgeon(&[
+        "heal",
+        gguf,
+        "--train",
+        train,
+        "--data",
+        text.to_str().unwrap(),
+        "--eval-data",
+        other.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch",
+        "1",
+        "--lr",
+        "1e-3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    ok(&o);
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `heal --train lora` on the real model: only the adapted projections change, merged into
+/// the original tensors (same names, shapes and class), and the report counts the adapter
+/// parameters from the formula.
+#[test]
+fn smollm2_heals_with_lora_merged_at_save() {
+    let plan = surgeon_formats::gguf::open_smollm2().unwrap_or_else(|e| panic!("{e}"));
+    let gguf = surgeon_formats::gguf::smollm2_gguf_path().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lora");
+    let report = heal_briefly(
+        gguf.to_str().unwrap(),
+        dir.path(),
+        "lora:r=4,alpha=8,targets=q+v+down",
+        &out,
+    );
+    // Per layer r * (in + out): q 576+576, v 576+192, down 1536+576; 30 layers.
+    let want = 30 * 4 * ((576 + 576) + (576 + 192) + (1536 + 576));
+    assert_eq!(want, 483_840);
+    assert!(
+        report.contains("healed 90 tensors (483,840 parameters through lora:r=4,alpha=8,targets=q_proj+v_proj+down_proj adapters, merged)"),
+        "{report}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM", "{config}");
+    let healed = surgeon_formats::open_hf_dir(&out).unwrap();
+    let names: Vec<&String> = healed.tensors.keys().collect();
+    assert_eq!(names, plan.tensors.keys().collect::<Vec<_>>());
+    let mut changed = 0;
+    for (name, e) in &healed.tensors {
+        assert_eq!(e.shape(), plan.tensors[name].shape(), "{name}");
+        let adapted = [".q_proj.", ".v_proj.", ".down_proj."]
+            .iter()
+            .any(|p| name.contains(p));
+        let same = healed.load_f32(name).unwrap().1 == plan.load_f32(name).unwrap().1;
+        if !adapted {
+            assert!(same, "{name} changed without an adapter");
+        }
+        changed += (adapted && !same) as usize;
+    }
+    assert_eq!(changed, 90, "every adapted projection moved");
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 5, "{metrics}");
+}
+
+/// A `train` clover configuration for `plan` (its factors computed as the command does).
+fn clover_cfg(plan: &Plan, out: &Path) -> HealConfig {
+    HealConfig {
+        train: TrainSet::Clover,
+        clover_factors: Some(Arc::new(surgeon::clover_factors(plan).unwrap())),
+        out: out.to_path_buf(),
+        ..Default::default()
+    }
+}
+
+/// Every parameter of `m` by name.
+fn params<Bk: Backend>(m: &Llama<Bk>) -> BTreeMap<String, Vec<f32>> {
+    let mut out = BTreeMap::new();
+    m.visit_named(&mut |n, p| {
+        out.insert(n.to_string(), p.to_f32());
+    });
+    out
+}
+
+/// Factorised (the weights replaced by their bases, cores attached), the model computes the
+/// original function; merged untrained, it gives back the original weights (1e-6 relative to the
+/// tensor's largest weight).
+fn factorise_then_merge(plan: &Plan, tol_logits: f32) {
+    let dev = Default::default();
+    let cfg = clover_cfg(plan, Path::new("unused"));
+    let sel = resolve(plan, &cfg.train).unwrap();
+    let model = load_student::<B>(plan, &sel, &cfg, None, &dev).unwrap();
+    let p = params(&model);
+    let q0 = "model.layers.0.self_attn.q_proj.weight";
+    assert_ne!(
+        p[q0],
+        plan.load_f32(q0).unwrap().1,
+        "the weight holds the basis"
+    );
+    let vocab = plan.arch.vocab_size as u32;
+    let prompt: Vec<u32> = PROMPT.iter().map(|t| t % vocab).collect();
+    let want = common::logits(plan, &prompt);
+    let diff = max_diff(&to_vec(model.forward(ids(&prompt))), &want);
+    assert!(diff <= tol_logits, "factorised logits differ by {diff}");
+    let merged = params(&model.merge_adapters());
+    assert_eq!(merged.len(), plan.tensors.len());
+    for (name, v) in &merged {
+        let want = plan.load_f32(name).unwrap().1;
+        let top = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let err = max_diff(v, &want);
+        assert!(
+            err <= 1e-6 * top.max(1.0),
+            "{name}: merged differs by {err} (max |w| {top})"
+        );
+    }
+}
+
+#[test]
+fn clover_factorise_then_merge_reproduces_the_weights() {
+    // Synthetic GQA (4 query heads over 2 key/value heads) and the real model.
+    let tiny = surgeon_formats::synthetic::SyntheticSpec::tiny().plan();
+    let sel = resolve(&tiny, &TrainSet::Clover).unwrap();
+    // Per layer: q 4 heads of 16x16, v 2 heads of 16x16, up 128/8 blocks of 8x8.
+    assert_eq!(sel.parameters(&tiny), 2 * (4 * 256 + 2 * 256 + 16 * 64));
+    factorise_then_merge(&tiny, 1e-4);
+    let plan = surgeon_formats::gguf::open_smollm2().unwrap_or_else(|e| panic!("{e}"));
+    let sel = resolve(&plan, &TrainSet::Clover).unwrap();
+    assert_eq!(sel.names.len(), 90);
+    // Per layer: q 9 heads of 64x64, v 3 KV heads of 64x64, up 1536/32 blocks of 32x32.
+    assert_eq!(
+        sel.parameters(&plan),
+        30 * (9 * 4096 + 3 * 4096 + 48 * 1024)
+    );
+    factorise_then_merge(&plan, 1e-3);
+}
+
+#[test]
+fn clover_gradients_reach_only_the_cores() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = surgeon_formats::synthetic::SyntheticSpec::tiny().plan();
+    let text: Vec<Vec<u32>> = (0..24u32)
+        .map(|i| (0..40u32).map(|j| 3 + (i * 37 + j * 11) % 250).collect())
+        .collect();
+    let cfg = HealConfig {
+        data: DataSpec::Tokens(text),
+        budget: Budget::Steps(3),
+        seq_len: 16,
+        batch: 2,
+        lr: 1e-2,
+        ..clover_cfg(&plan, dir.path())
+    };
+    let hp = HealPlan::new(&cfg, &plan, None).unwrap();
+    let mut t = Trainer::<Autodiff<B>>::start(&hp, &plan, None, &Default::default()).unwrap();
+    let before = params(t.model());
+    for _ in 0..3 {
+        t.step().unwrap();
+    }
+    let after = params(t.model());
+    let cores = before
+        .keys()
+        .filter(|n| n.ends_with(".clover_core"))
+        .count();
+    assert_eq!(cores, 6);
+    for (name, v) in &before {
+        let changed = v != &after[name];
+        assert_eq!(changed, name.ends_with(".clover_core"), "{name}");
+    }
+    // Saved: only the adapted weights changed, with their original shapes.
+    let healed = t.finish().unwrap();
+    for name in plan.tensors.keys() {
+        let (a, b) = (healed.load_f32(name).unwrap(), plan.load_f32(name).unwrap());
+        assert_eq!(a.0, b.0);
+        assert_eq!(a.1 != b.1, hp.sel.contains(name), "{name}");
+    }
+}
+
+/// An interrupted clover run resumed from its checkpoint (cores from adapters.safetensors, bases
+/// recomputed) ends where the uninterrupted run does.
+#[test]
+fn clover_resume_continues_the_same_trajectory() {
+    use surgeon_distill::heal::heal;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = surgeon_formats::synthetic::SyntheticSpec::tiny().plan();
+    let text: Vec<Vec<u32>> = (0..24u32)
+        .map(|i| (0..40u32).map(|j| 3 + (i * 37 + j * 11) % 250).collect())
+        .collect();
+    let cfg = |out: &Path| HealConfig {
+        data: DataSpec::Tokens(text.clone()),
+        budget: Budget::Steps(8),
+        seq_len: 16,
+        batch: 2,
+        lr: 1e-2,
+        warmup: 2,
+        ..clover_cfg(&plan, out)
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    heal(&cfg(&a), plan.clone(), None).unwrap();
+    let stop = HealConfig {
+        stop_after: Some(3),
+        ..cfg(&b)
+    };
+    let r1 = heal(&stop, plan.clone(), None).unwrap();
+    let ck = r1.last_checkpoint.unwrap();
+    assert!(ck.join("trainer_state/adapters.safetensors").is_file());
+    let resume = HealConfig {
+        resume: Some(b.clone()),
+        ..cfg(&b)
+    };
+    assert_eq!(heal(&resume, plan.clone(), None).unwrap().steps, 8);
+    let (pa, pb) = (
+        surgeon_formats::open_hf_dir(&a).unwrap(),
+        surgeon_formats::open_hf_dir(&b).unwrap(),
+    );
+    for name in plan.tensors.keys() {
+        let d = max_diff(&pa.load_f32(name).unwrap().1, &pb.load_f32(name).unwrap().1);
+        assert!(d < 1e-6, "{name}: resumed differs by {d}");
+    }
+}
+
+/// `heal --train clover` on the real model: the cores of q_proj, v_proj and up_proj train and
+/// merge back; nothing else changes, and the model keeps its names, shapes and class.
+#[test]
+fn smollm2_heals_with_clover_merged_at_save() {
+    let plan = surgeon_formats::gguf::open_smollm2().unwrap_or_else(|e| panic!("{e}"));
+    let gguf = surgeon_formats::gguf::smollm2_gguf_path().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clover");
+    let report = heal_briefly(gguf.to_str().unwrap(), dir.path(), "clover", &out);
+    assert!(
+        report.contains("healed 90 tensors (2,949,120 parameters through CLOVER cores, merged)"),
+        "{report}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM", "{config}");
+    let healed = surgeon_formats::open_hf_dir(&out).unwrap();
+    assert_eq!(healed.tensors.len(), plan.tensors.len());
+    let mut changed = 0;
+    for (name, e) in &healed.tensors {
+        assert_eq!(e.shape(), plan.tensors[name].shape(), "{name}");
+        let adapted = [".q_proj.", ".v_proj.", ".up_proj."]
+            .iter()
+            .any(|p| name.contains(p));
+        let same = healed.load_f32(name).unwrap().1 == plan.load_f32(name).unwrap().1;
+        assert!(adapted || same, "{name} changed without a core");
+        changed += (adapted && !same) as usize;
+    }
+    assert_eq!(changed, 90, "every adapted projection moved");
+}
+
+/// Held-out text for the healing tests (never trained on).
+const OTHER: &str = "Rivers carry sediment to the sea, where it settles into layers that harden over millions of years. Wind and rain wear mountains down, and the rock returns, grain by grain, to the lowlands. ";
 
 const TEXT: &str = "The interpreter reads a statement, compiles it to bytecode and runs it. \
 Names are bound in namespaces; a function call creates a new local namespace. Modules are \

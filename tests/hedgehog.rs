@@ -161,3 +161,47 @@ fn smollm2_recurrent_generation_equals_the_forward() {
         "max |logit diff| {d}, max |logit| {scale}"
     );
 }
+
+/// LoLCATs' stage 2 through LoRA (issue 17): adapters on q/k/v/o of converted layers train and
+/// merge into those projections, and the healed model still exports through the surgeon
+/// remote-code class, feature maps and MLPs untouched.
+#[test]
+fn lora_heals_converted_layers_and_exports_through_remote_code() {
+    use surgeon_distill::heal::{heal, Budget, DataSpec, HealConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = hedgehog(&SyntheticSpec::tiny().plan(), 4);
+    let docs: Vec<Vec<u32>> = (0..16u32)
+        .map(|i| (0..40u32).map(|j| 3 + (i * 31 + j * 7) % 250).collect())
+        .collect();
+    let out = tmp.path().join("stage2");
+    let cfg = HealConfig {
+        data: DataSpec::Tokens(docs),
+        out: out.clone(),
+        train: "lora:r=4,alpha=8,targets=q+k+v+o".parse().unwrap(),
+        budget: Budget::Steps(3),
+        seq_len: 16,
+        batch: 2,
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let report = heal(&cfg, plan.clone(), None).unwrap();
+    assert_eq!(report.trainable_tensors.len(), 2 * 4);
+    assert!(out.join("modeling_surgeon.py").exists());
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_ne!(config["architectures"][0], "LlamaForCausalLM", "{config}");
+    let healed = open_hf_dir(&out).unwrap();
+    assert!(healed
+        .arch
+        .layers
+        .iter()
+        .all(|l| matches!(l.attention.kind, AttentionKind::Hedgehog { .. })));
+    assert_eq!(healed.tensors.len(), plan.tensors.len());
+    for name in plan.tensors.keys() {
+        let same = healed.load_f32(name).unwrap() == plan.load_f32(name).unwrap();
+        let adapted = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .iter()
+            .any(|p| name.contains(&format!(".{p}.")));
+        assert_eq!(!same, adapted, "{name}");
+    }
+}

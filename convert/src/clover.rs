@@ -294,7 +294,13 @@ fn input_moment(s: &InputStats, with_one: bool) -> DMatrix<f64> {
 }
 
 /// Rows of head `g` of `v_proj` (`d x h`), its bias as one more column when present.
-fn value_block(wv: &[f32], bias: Option<&[f32]>, g: usize, d: usize, h: usize) -> DMatrix<f64> {
+pub(crate) fn value_block(
+    wv: &[f32],
+    bias: Option<&[f32]>,
+    g: usize,
+    d: usize,
+    h: usize,
+) -> DMatrix<f64> {
     let cols = h + bias.is_some() as usize;
     DMatrix::from_fn(d, cols, |i, j| {
         let r = g * d + i;
@@ -307,7 +313,7 @@ fn value_block(wv: &[f32], bias: Option<&[f32]>, g: usize, d: usize, h: usize) -
 }
 
 /// Columns of query heads `qs` of `o_proj` (`h x o_dim`), stacked: `len(qs) * h x d`.
-fn output_block(
+pub(crate) fn output_block(
     wo: &[f32],
     qs: std::ops::Range<usize>,
     o_dim: usize,
@@ -321,13 +327,22 @@ fn output_block(
     })
 }
 
-/// SVD of `outputs * values` (whitened by `cov` when given) without forming it; see the module
-/// documentation.
-fn decompose_head(
+/// The SVD of a group's product `O V` (whitened by `cov` when given) without forming it: `O = Q_o R_o`
+/// and the eigenvectors `U_m` (columns, by descending singular value) of `R_o V C V^T R_o^T`;
+/// `O V = (Q_o U_m) S (S^-1 U_m^T R_o V)`.
+pub(crate) struct HeadSvd {
+    pub q_o: DMatrix<f64>,
+    pub r_o: DMatrix<f64>,
+    pub u_m: DMatrix<f64>,
+    pub sigma: Vec<f64>,
+}
+
+/// See [`HeadSvd`].
+pub(crate) fn head_svd(
     values: &DMatrix<f64>,
     outputs: &DMatrix<f64>,
     cov: Option<&DMatrix<f64>>,
-) -> Result<HeadBasis> {
+) -> Result<HeadSvd> {
     let d = values.nrows();
     let qr = outputs.clone().qr();
     let (q_o, r_o) = (qr.q(), qr.r());
@@ -344,18 +359,47 @@ fn decompose_head(
     let eig = SymmetricEigen::new((&g + g.transpose()) * 0.5);
     let mut order: Vec<usize> = (0..d).collect();
     order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
-    let u = DMatrix::from_fn(d, d, |i, j| eig.eigenvectors[(i, order[j])]);
+    let u_m = DMatrix::from_fn(d, d, |i, j| eig.eigenvectors[(i, order[j])]);
     let sigma: Vec<f64> = order
         .iter()
         .map(|&j| eig.eigenvalues[j].max(0.0).sqrt())
         .collect();
-    let mut rows = u.transpose() * &r_o * values;
-    let mut cols = q_o * &u;
-    let top = sigma.first().copied().unwrap_or(0.0);
-    for (j, &s) in sigma.iter().enumerate() {
-        // Balanced split S^-1/2 | S^1/2; a (numerically) null direction keeps scale 1, which is
-        // just as exact.
-        let k = if s > 1e-12 * top { s.sqrt() } else { 1.0 };
+    Ok(HeadSvd {
+        q_o,
+        r_o,
+        u_m,
+        sigma,
+    })
+}
+
+/// The scale direction `j` of a head takes out of its value rows: its singular value, or 1 for a
+/// (numerically) null direction, which is just as exact.
+pub(crate) fn direction_scale(sigma: &[f64], j: usize, root: bool) -> f64 {
+    let (s, top) = (sigma[j], sigma.first().copied().unwrap_or(0.0));
+    match (s > 1e-12 * top, root) {
+        (false, _) => 1.0,
+        (true, true) => s.sqrt(),
+        (true, false) => s,
+    }
+}
+
+/// [`head_svd`] split balanced (`S^-1/2 | S^1/2`) into value rows and output columns; see the
+/// module documentation.
+fn decompose_head(
+    values: &DMatrix<f64>,
+    outputs: &DMatrix<f64>,
+    cov: Option<&DMatrix<f64>>,
+) -> Result<HeadBasis> {
+    let HeadSvd {
+        q_o,
+        r_o,
+        u_m,
+        sigma,
+    } = head_svd(values, outputs, cov)?;
+    let mut rows = u_m.transpose() * &r_o * values;
+    let mut cols = q_o * &u_m;
+    for j in 0..sigma.len() {
+        let k = direction_scale(&sigma, j, true);
         rows.row_mut(j).scale_mut(1.0 / k);
         cols.column_mut(j).scale_mut(k);
     }

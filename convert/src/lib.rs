@@ -2,6 +2,8 @@
 //!
 //! - [`clover`]: CLOVER, every key/value head's value-output pair in its singular basis, optionally
 //!   pruned (data-aware with calibration statistics).
+//! - [`clover_finetune`]: the factors CLOVER's singular-value fine-tuning trains (`heal --train
+//!   clover`), handed to the runtime as plain data.
 //! - [`gqa`]: regroup key/value heads (MHA <-> GQA <-> MQA) by mean-pooling or repeating them.
 //! - [`hedgehog`]: linearise attention (Hedgehog feature maps, LoLCATs sliding-window hybrid).
 //! - [`mla`]: multi-head latent attention in DeepSeek-V3 layout (partial RoPE, PCA latent).
@@ -9,6 +11,7 @@
 //! Like the structural operators in `surgeon-surgery`, these rewrite plans without touching data;
 //! the writer materialises the new tensors while streaming.
 pub mod clover;
+pub mod clover_finetune;
 pub mod error;
 pub mod gqa;
 pub mod hedgehog;

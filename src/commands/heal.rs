@@ -2,6 +2,7 @@
 use super::common::{command_line, BackendArgs, Interrupted};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
 use surgeon_distill::heal::{
     heal_with, install_ctrlc, Budget, DataSpec, HealConfig, HealObserver, LossKind, MetricRow,
     Schedule, TrainSet,
@@ -35,7 +36,10 @@ pub struct Args {
     #[arg(long, default_value_t = defaults().temperature)]
     pub temperature: f64,
     /// all, new-blocks, embeddings, new-embeddings, feature-maps (Hedgehog feature maps and
-    /// window factors), or a regex over HF tensor names.
+    /// window factors), lora[:r=8,alpha=16,targets=q+k+v+o+gate+up+down] (adapters on those
+    /// linear layers, merged into their weights when saving), clover (CLOVER singular-value
+    /// fine-tuning: per-head cores of q_proj and of the value-output SVD, per-block cores of
+    /// up_proj, merged when saving), or a regex over HF tensor names.
     #[arg(long, default_value_t = defaults().train)]
     pub train: TrainSet,
     /// Optimizer steps.
@@ -105,6 +109,10 @@ pub fn run(a: Args) -> Result<()> {
         Some(t) => Some(surgeon_formats::open_model(t)?),
         None => None,
     };
+    let clover_factors = match a.train {
+        TrainSet::Clover => Some(Arc::new(surgeon::clover_factors(&student)?)),
+        _ => None,
+    };
     let cfg = HealConfig {
         data: DataSpec::Files(a.data),
         eval_data: (!a.eval_data.is_empty()).then_some(DataSpec::Files(a.eval_data)),
@@ -134,6 +142,7 @@ pub fn run(a: Args) -> Result<()> {
         stop: Some(install_ctrlc()?),
         stop_after: None,
         command: command_line(),
+        clover_factors,
     };
     let r = heal_with(&cfg, student, teacher, &mut Progress::new())?;
     let ppl = |p: Option<f64>| p.map(|p| format!("{p:.3}")).unwrap_or("-".into());
@@ -150,8 +159,13 @@ pub fn run(a: Args) -> Result<()> {
         ))
         .into());
     }
+    let via = match &cfg.train {
+        TrainSet::Lora(spec) => format!(" through {spec} adapters, merged"),
+        TrainSet::Clover => " through CLOVER cores, merged".into(),
+        _ => String::new(),
+    };
     eprintln!(
-        "healed {} tensors ({} parameters) for {} steps, {} tokens at {:.0} tokens/s; \
+        "healed {} tensors ({} parameters{via}) for {} steps, {} tokens at {:.0} tokens/s; \
          eval perplexity {} -> {}; wrote {}",
         r.trainable_tensors.len(),
         surgeon_formats::plan::group_digits(r.trainable_parameters),

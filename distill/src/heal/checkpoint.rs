@@ -4,6 +4,7 @@
 use super::metrics::{read_csv, write_csv};
 use super::plan::Trajectory;
 use super::{io_err, Error, MetricRow, Result};
+use crate::model::AdapterValues;
 use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
@@ -17,6 +18,8 @@ pub const STATE_DIR: &str = "trainer_state";
 pub const STATE_FILE: &str = "state.json";
 pub const OPTIM_FILE: &str = "optimizer"; // the recorder appends `.bin`
 const METRICS_FILE: &str = "metrics.csv";
+/// Adapter parameters (LoRA, CLOVER cores) of an adapter run; the model beside them has them merged.
+pub const ADAPTERS_FILE: &str = "adapters.safetensors";
 
 /// What a checkpoint records besides weights and optimizer moments.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -176,8 +179,48 @@ pub fn load_optimizer<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, 
     Ok(optim.load_record(rec))
 }
 
+/// Writes `adapters` (f32) to `path`.
+fn write_adapters(path: &Path, adapters: &AdapterValues) -> Result<()> {
+    let bytes: Vec<(&String, Vec<u8>, &Vec<usize>)> = adapters
+        .iter()
+        .map(|(n, (shape, v))| (n, f32_bytes(v), shape))
+        .collect();
+    let views = bytes.iter().map(|(n, b, shape)| {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), b)
+            .expect("sizes match");
+        (n.as_str(), view)
+    });
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| Error::Checkpoint(format!("{}: saving adapters: {e}", path.display())))
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Reads the adapter values of the checkpoint `dir` (written by an adapter run).
+pub fn read_adapters(dir: &Path) -> Result<AdapterValues> {
+    let p = dir.join(STATE_DIR).join(ADAPTERS_FILE);
+    let bytes = std::fs::read(&p).map_err(io_err(&p))?;
+    let bad = |e: String| Error::Checkpoint(format!("{}: {e}", p.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let mut out = AdapterValues::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!("`{name}` is {:?}, not F32", view.dtype())));
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
 /// Writes a checkpoint into `dir`: `weights` as a model plus `trainer_state/` (optimizer record,
-/// metrics, state), all in one temporary sibling renamed into place at the end, so a crash or a
+/// metrics, state, and the `adapters` of an adapter run), all in one temporary sibling renamed into place at the end, so a crash or a
 /// full disk leaves no half-written `step-N` to block `--resume`.
 pub fn save<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>>(
     dir: &Path,
@@ -185,6 +228,7 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>>(
     optim: &O,
     state: &TrainerState,
     metrics: &[MetricRow],
+    adapters: &AdapterValues,
 ) -> Result<()> {
     let opts = WriteOptions {
         force: true,
@@ -200,6 +244,9 @@ pub fn save<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>>(
                 Error::Checkpoint(format!("{}: saving optimizer state: {e}", sd.display()))
             })?;
         write_csv(&sd.join(METRICS_FILE), metrics)?;
+        if !adapters.is_empty() {
+            write_adapters(&sd.join(ADAPTERS_FILE), adapters)?;
+        }
         let json = serde_json::to_string_pretty(state).expect("serialisable");
         let p = sd.join(STATE_FILE);
         std::fs::write(&p, json).map_err(io_err(&p))

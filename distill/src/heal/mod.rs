@@ -17,6 +17,8 @@ pub mod trainer;
 pub mod transfer;
 
 #[cfg(test)]
+mod adapter_tests;
+#[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
@@ -27,7 +29,7 @@ pub use data::DataSpec;
 pub use plan::{HealPlan, Trajectory};
 pub use run::{heal_on, HealObserver, Quiet};
 pub use schedule::Schedule;
-pub use select::TrainSet;
+pub use select::{LoraSpec, TrainSet};
 pub use trainer::Trainer;
 
 /// Healing reports the runtime's errors: one error type per crate.
@@ -136,7 +138,13 @@ pub struct HealConfig {
     pub stop_after: Option<u64>,
     /// The command line that ran, for the model card.
     pub command: String,
+    /// For `train` clover: each adapted linear layer's factors by HF module name (computed by
+    /// `surgeon_convert::clover_finetune::finetune_factors`).
+    pub clover_factors: Option<Arc<CloverFactors>>,
 }
+
+/// CLOVER factors by HF module name (e.g. `model.layers.0.self_attn.q_proj`).
+pub type CloverFactors = std::collections::BTreeMap<String, crate::model::BlockFactors>;
 
 impl Default for HealConfig {
     fn default() -> Self {
@@ -168,6 +176,7 @@ impl Default for HealConfig {
             stop: None,
             stop_after: None,
             command: String::new(),
+            clover_factors: None,
         }
     }
 }

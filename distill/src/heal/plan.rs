@@ -134,11 +134,7 @@ impl HealPlan {
         } else {
             cfg.command.clone()
         };
-        let trainable_parameters = sel
-            .names
-            .iter()
-            .map(|n| student.tensors[n].numel() as u64)
-            .sum();
+        let trainable_parameters = sel.parameters(student);
         Ok(HealPlan {
             cfg: cfg.clone(),
             model_fingerprint: model_fingerprint(student)?,
@@ -286,6 +282,11 @@ pub fn check_options(cfg: &HealConfig) -> Result<()> {
     if cfg.seq_len == 0 || cfg.batch == 0 || cfg.grad_accum == 0 {
         return bad("seq_len, batch and grad_accum must be positive".into());
     }
+    if cfg.train == TrainSet::Clover && cfg.clover_factors.is_none() {
+        return bad("`train` clover needs `clover_factors` (surgeon_convert's \
+             clover_finetune::finetune_factors computes them from the student)"
+            .into());
+    }
     // Beyond ~1 (Adam's step is about lr per weight) training only diverges.
     if !(cfg.lr.is_finite() && cfg.lr > 0.0 && cfg.lr <= 1.0) {
         return bad(format!(
@@ -413,6 +414,8 @@ pub(crate) fn train_set_name(t: &TrainSet) -> String {
         TrainSet::Embeddings => "embeddings".into(),
         TrainSet::NewEmbeddings => "new-embeddings".into(),
         TrainSet::FeatureMaps => "feature-maps".into(),
+        TrainSet::Lora(spec) => spec.to_string(),
+        TrainSet::Clover => "clover".into(),
         TrainSet::Regex(r) => format!("`{r}`"),
     }
 }

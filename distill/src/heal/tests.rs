@@ -12,16 +12,16 @@ use std::path::Path;
 use surgeon_formats::synthetic::SyntheticSpec;
 use surgeon_formats::{open_hf_dir, AuxFile, DType, Plan, Source, TensorEntry};
 
-type AD = Autodiff<Flex>;
+pub(super) type AD = Autodiff<Flex>;
 
-fn docs(n: usize, len: usize, vocab: u32, seed: u64) -> Vec<Vec<u32>> {
+pub(super) fn docs(n: usize, len: usize, vocab: u32, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     (0..n)
         .map(|_| (0..len).map(|_| rng.random_range(3..vocab)).collect())
         .collect()
 }
 
-fn tiny(layers: usize, seed: u64) -> Plan {
+pub(super) fn tiny(layers: usize, seed: u64) -> Plan {
     SyntheticSpec {
         num_layers: layers,
         seed,
@@ -48,7 +48,7 @@ fn expanded() -> Plan {
     p
 }
 
-fn cfg(out: &Path) -> HealConfig {
+pub(super) fn cfg(out: &Path) -> HealConfig {
     HealConfig {
         data: DataSpec::Tokens(docs(24, 40, 256, 1)),
         out: out.to_path_buf(),
@@ -60,14 +60,14 @@ fn cfg(out: &Path) -> HealConfig {
     }
 }
 
-fn values(plan: &Plan) -> Vec<(String, Vec<f32>)> {
+pub(super) fn values(plan: &Plan) -> Vec<(String, Vec<f32>)> {
     plan.tensors
         .keys()
         .map(|n| (n.clone(), plan.load_f32(n).unwrap().1))
         .collect()
 }
 
-fn bits(v: &[f32]) -> Vec<u32> {
+pub(super) fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 

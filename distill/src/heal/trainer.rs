@@ -6,9 +6,10 @@ use super::data::Sampler;
 use super::loss::{kd_loss, lm_loss, nll_sum};
 use super::plan::HealPlan;
 use super::schedule::lr_at;
+use super::select::{AdapterKind, Selection};
 use super::transfer::attention_transfer_loss;
-use super::{Error, LossKind, MetricRow, Result};
-use crate::model::{Llama, Mlp};
+use super::{Error, HealConfig, LossKind, MetricRow, Result};
+use crate::model::{Adapter, AdapterValues, Cores, Llama, Lora, Mlp};
 use crate::moe_aux::{forward_with_router_logits, load_balancing_loss};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -48,6 +49,55 @@ pub fn load_model<B: Backend>(
     device: &B::Device,
 ) -> Result<Llama<B>> {
     Ok(Llama::from_plan(plan, device)?.freeze_where(|n| !trainable(n)))
+}
+
+/// Loads the student of a run selecting `sel`: [`load_model`], and for an adapter run every base
+/// tensor frozen and adapters attached to the selected weights (from `saved` on a resume, else
+/// initialised from `cfg`'s seed or CLOVER factors).
+pub fn load_student<B: Backend>(
+    base: &Plan,
+    sel: &Selection,
+    cfg: &HealConfig,
+    saved: Option<&AdapterValues>,
+    device: &B::Device,
+) -> Result<Llama<B>> {
+    let Some(kind) = &sel.adapter else {
+        return load_model(base, &|n| sel.contains(n), device);
+    };
+    let model = load_model::<B>(base, &|_| false, device)?;
+    let (model, adapted) = model.attach_adapters(&mut |module, lin| {
+        if !sel.contains(&format!("{module}.weight")) {
+            return Ok(None);
+        }
+        let shape = lin.weight.dims();
+        Ok(Some(match *kind {
+            AdapterKind::Lora { r, alpha } => {
+                let (l, ids) = Lora::new(module, shape, (r, alpha), cfg.seed, saved, device);
+                (Adapter::Lora(l), ids)
+            }
+            AdapterKind::Clover => {
+                let f = cfg.clover_factors.as_ref().and_then(|f| f.get(module));
+                let f = f.ok_or_else(|| {
+                    Error::Invalid(format!("`clover_factors` has no factors for `{module}`"))
+                })?;
+                let (c, basis, ids) = Cores::new(module, shape, f, saved, device)?;
+                lin.weight = Param::initialized(lin.weight.id, basis);
+                (Adapter::Cores(c), ids)
+            }
+        }))
+    })?;
+    if adapted.len() != sel.names.len() {
+        let missing: Vec<&String> = sel
+            .names
+            .iter()
+            .filter(|n| !adapted.iter().any(|m| **n == format!("{m}.weight")))
+            .take(3)
+            .collect();
+        return Err(Error::Invalid(format!(
+            "`train`: {missing:?} are not weights of linear layers the runtime can adapt"
+        )));
+    }
+    Ok(model)
 }
 
 /// Every parameter of `model` with its HF tensor name and rank.
@@ -206,9 +256,9 @@ impl<B: AutodiffBackend> RestoreRows<B> {
     }
 }
 
-/// A copy of `base` whose trainable tensors hold the model's current values (f32 when `as_f32`,
-/// else in each entry's dtype).
-fn export_plan<B: Backend>(
+/// A copy of `base` whose trainable tensors hold the model's current values, adapters merged (f32
+/// when `as_f32`, else in each entry's dtype).
+fn export_plan<B: AutodiffBackend>(
     base: &Plan,
     model: &Llama<B>,
     names: &[String],
@@ -216,7 +266,7 @@ fn export_plan<B: Backend>(
     label: &str,
 ) -> Result<Plan> {
     let mut plan = base.clone();
-    let mut values = tensors_f32(model, names);
+    let mut values = tensors_f32(&model.valid().merge_adapters(), names);
     for name in names {
         let (shape, values) = values
             .remove(name)
@@ -263,7 +313,7 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         device: &B::Device,
     ) -> Result<Self> {
         let optim = Self::optimizer(plan);
-        let mut t = Self::build(plan, student.clone(), teacher, optim, device)?;
+        let mut t = Self::build(plan, student.clone(), teacher, optim, None, device)?;
         let ppl = t.evaluate();
         t.state.eval_ppl_before = Some(ppl);
         t.metrics.push(MetricRow {
@@ -288,6 +338,20 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
     ) -> Result<Self> {
         let state = checkpoint::read_state(dir)?;
         plan.check_resume(&state, dir)?;
+        let (base, saved) = match plan.sel.adapter {
+            Some(_) => (student.clone(), Some(checkpoint::read_adapters(dir)?)),
+            None => (Self::resumed_base(plan, student, dir)?, None),
+        };
+        let metrics = checkpoint::read_metrics(dir, &state)?;
+        let optim = checkpoint::load_optimizer(dir, Self::optimizer(plan), device)?;
+        let mut t = Self::build(plan, base, teacher, optim, saved.as_ref(), device)?;
+        t.state = state;
+        t.metrics = metrics;
+        Ok(t)
+    }
+
+    /// `student` with the trained tensors of the checkpoint `dir`.
+    fn resumed_base(plan: &HealPlan, student: &Plan, dir: &Path) -> Result<Plan> {
         let mut base = student.clone();
         let ck = surgeon_formats::open_hf_dir(dir)?;
         let d = dir.display();
@@ -304,12 +368,7 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
             }
             e.source = Source::inline("resumed", HostTensor::from_f32(shape, &v));
         }
-        let metrics = checkpoint::read_metrics(dir, &state)?;
-        let optim = checkpoint::load_optimizer(dir, Self::optimizer(plan), device)?;
-        let mut t = Self::build(plan, base, teacher, optim, device)?;
-        t.state = state;
-        t.metrics = metrics;
-        Ok(t)
+        Ok(base)
     }
 
     fn optimizer(plan: &HealPlan) -> AdamWOf<B> {
@@ -326,17 +385,18 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         base: Plan,
         teacher: Option<&Plan>,
         optim: AdamWOf<B>,
+        saved: Option<&AdapterValues>,
         device: &B::Device,
     ) -> Result<Self> {
         let sel = &plan.sel;
-        let model = load_model::<B>(&base, &|n| sel.contains(n), device)?;
+        let model = load_student::<B>(&base, sel, &plan.cfg, saved, device)?;
         let teacher = match teacher {
             Some(t) => Some(load_model::<B::InnerBackend>(t, &|_| false, device)?),
             None => None,
         };
         let params: Vec<_> = named_params(&model)
             .into_iter()
-            .filter(|(_, n, _)| sel.contains(n))
+            .filter(|(_, n, _)| sel.trains(n))
             .collect();
         let vocab = base.arch.vocab_size;
         let rows = sel
@@ -542,7 +602,15 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
             "{} (checkpoint at step {})",
             self.plan.history_line, self.state.step
         ));
-        checkpoint::save(&dir, &weights, &self.optim, &self.state, &self.metrics)?;
+        let adapters = self.model().adapter_values();
+        checkpoint::save(
+            &dir,
+            &weights,
+            &self.optim,
+            &self.state,
+            &self.metrics,
+            &adapters,
+        )?;
         super::metrics::write_csv(&out.join("metrics.csv"), &self.metrics)?;
         Ok(dir)
     }

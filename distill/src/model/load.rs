@@ -19,6 +19,13 @@ impl ParamNames {
     pub fn get(&self, id: &ParamId) -> Option<&str> {
         self.0.get(id).map(String::as_str)
     }
+
+    /// This table with `extra` names added (parameters attached after loading: adapters).
+    pub fn with(&self, extra: impl IntoIterator<Item = (ParamId, String)>) -> Self {
+        let mut names = (*self.0).clone();
+        names.extend(extra);
+        ParamNames(Arc::new(names))
+    }
 }
 
 /// A stable parameter id from an HF tensor name (FNV-1a), so that ids agree across processes and

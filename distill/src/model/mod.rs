@@ -14,6 +14,7 @@
 //!
 //! There is one decoder forward ([`DecoderLayer::forward`]); it reports intermediate values to a
 //! [`Probe`] (no-ops by default), from which `crate::probe` builds calibration statistics.
+mod adapter;
 mod gemma;
 mod hedgehog;
 #[cfg(test)]
@@ -23,6 +24,9 @@ mod load;
 mod mla;
 mod named;
 
+pub use adapter::{
+    is_adapter_param, Adapter, AdapterMaker, AdapterValues, BlockFactors, Cores, Lora,
+};
 pub use gemma::{embed_scale, gelu_tanh, softcap};
 pub use hedgehog::{FeatureMap, Hedgehog, LinearState};
 pub use kv_buffer::KvBuffer;
@@ -43,6 +47,8 @@ use surgeon_formats::{Attention, AttentionKind, Layer, ModelArch, MoeRouting};
 pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A trainable adapter (LoRA, CLOVER), applied before the bias; see [`Llama::attach_adapters`].
+    pub adapter: Option<Adapter<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -51,6 +57,7 @@ impl<B: Backend> Linear<B> {
         Ok(Linear {
             weight: vb.param("weight")?,
             bias: if bias { Some(vb.param("bias")?) } else { None },
+            adapter: None,
         })
     }
 
@@ -62,7 +69,11 @@ impl<B: Backend> Linear<B> {
         let w = self.weight.val();
         let out = w.dims()[0];
         // One large GEMM over all rows; the transpose is a strided view, not a copy (CPU backend).
-        let mut y = x.reshape([rows, inner]).matmul(w.transpose());
+        let x = x.reshape([rows, inner]);
+        let mut y = x.clone().matmul(w.transpose());
+        if let Some(a) = &self.adapter {
+            y = a.apply(x, y);
+        }
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze_dim(0);
         }
