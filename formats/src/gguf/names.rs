@@ -110,7 +110,8 @@ pub fn hf_tensor_name(name: &str) -> Result<HfTensorName, GgufError> {
         "attn_q_norm" => ("self_attn.q_norm", None, false),
         "attn_k_norm" => ("self_attn.k_norm", None, false),
         "attn_norm" => ("input_layernorm", None, false),
-        "ffn_norm" => ("post_attention_layernorm", None, false),
+        "ffn_norm" | "post_attention_norm" => ("post_attention_layernorm", None, false),
+        "post_ffw_norm" => ("post_feedforward_layernorm", None, false),
         "ffn_gate" => ("mlp.gate_proj", None, false),
         "ffn_up" => ("mlp.up_proj", None, false),
         "ffn_down" => ("mlp.down_proj", None, false),
@@ -125,6 +126,25 @@ pub fn hf_tensor_name(name: &str) -> Result<HfTensorName, GgufError> {
         rope,
         stacked_experts: stacked,
     })
+}
+
+/// [`hf_tensor_name`] for a file of llama.cpp architecture `arch`: Gemma's sandwich norms are
+/// `post_attention_norm`, `ffn_norm` (HF `pre_feedforward_layernorm`) and `post_ffw_norm`.
+pub fn hf_tensor_name_in(arch: &str, name: &str) -> Result<HfTensorName, GgufError> {
+    let mut hf = hf_tensor_name(name)?;
+    if !arch.starts_with("gemma") {
+        return Ok(hf);
+    }
+    let stem = name.rsplit('.').nth(1).unwrap_or_default();
+    let to = match stem {
+        "post_attention_norm" => "post_attention_layernorm",
+        "ffn_norm" => "pre_feedforward_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
+        _ => return Ok(hf),
+    };
+    let layer = hf.name.rsplitn(3, '.').nth(2).unwrap_or_default();
+    hf.name = format!("{layer}.{to}.weight");
+    Ok(hf)
 }
 
 fn check_rope_shape(
@@ -263,6 +283,18 @@ mod tests {
             hf_tensor_name("blk.0.attn_k.weight").unwrap().rope,
             Some(RopePermutation::Key)
         );
+        for (g, h) in [
+            ("blk.1.attn_norm.weight", "input_layernorm"),
+            (
+                "blk.1.post_attention_norm.weight",
+                "post_attention_layernorm",
+            ),
+            ("blk.1.ffn_norm.weight", "pre_feedforward_layernorm"),
+            ("blk.1.post_ffw_norm.weight", "post_feedforward_layernorm"),
+        ] {
+            let name = hf_tensor_name_in("gemma2", g).unwrap().name;
+            assert_eq!(name, format!("model.layers.1.{h}.weight"), "{g}");
+        }
         let s = hf_tensor_name("blk.5.ffn_up_exps.weight").unwrap();
         assert!(s.stacked_experts);
         assert_eq!(
