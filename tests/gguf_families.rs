@@ -21,9 +21,9 @@ fn tokens(name: &str) -> Vec<u32> {
     u32s(&meta["tokens"])
 }
 
-/// Every tensor of `got` equals the fixture's: bitwise, except the norms, which went through
-/// llama.cpp's `w + 1` in f32 and come back as `(w + 1) - 1` (within half an ulp of `1 + w`).
-fn assert_same_tensors(name: &str, got: &Plan, want: &Plan) {
+/// Every tensor of `got` equals the fixture's: bitwise, except Gemma's norms (`gemma_norms`), which
+/// went through llama.cpp's `w + 1` in f32 and come back as `(w + 1) - 1` (within an ulp of `1 + w`).
+fn assert_same_tensors(name: &str, got: &Plan, want: &Plan, gemma_norms: bool) {
     let names = |p: &Plan| p.tensors.keys().cloned().collect::<Vec<_>>();
     assert_eq!(names(got), names(want), "{name}");
     let mut norms = 0;
@@ -31,7 +31,7 @@ fn assert_same_tensors(name: &str, got: &Plan, want: &Plan) {
         let (gs, g) = got.load_f32(t).unwrap();
         let (ws, w) = want.load_f32(t).unwrap();
         assert_eq!(gs, ws, "{name} {t}");
-        if t.ends_with("norm.weight") {
+        if gemma_norms && t.ends_with("norm.weight") {
             norms += 1;
             for (a, b) in g.iter().zip(&w) {
                 assert!((a - b).abs() <= f32::EPSILON * (1.0 + b).abs(), "{t}");
@@ -42,7 +42,7 @@ fn assert_same_tensors(name: &str, got: &Plan, want: &Plan) {
             assert_eq!(bits(&g), bits(&w), "{name} {t} not bitwise equal");
         }
     }
-    assert!(norms > 0, "{name}: no norms checked");
+    assert_eq!(norms > 0, gemma_norms, "{name}: Gemma norms checked");
 }
 
 #[test]
@@ -55,7 +55,7 @@ fn gemma_ggufs_import_to_the_fixture_tensors_and_llamacpps_model() {
         let path = fixtures().join(format!("{name}.gguf"));
         let got = open_model(path.to_str().unwrap()).unwrap();
         assert_eq!(got.arch.family, family, "{name}");
-        assert_same_tensors(name, &got, &want);
+        assert_same_tensors(name, &got, &want, true);
         let a = &got.arch;
         let layer_full: Vec<bool> = a
             .layers
@@ -93,24 +93,47 @@ fn gemma_ggufs_import_to_the_fixture_tensors_and_llamacpps_model() {
     }
 }
 
-/// `surgeon import-gguf` writes the Gemma 2 model as a checkpoint that reads back with the same
-/// logits (the writer materialises the norms' `- 1`).
+/// Qwen3-MoE as llama.cpp stores it (`qwen3moe`: stacked `ffn_*_exps`, router `ffn_gate_inp`,
+/// q/k rows not permuted): the fixture's tensors bitwise, its architecture (llama.cpp always
+/// renormalises the top-k weights, as the fixture does) and transformers' logits.
 #[test]
-fn import_gguf_writes_a_gemma2_checkpoint_with_the_same_logits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("gemma2");
-    let gguf = fixtures().join("gemma2.gguf");
-    ok(&surgeon(&[
-        "import-gguf",
-        gguf.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]));
-    let back = open_hf_dir(&out).unwrap();
-    assert_eq!(back.arch.family, Family::Gemma2);
-    let golden = read_f32s(&fixtures().join("gemma2_gguf_logits.bin"));
-    let d = max_diff(&logits(&back, &tokens("gemma2")), &golden);
+fn a_qwen3_moe_gguf_imports_to_the_fixture() {
+    let want = open_hf_dir(&fixtures().join("qwen3_moe")).unwrap();
+    let got = open_model(fixtures().join("qwen3_moe.gguf").to_str().unwrap()).unwrap();
+    assert_eq!(got.arch.family, Family::Qwen3Moe);
+    assert_same_tensors("qwen3_moe", &got, &want, false);
+    assert_eq!(got.arch.layers, want.arch.layers);
+    let golden = read_f32s(&fixtures().join("qwen3_moe_logits.bin"));
+    let d = max_diff(&logits(&got, &tokens("qwen3_moe")), &golden);
     assert!(d < 1e-4, "logits differ from transformers' by {d}");
+}
+
+/// `surgeon import-gguf` writes the Gemma 2 and Qwen3-MoE models as checkpoints of their class
+/// that read back with the same logits (the writer materialises the norms' `- 1` and the experts).
+#[test]
+fn import_gguf_writes_checkpoints_with_the_same_logits() {
+    for (name, family, golden) in [
+        ("gemma2", Family::Gemma2, "gemma2_gguf_logits.bin"),
+        ("qwen3_moe", Family::Qwen3Moe, "qwen3_moe_logits.bin"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join(name);
+        let gguf = fixtures().join(format!("{name}.gguf"));
+        ok(&surgeon(&[
+            "import-gguf",
+            gguf.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["model_type"], family.model_type(), "{name}");
+        let back = open_hf_dir(&out).unwrap();
+        assert_eq!(back.arch.family, family);
+        let golden = read_f32s(&fixtures().join(golden));
+        let d = max_diff(&logits(&back, &tokens(name)), &golden);
+        assert!(d < 1e-4, "{name}: logits differ from transformers' by {d}");
+    }
 }
 
 /// A GGUF of an architecture surgeon does not import names it and lists those it does.
@@ -135,7 +158,7 @@ fn an_unsupported_gguf_architecture_is_named_with_the_supported_ones() {
             "--out",
             out.to_str().unwrap(),
         ]),
-        "unsupported architecture `qwen9` (supported: llama, qwen3, gemma2, gemma3)",
+        "unsupported architecture `qwen9` (supported: llama, qwen3, qwen3moe, gemma2, gemma3)",
         &out,
     );
 }

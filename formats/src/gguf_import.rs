@@ -1,4 +1,4 @@
-//! GGUF file -> plan (Llama family, incl. Mixtral experts; Qwen3; Gemma 2 and Gemma 3 text).
+//! GGUF file -> plan (Llama family, incl. Mixtral experts; Qwen3, Qwen3-MoE; Gemma 2 and Gemma 3 text).
 //!
 //! Quantised tensors become lazy `decode` sources (dequantised while writing); llama.cpp's RoPE row
 //! permutation of q/k is undone by a row selection, and its Gemma norms (stored as `1 + w`) get 1
@@ -167,16 +167,22 @@ fn layer_from_hyper(hyper: &gguf::LlamaHyper, qkv_bias: bool) -> (Family, Layer)
         head_dim: hyper.head_dim(),
         v_head_dim: hyper.head_dim(),
         qkv_bias,
-        qk_norm: matches!(hyper.architecture.as_str(), "qwen3" | "gemma3"),
+        qk_norm: matches!(hyper.architecture.as_str(), "qwen3" | "qwen3moe" | "gemma3"),
         full_attention: false,
     };
     let (family, mlp) = match (hyper.expert_count, hyper.expert_used_count) {
+        // llama.cpp renormalises Qwen3-MoE's top-k weights (norm_topk_prob true) whatever the file says.
         (Some(e), Some(k)) if e > 1 => (
-            Family::Mixtral,
+            match hyper.architecture.as_str() {
+                "qwen3moe" => Family::Qwen3Moe,
+                _ => Family::Mixtral,
+            },
             Mlp::Moe {
                 num_experts: e,
                 top_k: k,
-                intermediate_size: hyper.feed_forward_length,
+                intermediate_size: hyper
+                    .expert_feed_forward_length
+                    .unwrap_or(hyper.feed_forward_length),
                 routing: MoeRouting::Mixtral,
             },
         ),

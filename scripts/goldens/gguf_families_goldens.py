@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GGUF fixtures of the Gemma family fixtures, laid out as llama.cpp's convert_hf_to_gguf.py lays them out,
+"""GGUF fixtures of the Gemma and Qwen3-MoE family fixtures, laid out as llama.cpp's convert_hf_to_gguf.py lays them out,
 with the logits transformers gives for the model llama.cpp reads from them, for tests/gguf_families.rs.
 
 Usage: python scripts/goldens/gguf_families_goldens.py [--fixtures tests/fixtures/families]
@@ -12,6 +12,10 @@ For `gemma2` and `gemma3` (made by families_goldens.py) it writes
   fixture's tokens, with the config changed to what llama.cpp hard-codes and a GGUF cannot say:
   query_pre_attn_scalar = head_dim (27B models aside) and the layer pattern (Gemma 2: every 2nd
   layer global, Gemma 3: every 6th, so the 3-layer Gemma 3 fixture has only sliding layers).
+For `qwen3_moe` it writes `qwen3_moe.gguf` (architecture `qwen3moe`): experts stacked into
+`ffn_{gate,up,down}_exps` [experts, rows, cols], the router as `ffn_gate_inp`, q/k rows not permuted.
+llama.cpp renormalises its top-k weights (norm_topk_prob true), as the fixture does, so the fixture's
+own `qwen3_moe_logits.bin` is the golden.
 """
 import argparse, json, pathlib
 
@@ -75,6 +79,46 @@ def write_gguf(src, dst, arch):
     w.close()
 
 
+def write_qwen3moe_gguf(src, dst):
+    c = json.loads((src / "config.json").read_text())
+    w = gguf.GGUFWriter(str(dst), "qwen3moe")
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+    w.add_expert_count(c["num_local_experts"])
+    w.add_expert_used_count(c["num_experts_per_tok"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_key_length(c["head_dim"])
+    w.add_value_length(c["head_dim"])
+    w.add_rope_freq_base(c["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_vocab_size(c["vocab_size"])
+    tensors = load_file(str(src / "model.safetensors"))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for name, t in sorted(tensors.items()):
+        if ".mlp.experts." in name:
+            continue
+        if name in names:
+            w.add_tensor(names[name], t)
+            continue
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        stem = {"mlp.gate.weight": "ffn_gate_inp", "post_attention_layernorm.weight": "ffn_norm"}.get(rest)
+        w.add_tensor(f"blk.{layer}.{stem or LAYER_NAMES[rest.removesuffix('.weight')]}.weight", t)
+    for layer in range(c["num_hidden_layers"]):
+        for hf, gg in [("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")]:
+            stacked = np.stack([tensors[f"model.layers.{layer}.mlp.experts.{e}.{hf}.weight"]
+                                for e in range(c["num_local_experts"])])
+            w.add_tensor(f"blk.{layer}.{gg}.weight", stacked)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def llamacpp_logits(src, arch, tokens):
     config = AutoConfig.from_pretrained(src)
     config.query_pre_attn_scalar = config.head_dim
@@ -97,6 +141,8 @@ def main():
         fixture = np.fromfile(out / f"{name}_logits.bin", dtype="<f4").reshape(logits.shape)
         moved = np.abs(fixture - logits.numpy()).max()
         print(f"{name}.gguf: {(out / f'{name}.gguf').stat().st_size} bytes; logits moved {moved:.3g} from the fixture's")
+    write_qwen3moe_gguf(out / "qwen3_moe", out / "qwen3_moe.gguf")
+    print(f"qwen3_moe.gguf: {(out / 'qwen3_moe.gguf').stat().st_size} bytes")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ pub enum GgufError {
         key: String,
         reason: String,
     },
-    #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen3, gemma2, gemma3)")]
+    #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen3, qwen3moe, gemma2, gemma3)")]
     UnsupportedArchitecture { file: String, arch: String },
     #[error("unknown llama.cpp tensor name `{name}`: {reason}")]
     UnknownTensorName { name: String, reason: String },
@@ -200,7 +200,7 @@ pub fn smollm2_gguf_path() -> Result<PathBuf, String> {
 
 /// `general.architecture` values surgeon imports: `llama` (Llama, Mistral, Mixtral as llama.cpp
 /// writes them) and `qwen3` (Qwen3: per-head q/k norms, `attention.key_length`, no RoPE row permutation).
-pub const SUPPORTED_ARCHITECTURES: [&str; 4] = ["llama", "qwen3", "gemma2", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 5] = ["llama", "qwen3", "qwen3moe", "gemma2", "gemma3"];
 
 /// Hyper-parameters of a Llama-family GGUF model (keys `<arch>.*`, `tokenizer.ggml.*`).
 #[derive(Clone, Debug, PartialEq)]
@@ -229,6 +229,8 @@ pub struct LlamaHyper {
     pub unk_token_id: Option<u32>,
     pub expert_count: Option<usize>,
     pub expert_used_count: Option<usize>,
+    /// `expert_feed_forward_length`: each expert's width (Qwen3-MoE), when it is not `feed_forward_length`.
+    pub expert_feed_forward_length: Option<usize>,
     /// Whether the file has no `output.weight`, i.e. the LM head is tied to the token embedding.
     pub tie_word_embeddings: bool,
     /// `attention.sliding_window` (Gemma: the window of its sliding layers).
@@ -291,6 +293,7 @@ impl LlamaHyper {
             unk_token_id: opt_token_id(f, "tokenizer.ggml.unknown_token_id")?,
             expert_count: opt_usize(&k("expert_count"))?,
             expert_used_count: opt_usize(&k("expert_used_count"))?,
+            expert_feed_forward_length: opt_usize(&k("expert_feed_forward_length"))?,
             key_length: opt_usize(&k("attention.key_length"))?,
             tie_word_embeddings: f.tensor("output.weight").is_none(),
             sliding_window: opt_usize(&k("attention.sliding_window"))?,
