@@ -1,5 +1,6 @@
-//! GGUF import of the families beyond Llama: the Gemma fixtures of tests/families.rs laid out as
-//! llama.cpp's converter lays them out (norms stored as `1 + w`, its sandwich-norm names), made by
+//! GGUF import of the families beyond Llama: the Gemma, Qwen3-MoE and Phi-3 fixtures of
+//! tests/families.rs laid out as llama.cpp's converter lays them out (Gemma norms stored as `1 + w`
+//! under its sandwich-norm names, stacked experts, fused Phi-3 projections), made by
 //! scripts/goldens/gguf_families_goldens.py. The import must give the fixture's tensors back and
 //! the model llama.cpp reads from the file: what a GGUF cannot say (the attention scale, the layer
 //! pattern, Gemma 3's local RoPE base) is what llama.cpp hard-codes, and the goldens are
@@ -94,27 +95,34 @@ fn gemma_ggufs_import_to_the_fixture_tensors_and_llamacpps_model() {
 }
 
 /// Qwen3-MoE as llama.cpp stores it (`qwen3moe`: stacked `ffn_*_exps`, router `ffn_gate_inp`,
-/// q/k rows not permuted): the fixture's tensors bitwise, its architecture (llama.cpp always
-/// renormalises the top-k weights, as the fixture does) and transformers' logits.
+/// q/k rows not permuted; llama.cpp always renormalises the top-k weights, as the fixture does) and
+/// Phi-3 (fused `attn_qkv` and gate/up `ffn_up`, split as its safetensors are): the fixture's
+/// tensors bitwise, its architecture and transformers' logits.
 #[test]
-fn a_qwen3_moe_gguf_imports_to_the_fixture() {
-    let want = open_hf_dir(&fixtures().join("qwen3_moe")).unwrap();
-    let got = open_model(fixtures().join("qwen3_moe.gguf").to_str().unwrap()).unwrap();
-    assert_eq!(got.arch.family, Family::Qwen3Moe);
-    assert_same_tensors("qwen3_moe", &got, &want, false);
-    assert_eq!(got.arch.layers, want.arch.layers);
-    let golden = read_f32s(&fixtures().join("qwen3_moe_logits.bin"));
-    let d = max_diff(&logits(&got, &tokens("qwen3_moe")), &golden);
-    assert!(d < 1e-4, "logits differ from transformers' by {d}");
+fn qwen3_moe_and_phi3_ggufs_import_to_the_fixtures() {
+    for (name, family) in [("qwen3_moe", Family::Qwen3Moe), ("phi3", Family::Phi3)] {
+        let want = open_hf_dir(&fixtures().join(name)).unwrap();
+        let path = fixtures().join(format!("{name}.gguf"));
+        let got = open_model(path.to_str().unwrap()).unwrap();
+        assert_eq!(got.arch.family, family);
+        assert_same_tensors(name, &got, &want, false);
+        assert_eq!(got.arch.layers, want.arch.layers, "{name}");
+        assert_eq!(got.arch.sliding_window, want.arch.sliding_window, "{name}");
+        let golden = read_f32s(&fixtures().join(format!("{name}_logits.bin")));
+        let d = max_diff(&logits(&got, &tokens(name)), &golden);
+        assert!(d < 1e-4, "{name}: logits differ from transformers' by {d}");
+    }
 }
 
-/// `surgeon import-gguf` writes the Gemma 2 and Qwen3-MoE models as checkpoints of their class
-/// that read back with the same logits (the writer materialises the norms' `- 1` and the experts).
+/// `surgeon import-gguf` writes the Gemma 2, Qwen3-MoE and Phi-3 models as checkpoints of their
+/// class that read back with the same logits (the writer materialises the norms' `- 1`, the
+/// experts, and Phi-3's fused tensors).
 #[test]
 fn import_gguf_writes_checkpoints_with_the_same_logits() {
     for (name, family, golden) in [
         ("gemma2", Family::Gemma2, "gemma2_gguf_logits.bin"),
         ("qwen3_moe", Family::Qwen3Moe, "qwen3_moe_logits.bin"),
+        ("phi3", Family::Phi3, "phi3_logits.bin"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join(name);
@@ -158,7 +166,7 @@ fn an_unsupported_gguf_architecture_is_named_with_the_supported_ones() {
             "--out",
             out.to_str().unwrap(),
         ]),
-        "unsupported architecture `qwen9` (supported: llama, qwen3, qwen3moe, gemma2, gemma3)",
+        "unsupported architecture `qwen9` (supported: llama, qwen3, qwen3moe, phi3, gemma2, gemma3)",
         &out,
     );
 }

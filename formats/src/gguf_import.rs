@@ -1,4 +1,5 @@
-//! GGUF file -> plan (Llama family, incl. Mixtral experts; Qwen3, Qwen3-MoE; Gemma 2 and Gemma 3 text).
+//! GGUF file -> plan (Llama family, incl. Mixtral experts; Qwen3, Qwen3-MoE; Phi-3; Gemma 2 and
+//! Gemma 3 text).
 //!
 //! Quantised tensors become lazy `decode` sources (dequantised while writing); llama.cpp's RoPE row
 //! permutation of q/k is undone by a row selection, and its Gemma norms (stored as `1 + w`) get 1
@@ -8,7 +9,9 @@
 //! (Gemma 2: every 2nd layer global; Gemma 3: every 6th), Gemma 3's local RoPE base 10000, the
 //! attention scale (`query_pre_attn_scalar` = head_dim, except hidden / heads for the 27B models,
 //! recognised by their layer count as llama.cpp does), Gemma 2's window 4096 and soft-capping
-//! 50 / 30 when their keys are absent.
+//! 50 / 30 when their keys are absent. Phi-3's `attention.sliding_window` is honoured as its
+//! checkpoint's config is (llama.cpp currently turns Phi-3's window off, noting that its converter
+//! may write a wrong one); Phi-3 LongRoPE files (`rope_factors_*` tensors) are refused.
 use crate::arch::*;
 use crate::gguf::{self, GgmlType, GgufError, GgufFile, GgufTensorInfo};
 use crate::plan::{AuxFile, Codec, Op, Plan, Source, TensorEntry};
@@ -82,6 +85,8 @@ pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
         import_tensor(path, &file, &hyper, t, &mut tensors)?;
     }
     let arch = arch_from_hyper(path, &hyper, &tensors, &quant_types)?;
+    // Phi-3's fused qkv_proj / gate_up_proj become row selections, as for its safetensors.
+    let tensors = crate::layout::from_stored(path, &arch, tensors)?;
     let plan = Plan {
         arch,
         tensors,
@@ -191,6 +196,7 @@ fn layer_from_hyper(hyper: &gguf::LlamaHyper, qkv_bias: bool) -> (Family, Layer)
                 "qwen3" => Family::Qwen3,
                 "gemma2" => Family::Gemma2,
                 "gemma3" => Family::Gemma3,
+                "phi3" => Family::Phi3,
                 _ => Family::Llama,
             },
             Mlp::Dense {
@@ -238,7 +244,10 @@ fn arch_from_hyper(
         rope_scaling: gemma.as_ref().and_then(|g| g.rope_scaling.clone()),
         max_position_embeddings: hyper.context_length.unwrap_or(2048),
         tie_word_embeddings: hyper.tie_word_embeddings,
-        sliding_window: gemma.as_ref().and_then(|g| g.sliding_window),
+        sliding_window: match &gemma {
+            Some(g) => g.sliding_window,
+            None => hyper.sliding_window.filter(|&w| w > 0),
+        },
         bos_token_id: hyper.bos_token_id,
         eos_token_ids: hyper.eos_token_id.into_iter().collect(),
         pad_token_id: hyper.pad_token_id,

@@ -16,6 +16,8 @@ For `qwen3_moe` it writes `qwen3_moe.gguf` (architecture `qwen3moe`): experts st
 `ffn_{gate,up,down}_exps` [experts, rows, cols], the router as `ffn_gate_inp`, q/k rows not permuted.
 llama.cpp renormalises its top-k weights (norm_topk_prob true), as the fixture does, so the fixture's
 own `qwen3_moe_logits.bin` is the golden.
+For `phi3` it writes `phi3.gguf`: fused `attn_qkv` and `ffn_up` (gate rows then up rows) as stored,
+with the fixture's sliding window; its golden is the fixture's own `phi3_logits.bin`.
 """
 import argparse, json, pathlib
 
@@ -119,6 +121,36 @@ def write_qwen3moe_gguf(src, dst):
     w.close()
 
 
+def write_phi3_gguf(src, dst):
+    c = json.loads((src / "config.json").read_text())
+    w = gguf.GGUFWriter(str(dst), "phi3")
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_rope_scaling_orig_ctx_len(c["original_max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_rope_dimension_count(c["hidden_size"] // c["num_attention_heads"])
+    w.add_rope_freq_base(c["rope_parameters"]["rope_theta"])
+    w.add_sliding_window(c["sliding_window"])
+    w.add_vocab_size(c["vocab_size"])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    stems = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up", "self_attn.o_proj": "attn_output",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, t in sorted(load_file(str(src / "model.safetensors")).items()):
+        if name not in names:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            names[name] = f"blk.{layer}.{stems[rest.removesuffix('.weight')]}.weight"
+        w.add_tensor(names[name], t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def llamacpp_logits(src, arch, tokens):
     config = AutoConfig.from_pretrained(src)
     config.query_pre_attn_scalar = config.head_dim
@@ -143,6 +175,8 @@ def main():
         print(f"{name}.gguf: {(out / f'{name}.gguf').stat().st_size} bytes; logits moved {moved:.3g} from the fixture's")
     write_qwen3moe_gguf(out / "qwen3_moe", out / "qwen3_moe.gguf")
     print(f"qwen3_moe.gguf: {(out / 'qwen3_moe.gguf').stat().st_size} bytes")
+    write_phi3_gguf(out / "phi3", out / "phi3.gguf")
+    print(f"phi3.gguf: {(out / 'phi3.gguf').stat().st_size} bytes")
 
 
 if __name__ == "__main__":

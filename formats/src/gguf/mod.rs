@@ -140,7 +140,7 @@ pub enum GgufError {
         key: String,
         reason: String,
     },
-    #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen3, qwen3moe, gemma2, gemma3)")]
+    #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen3, qwen3moe, phi3, gemma2, gemma3)")]
     UnsupportedArchitecture { file: String, arch: String },
     #[error("unknown llama.cpp tensor name `{name}`: {reason}")]
     UnknownTensorName { name: String, reason: String },
@@ -200,7 +200,8 @@ pub fn smollm2_gguf_path() -> Result<PathBuf, String> {
 
 /// `general.architecture` values surgeon imports: `llama` (Llama, Mistral, Mixtral as llama.cpp
 /// writes them) and `qwen3` (Qwen3: per-head q/k norms, `attention.key_length`, no RoPE row permutation).
-pub const SUPPORTED_ARCHITECTURES: [&str; 5] = ["llama", "qwen3", "qwen3moe", "gemma2", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 6] =
+    ["llama", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3"];
 
 /// Hyper-parameters of a Llama-family GGUF model (keys `<arch>.*`, `tokenizer.ggml.*`).
 #[derive(Clone, Debug, PartialEq)]
