@@ -9,7 +9,8 @@
 //! (Gemma 2: every 2nd layer global; Gemma 3: every 6th), Gemma 3's local RoPE base 10000, the
 //! attention scale (`query_pre_attn_scalar` = head_dim, except hidden / heads for the 27B models,
 //! recognised by their layer count as llama.cpp does), Gemma 2's window 4096 and soft-capping
-//! 50 / 30 when their keys are absent. Phi-3's `attention.sliding_window` is honoured as its
+//! 50 / 30 when their keys are absent; Gemma 3 no attention soft-capping, and final soft-capping
+//! only from its key (as recent llama.cpp reads it). Phi-3's `attention.sliding_window` is honoured as its
 //! checkpoint's config is (llama.cpp currently turns Phi-3's window off, noting that its converter
 //! may write a wrong one); Phi-3 LongRoPE files (`rope_factors_*` tensors) are refused.
 use crate::arch::*;
@@ -305,7 +306,10 @@ fn gemma_params(hyper: &gguf::LlamaHyper, layers: &mut [Layer]) -> Option<GemmaI
     let params = GemmaParams {
         query_pre_attn_scalar: Some(scalar as f64),
         attn_logit_softcapping: gemma2.then(|| hyper.attn_logit_softcapping.unwrap_or(50.0)),
-        final_logit_softcapping: gemma2.then(|| hyper.final_logit_softcapping.unwrap_or(30.0)),
+        final_logit_softcapping: match gemma2 {
+            true => Some(hyper.final_logit_softcapping.unwrap_or(30.0)),
+            false => hyper.final_logit_softcapping.filter(|&c| c > 0.0),
+        },
         rope_local_theta: (!gemma2).then_some(10000.0),
     };
     let rope_scaling = hyper
