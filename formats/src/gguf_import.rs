@@ -1,7 +1,18 @@
-//! GGUF file -> plan (Llama family, incl. Mixtral experts).
+//! GGUF file -> plan (Llama family, incl. Mixtral experts; Qwen3, Qwen3-MoE; Phi-3; Gemma 2 and
+//! Gemma 3 text).
 //!
 //! Quantised tensors become lazy `decode` sources (dequantised while writing); llama.cpp's RoPE row
-//! permutation of q/k is undone by a row selection, so the plan says exactly what happens.
+//! permutation of q/k is undone by a row selection, and its Gemma norms (stored as `1 + w`) get 1
+//! subtracted, so the plan says exactly what happens.
+//!
+//! What a Gemma GGUF does not store is what llama.cpp hard-codes, and so do we: the layer pattern
+//! (Gemma 2: every 2nd layer global; Gemma 3: every 6th), Gemma 3's local RoPE base 10000, the
+//! attention scale (`query_pre_attn_scalar` = head_dim, except hidden / heads for the 27B models,
+//! recognised by their layer count as llama.cpp does), Gemma 2's window 4096 and soft-capping
+//! 50 / 30 when their keys are absent; Gemma 3 no attention soft-capping, and final soft-capping
+//! only from its key (as recent llama.cpp reads it). Phi-3's `attention.sliding_window` is honoured as its
+//! checkpoint's config is (llama.cpp currently turns Phi-3's window off, noting that its converter
+//! may write a wrong one); Phi-3 LongRoPE files (`rope_factors_*` tensors) are refused.
 use crate::arch::*;
 use crate::gguf::{self, GgmlType, GgufError, GgufFile, GgufTensorInfo};
 use crate::plan::{AuxFile, Codec, Op, Plan, Source, TensorEntry};
@@ -75,6 +86,8 @@ pub fn plan_from_gguf(path: &Path) -> Result<Plan> {
         import_tensor(path, &file, &hyper, t, &mut tensors)?;
     }
     let arch = arch_from_hyper(path, &hyper, &tensors, &quant_types)?;
+    // Phi-3's fused qkv_proj / gate_up_proj become row selections, as for its safetensors.
+    let tensors = crate::layout::from_stored(path, &arch, tensors)?;
     let plan = Plan {
         arch,
         tensors,
@@ -110,9 +123,15 @@ fn import_tensor(
     t: &GgufTensorInfo,
     tensors: &mut BTreeMap<String, TensorEntry>,
 ) -> Result<()> {
-    let hf =
-        gguf::hf_tensor_name(&t.name).map_err(|e| Error::tensor(path, &t.name, e.to_string()))?;
+    let hf = gguf::names::hf_tensor_name_in(&hyper.architecture, &t.name)
+        .map_err(|e| Error::tensor(path, &t.name, e.to_string()))?;
     let mut src = tensor_source(file, t)?;
+    if is_gemma(hyper) && t.name.ends_with("norm.weight") {
+        src = Source::op(Op::AddScalar {
+            input: src,
+            value: -1.0,
+        });
+    }
     if let Some(n_head) = hf.rope_heads(hyper) {
         src = unpermute_rope(path, t, src, n_head)?;
     }
@@ -154,22 +173,31 @@ fn layer_from_hyper(hyper: &gguf::LlamaHyper, qkv_bias: bool) -> (Family, Layer)
         head_dim: hyper.head_dim(),
         v_head_dim: hyper.head_dim(),
         qkv_bias,
-        qk_norm: hyper.architecture == "qwen3",
+        qk_norm: matches!(hyper.architecture.as_str(), "qwen3" | "qwen3moe" | "gemma3"),
         full_attention: false,
     };
     let (family, mlp) = match (hyper.expert_count, hyper.expert_used_count) {
+        // llama.cpp renormalises Qwen3-MoE's top-k weights (norm_topk_prob true) whatever the file says.
         (Some(e), Some(k)) if e > 1 => (
-            Family::Mixtral,
+            match hyper.architecture.as_str() {
+                "qwen3moe" => Family::Qwen3Moe,
+                _ => Family::Mixtral,
+            },
             Mlp::Moe {
                 num_experts: e,
                 top_k: k,
-                intermediate_size: hyper.feed_forward_length,
+                intermediate_size: hyper
+                    .expert_feed_forward_length
+                    .unwrap_or(hyper.feed_forward_length),
                 routing: MoeRouting::Mixtral,
             },
         ),
         _ => (
             match hyper.architecture.as_str() {
                 "qwen3" => Family::Qwen3,
+                "gemma2" => Family::Gemma2,
+                "gemma3" => Family::Gemma3,
+                "phi3" => Family::Phi3,
                 _ => Family::Llama,
             },
             Mlp::Dense {
@@ -190,6 +218,8 @@ fn arch_from_hyper(
 ) -> Result<ModelArch> {
     let qkv_bias = tensors.contains_key("model.layers.0.self_attn.q_proj.bias");
     let (family, layer) = layer_from_hyper(hyper, qkv_bias);
+    let mut layers = vec![layer; hyper.block_count];
+    let gemma = gemma_params(hyper, &mut layers);
     if qkv_bias {
         return Err(Error::format(
             path,
@@ -209,18 +239,24 @@ fn arch_from_hyper(
         family,
         hidden_size: hyper.embedding_length,
         vocab_size: hyper.vocab_size,
-        layers: vec![layer; hyper.block_count],
+        layers,
         rms_norm_eps: hyper.rms_norm_eps,
         rope_theta: hyper.rope_freq_base,
-        rope_scaling: None,
+        rope_scaling: gemma.as_ref().and_then(|g| g.rope_scaling.clone()),
         max_position_embeddings: hyper.context_length.unwrap_or(2048),
         tie_word_embeddings: hyper.tie_word_embeddings,
-        sliding_window: None,
+        sliding_window: match &gemma {
+            Some(g) => g.sliding_window,
+            None => hyper.sliding_window.filter(|&w| w > 0),
+        },
         bos_token_id: hyper.bos_token_id,
         eos_token_ids: hyper.eos_token_id.into_iter().collect(),
         pad_token_id: hyper.pad_token_id,
-        hidden_act: "silu".into(),
-        gemma: Default::default(),
+        hidden_act: match &gemma {
+            Some(_) => "gelu_pytorch_tanh".into(),
+            None => "silu".into(),
+        },
+        gemma: gemma.map(|g| g.params).unwrap_or_default(),
         torch_dtype: None,
         surgeon: SurgeonMeta {
             history: vec![format!(
@@ -233,6 +269,57 @@ fn arch_from_hyper(
             ..Default::default()
         },
         extra: Default::default(),
+    })
+}
+
+fn is_gemma(hyper: &gguf::LlamaHyper) -> bool {
+    matches!(hyper.architecture.as_str(), "gemma2" | "gemma3")
+}
+
+/// What a Gemma GGUF implies beyond the Llama hyper-parameters.
+struct GemmaImport {
+    params: GemmaParams,
+    sliding_window: Option<usize>,
+    rope_scaling: Option<serde_json::Value>,
+}
+
+/// Gemma's parameters as llama.cpp reads them (see the module docs), and which `layers` attend
+/// globally; `None` for other architectures.
+fn gemma_params(hyper: &gguf::LlamaHyper, layers: &mut [Layer]) -> Option<GemmaImport> {
+    let gemma2 = match hyper.architecture.as_str() {
+        "gemma2" => true,
+        "gemma3" => false,
+        _ => return None,
+    };
+    let (pattern, big_layers) = if gemma2 { (2, 46) } else { (6, 62) };
+    let sliding_window = match gemma2 {
+        true => Some(hyper.sliding_window.unwrap_or(4096)),
+        false => hyper.sliding_window.filter(|&w| w > 0),
+    };
+    for (i, layer) in layers.iter_mut().enumerate() {
+        layer.attention.full_attention = sliding_window.is_none() || (i + 1) % pattern == 0;
+    }
+    let scalar = match hyper.block_count == big_layers {
+        true => hyper.embedding_length / hyper.head_count,
+        false => hyper.head_dim(),
+    };
+    let params = GemmaParams {
+        query_pre_attn_scalar: Some(scalar as f64),
+        attn_logit_softcapping: gemma2.then(|| hyper.attn_logit_softcapping.unwrap_or(50.0)),
+        final_logit_softcapping: match gemma2 {
+            true => Some(hyper.final_logit_softcapping.unwrap_or(30.0)),
+            false => hyper.final_logit_softcapping.filter(|&c| c > 0.0),
+        },
+        rope_local_theta: (!gemma2).then_some(10000.0),
+    };
+    let rope_scaling = hyper
+        .rope_scaling
+        .as_ref()
+        .map(|(kind, factor)| serde_json::json!({ "rope_type": kind, "factor": factor }));
+    Some(GemmaImport {
+        params,
+        sliding_window,
+        rope_scaling,
     })
 }
 

@@ -245,6 +245,7 @@ fn visit_inputs(plan: &Plan, visit: &mut dyn FnMut(Input<'_>)) {
                 crate::plan::Op::Rows { input, .. }
                 | crate::plan::Op::Cols { input, .. }
                 | crate::plan::Op::Scale { input, .. }
+                | crate::plan::Op::AddScalar { input, .. }
                 | crate::plan::Op::Reshape { input, .. }
                 | crate::plan::Op::MeanRows { input, .. } => walk(input, visit),
                 crate::plan::Op::Concat { inputs, .. } => {

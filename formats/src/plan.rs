@@ -125,6 +125,8 @@ pub enum Op {
     Concat { inputs: Vec<Source>, dim: usize },
     /// Multiply every element by `factor`.
     Scale { input: Source, factor: f32 },
+    /// Add `value` to every element (e.g. llama.cpp's Gemma norms, stored as `1 + w`).
+    AddScalar { input: Source, value: f32 },
     /// Same elements, another shape (element counts must agree).
     Reshape { input: Source, shape: Vec<usize> },
     /// Output row g is the mean of input rows `groups[g]` (computed in f64).
@@ -183,7 +185,7 @@ impl Source {
                     s[*dim] = inputs.iter().map(|i| i.shape()[*dim]).sum();
                     s
                 }
-                Op::Scale { input, .. } => input.shape(),
+                Op::Scale { input, .. } | Op::AddScalar { input, .. } => input.shape(),
                 Op::Reshape { shape, .. } => shape.clone(),
                 Op::MeanRows { input, groups, .. } => {
                     let mut s = input.shape();
@@ -212,7 +214,7 @@ impl Source {
                         DType::F32
                     }
                 }
-                Op::Scale { .. } | Op::MeanRows { .. } => DType::F32,
+                Op::Scale { .. } | Op::AddScalar { .. } | Op::MeanRows { .. } => DType::F32,
             },
         }
     }
@@ -317,6 +319,11 @@ impl Op {
             Op::Scale { input, factor } => {
                 let t = input.eval()?;
                 let v: Vec<f32> = t.to_f32().iter().map(|x| x * factor).collect();
+                Ok(HostTensor::from_f32(t.shape, &v))
+            }
+            Op::AddScalar { input, value } => {
+                let t = input.eval()?;
+                let v: Vec<f32> = t.to_f32().iter().map(|x| x + value).collect();
                 Ok(HostTensor::from_f32(t.shape, &v))
             }
             Op::MeanRows { input, groups, .. } => mean_rows(input.eval()?, groups),
@@ -815,6 +822,7 @@ fn render_source(s: &Source) -> String {
                     .join(", ")
             ),
             Op::Scale { input, factor } => format!("scale[{factor}]({})", render_source(input)),
+            Op::AddScalar { input, value } => format!("add[{value}]({})", render_source(input)),
             Op::Reshape { input, shape } => format!("reshape{shape:?}({})", render_source(input)),
             Op::MeanRows {
                 input,
@@ -930,6 +938,12 @@ mod tests {
             label: String::new(),
         });
         assert_eq!(m.eval().unwrap().to_f32(), vec![2., 3., 2., 3.]);
+        let add = Source::op(Op::AddScalar {
+            input: t(1, 3),
+            value: -1.0,
+        });
+        assert_eq!(add.shape(), vec![1, 3]);
+        assert_eq!(add.eval().unwrap().to_f32(), vec![-1., 0., 1.]);
     }
 
     #[test]

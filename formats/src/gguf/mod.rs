@@ -140,7 +140,7 @@ pub enum GgufError {
         key: String,
         reason: String,
     },
-    #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen3)")]
+    #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen3, qwen3moe, phi3, gemma2, gemma3)")]
     UnsupportedArchitecture { file: String, arch: String },
     #[error("unknown llama.cpp tensor name `{name}`: {reason}")]
     UnknownTensorName { name: String, reason: String },
@@ -200,7 +200,8 @@ pub fn smollm2_gguf_path() -> Result<PathBuf, String> {
 
 /// `general.architecture` values surgeon imports: `llama` (Llama, Mistral, Mixtral as llama.cpp
 /// writes them) and `qwen3` (Qwen3: per-head q/k norms, `attention.key_length`, no RoPE row permutation).
-pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["llama", "qwen3"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 6] =
+    ["llama", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3"];
 
 /// Hyper-parameters of a Llama-family GGUF model (keys `<arch>.*`, `tokenizer.ggml.*`).
 #[derive(Clone, Debug, PartialEq)]
@@ -229,8 +230,17 @@ pub struct LlamaHyper {
     pub unk_token_id: Option<u32>,
     pub expert_count: Option<usize>,
     pub expert_used_count: Option<usize>,
+    /// `expert_feed_forward_length`: each expert's width (Qwen3-MoE), when it is not `feed_forward_length`.
+    pub expert_feed_forward_length: Option<usize>,
     /// Whether the file has no `output.weight`, i.e. the LM head is tied to the token embedding.
     pub tie_word_embeddings: bool,
+    /// `attention.sliding_window` (Gemma: the window of its sliding layers).
+    pub sliding_window: Option<usize>,
+    /// `attn_logit_softcapping` and `final_logit_softcapping` (Gemma 2).
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    /// `rope.scaling.type` and `rope.scaling.factor`, when the type is not `none`.
+    pub rope_scaling: Option<(String, f64)>,
 }
 
 impl LlamaHyper {
@@ -284,8 +294,13 @@ impl LlamaHyper {
             unk_token_id: opt_token_id(f, "tokenizer.ggml.unknown_token_id")?,
             expert_count: opt_usize(&k("expert_count"))?,
             expert_used_count: opt_usize(&k("expert_used_count"))?,
+            expert_feed_forward_length: opt_usize(&k("expert_feed_forward_length"))?,
             key_length: opt_usize(&k("attention.key_length"))?,
             tie_word_embeddings: f.tensor("output.weight").is_none(),
+            sliding_window: opt_usize(&k("attention.sliding_window"))?,
+            attn_logit_softcapping: f.get_f64(&k("attn_logit_softcapping"))?,
+            final_logit_softcapping: f.get_f64(&k("final_logit_softcapping"))?,
+            rope_scaling: rope_scaling(f, &arch)?,
             architecture: arch,
         })
     }
@@ -299,6 +314,23 @@ impl LlamaHyper {
     /// Whether llama.cpp permuted the q/k rows for its RoPE layout (only its `llama` converter does).
     pub fn rope_permuted(&self) -> bool {
         self.architecture == "llama"
+    }
+}
+
+/// `rope.scaling.{type,factor}`: `None` when absent or `none`; the factor is required otherwise.
+fn rope_scaling(f: &GgufFile, arch: &str) -> Result<Option<(String, f64)>, GgufError> {
+    let kind = match f.get_str(&format!("{arch}.rope.scaling.type"))? {
+        None | Some("none") => return Ok(None),
+        Some(kind) => kind.to_string(),
+    };
+    let key = format!("{arch}.rope.scaling.factor");
+    match f.get_f64(&key)? {
+        Some(x) if x.is_finite() && x > 0.0 => Ok(Some((kind, x))),
+        x => Err(GgufError::BadMetadata {
+            file: f.label(),
+            key,
+            reason: format!("must be a positive number with rope.scaling.type {kind}, got {x:?}"),
+        }),
     }
 }
 

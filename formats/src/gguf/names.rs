@@ -65,6 +65,9 @@ pub fn hf_tensor_name(name: &str) -> Result<HfTensorName, GgufError> {
         "token_embd.weight" => return Ok(plain("model.embed_tokens.weight")),
         "output_norm.weight" => return Ok(plain("model.norm.weight")),
         "output.weight" => return Ok(plain("lm_head.weight")),
+        "rope_factors_long.weight" | "rope_factors_short.weight" => {
+            return Err(unknown(name, "Phi-3 LongRoPE factors are not supported"))
+        }
         "rope_freqs.weight" => return Err(unknown(
             name,
             "RoPE frequency factors have no HF tensor (they come from rope_scaling in config.json)",
@@ -110,7 +113,8 @@ pub fn hf_tensor_name(name: &str) -> Result<HfTensorName, GgufError> {
         "attn_q_norm" => ("self_attn.q_norm", None, false),
         "attn_k_norm" => ("self_attn.k_norm", None, false),
         "attn_norm" => ("input_layernorm", None, false),
-        "ffn_norm" => ("post_attention_layernorm", None, false),
+        "ffn_norm" | "post_attention_norm" => ("post_attention_layernorm", None, false),
+        "post_ffw_norm" => ("post_feedforward_layernorm", None, false),
         "ffn_gate" => ("mlp.gate_proj", None, false),
         "ffn_up" => ("mlp.up_proj", None, false),
         "ffn_down" => ("mlp.down_proj", None, false),
@@ -124,6 +128,46 @@ pub fn hf_tensor_name(name: &str) -> Result<HfTensorName, GgufError> {
         name: format!("{p}.{hf}.{suffix}"),
         rope,
         stacked_experts: stacked,
+    })
+}
+
+/// [`hf_tensor_name`] for a file of llama.cpp architecture `arch`: Gemma's sandwich norms are
+/// `post_attention_norm`, `ffn_norm` (HF `pre_feedforward_layernorm`) and `post_ffw_norm`; Phi-3's
+/// fused `attn_qkv` and `ffn_up` (gate and up rows) are HF's `qkv_proj` and `gate_up_proj`.
+pub fn hf_tensor_name_in(arch: &str, name: &str) -> Result<HfTensorName, GgufError> {
+    if let Some(hf) = Some(arch)
+        .filter(|&a| a == "phi3")
+        .and_then(|_| phi3_fused(name))
+    {
+        return Ok(hf);
+    }
+    let mut hf = hf_tensor_name(name)?;
+    if !arch.starts_with("gemma") {
+        return Ok(hf);
+    }
+    let stem = name.rsplit('.').nth(1).unwrap_or_default();
+    let to = match stem {
+        "post_attention_norm" => "post_attention_layernorm",
+        "ffn_norm" => "pre_feedforward_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
+        _ => return Ok(hf),
+    };
+    let layer = hf.name.rsplitn(3, '.').nth(2).unwrap_or_default();
+    hf.name = format!("{layer}.{to}.weight");
+    Ok(hf)
+}
+
+fn phi3_fused(name: &str) -> Option<HfTensorName> {
+    let (layer, stem) = name.strip_prefix("blk.")?.split_once('.')?;
+    let hf = match stem {
+        "attn_qkv.weight" => "self_attn.qkv_proj.weight",
+        "ffn_up.weight" => "mlp.gate_up_proj.weight",
+        _ => return None,
+    };
+    Some(HfTensorName {
+        name: format!("model.layers.{}.{hf}", layer.parse::<usize>().ok()?),
+        rope: None,
+        stacked_experts: false,
     })
 }
 
@@ -262,6 +306,32 @@ mod tests {
         assert_eq!(
             hf_tensor_name("blk.0.attn_k.weight").unwrap().rope,
             Some(RopePermutation::Key)
+        );
+        for (g, h) in [
+            ("blk.1.attn_norm.weight", "input_layernorm"),
+            (
+                "blk.1.post_attention_norm.weight",
+                "post_attention_layernorm",
+            ),
+            ("blk.1.ffn_norm.weight", "pre_feedforward_layernorm"),
+            ("blk.1.post_ffw_norm.weight", "post_feedforward_layernorm"),
+        ] {
+            let name = hf_tensor_name_in("gemma2", g).unwrap().name;
+            assert_eq!(name, format!("model.layers.1.{h}.weight"), "{g}");
+        }
+        for (g, h) in [
+            ("blk.1.attn_qkv.weight", "self_attn.qkv_proj"),
+            ("blk.1.ffn_up.weight", "mlp.gate_up_proj"),
+            ("blk.1.ffn_norm.weight", "post_attention_layernorm"),
+        ] {
+            let name = hf_tensor_name_in("phi3", g).unwrap().name;
+            assert_eq!(name, format!("model.layers.1.{h}.weight"), "{g}");
+        }
+        assert_eq!(
+            hf_tensor_name_in("llama", "blk.1.ffn_up.weight")
+                .unwrap()
+                .name,
+            "model.layers.1.mlp.up_proj.weight"
         );
         let s = hf_tensor_name("blk.5.ffn_up_exps.weight").unwrap();
         assert!(s.stacked_experts);

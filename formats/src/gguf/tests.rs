@@ -920,7 +920,7 @@ fn tokenizer_errors_name_the_key() {
     let e = LlamaHyper::from_gguf(&f).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "<memory>: unsupported architecture `gemma` (supported: llama, qwen3)"
+        "<memory>: unsupported architecture `gemma` (supported: llama, qwen3, qwen3moe, phi3, gemma2, gemma3)"
     );
 }
 
