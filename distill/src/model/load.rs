@@ -301,6 +301,11 @@ fn layer_rope(arch: &ModelArch, i: usize) -> Result<Rope> {
     let max = arch.max_position_embeddings;
     match arch.gemma.rope_local_theta {
         Some(local) if !a.full_attention => Rope::new(a.rope_dim(), local, None, max),
-        _ => Rope::new(a.rope_dim(), arch.rope_theta, arch.rope_scaling.as_ref(), max),
+        _ => Rope::new(
+            a.rope_dim(),
+            arch.rope_theta,
+            arch.rope_scaling.as_ref(),
+            max,
+        ),
     }
 }
