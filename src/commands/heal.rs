@@ -69,7 +69,10 @@ pub struct Args {
     pub clip: f64,
     #[arg(long, default_value_t = defaults().seed)]
     pub seed: u64,
-    /// Held-out text (default: the last 5% of --data).
+    /// Held-out text (default: the last 5% of --data). heal's before/after perplexity scores it in
+    /// packed --seq-len windows (documents joined by EOS), so compare it with `surgeon eval
+    /// --window SEQ_LEN` on the same text: eval's default window of 512 sees longer contexts and
+    /// gives a lower perplexity (SmolLM2 on held-out pydoc text: 16.87 at 128, 10.74 at 256).
     #[arg(long, num_args = 1..)]
     pub eval_data: Vec<PathBuf>,
     /// Evaluate perplexity every N steps (0: only before and after).
