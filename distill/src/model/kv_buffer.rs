@@ -1,6 +1,7 @@
-//! The softmax attention's KV cache: keys and values in buffers with room to grow, so that a
-//! decoding step writes its own position instead of copying every earlier one (concatenation
-//! made decoding quadratic in the context: 0.5 tokens/s after 2k tokens of SmolLM2).
+//! The generation cache of softmax and latent attention: keys and values (or latents and rotary
+//! keys) in buffers with room to grow, so that a decoding step writes its own position instead of
+//! copying every earlier one (concatenation made decoding quadratic in the context: 0.5 tokens/s
+//! after 2k tokens of SmolLM2).
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 

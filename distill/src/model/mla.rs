@@ -13,7 +13,7 @@
 //! The cache keeps what DeepSeek-V3 caches: per token the normalised latent and the rotary key
 //! after RoPE (`kv_lora_rank + qk_rope_head_dim` numbers), in [`LayerCache::kv`] as `[B, 1, n, R]`
 //! and `[B, 1, n, r]`; keys and values are expanded from it at every step.
-use super::{apply_rope, softmax, LayerCache, Linear, Positions, RmsNorm, VarBuilder};
+use super::{apply_rope, softmax, KvBuffer, LayerCache, Linear, Positions, RmsNorm, VarBuilder};
 use crate::error::{Error, Result};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -141,14 +141,11 @@ impl<B: Backend> Mla<B> {
             0 => q_rot,
             n => Tensor::cat(vec![q.narrow(3, 0, n), q_rot], 3),
         };
-        let (mut latent, mut k_rot) = self.compress(x, pos);
-        if let Some(slot) = cache {
-            if let Some((pl, pk)) = slot.kv.take() {
-                latent = Tensor::cat(vec![pl, latent], 2);
-                k_rot = Tensor::cat(vec![pk, k_rot], 2);
-            }
-            slot.kv = Some((latent.clone(), k_rot.clone()));
-        }
+        let (latent, k_rot) = self.compress(x, pos);
+        let (latent, k_rot) = match cache {
+            Some(slot) => KvBuffer::append(&mut slot.buffer, latent, k_rot),
+            None => (latent, k_rot),
+        };
         let (k, v) = self.expand(latent, k_rot);
         let tk = k.dims()[2];
         debug_assert_eq!(tk, pos.start + t, "cache length and positions disagree");

@@ -1001,11 +1001,11 @@ impl<B: Backend> DecoderLayer<B> {
 /// What one layer keeps between generation steps.
 #[derive(Clone, Debug)]
 pub struct LayerCache<B: Backend> {
-    /// Softmax attention: keys (after RoPE) and values of every position so far.
+    /// Every position so far: softmax attention's keys (after RoPE) and values; latent
+    /// attention's normalised latents `[B, 1, n, kv_lora_rank]` and shared rotary keys after RoPE
+    /// `[B, 1, n, qk_rope_head_dim]`.
     pub buffer: Option<KvBuffer<B>>,
     /// Hedgehog: keys (after RoPE) and values `[B, kv_heads, n, *]` of the window's last positions.
-    /// Latent attention: the normalised latents `[B, 1, n, kv_lora_rank]` and the shared rotary
-    /// keys after RoPE `[B, 1, n, qk_rope_head_dim]`.
     pub kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     /// Hedgehog: the linear-attention state of every older key.
     pub state: Option<LinearState<B>>,
