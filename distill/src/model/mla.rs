@@ -13,7 +13,9 @@
 //! The cache keeps what DeepSeek-V3 caches: per token the normalised latent and the rotary key
 //! after RoPE (`kv_lora_rank + qk_rope_head_dim` numbers), in [`LayerCache::kv`] as `[B, 1, n, R]`
 //! and `[B, 1, n, r]`; keys and values are expanded from it at every step.
-use super::{apply_rope, softmax, KvBuffer, LayerCache, Linear, Positions, RmsNorm, VarBuilder};
+use super::{
+    apply_rope, heads_first, softmax, KvBuffer, LayerCache, Linear, Positions, RmsNorm, VarBuilder,
+};
 use crate::error::{Error, Result};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -127,11 +129,12 @@ impl<B: Backend> Mla<B> {
         let [b, t, _] = x.dims();
         let (h, r) = (self.num_heads, self.qk_rope_head_dim);
         let (cos, sin) = pos.rope(r);
-        let q = self
-            .q
-            .forward(x.clone())
-            .reshape([b, t, h, self.qk_nope_head_dim + r])
-            .swap_dims(1, 2);
+        let q =
+            heads_first(
+                self.q
+                    .forward(x.clone())
+                    .reshape([b, t, h, self.qk_nope_head_dim + r]),
+            );
         let q_rot = apply_rope(
             deinterleave(q.clone().narrow(3, self.qk_nope_head_dim, r)),
             cos,
@@ -191,11 +194,7 @@ impl<B: Backend> Mla<B> {
             self.v_head_dim,
             self.qk_rope_head_dim,
         );
-        let kv = self
-            .kv_b_proj
-            .forward(latent)
-            .reshape([b, n, h, nope + dv])
-            .swap_dims(1, 2);
+        let kv = heads_first(self.kv_b_proj.forward(latent).reshape([b, n, h, nope + dv]));
         let v = kv.clone().narrow(3, nope, dv);
         let k_rot = k_rot.expand([b, h, n, r]);
         let k = match nope {
