@@ -1,4 +1,5 @@
-//! Blocked causal softmax attention against the full masked product it replaces.
+//! Blocked causal softmax attention against the full masked product it replaces; decoding products
+//! split across threads against the single product.
 use super::hedgehog_tests::plans;
 use super::{Llama, Positions, QUERY_BLOCK};
 use burn::tensor::{Distribution, Tensor};
@@ -37,5 +38,22 @@ fn blocked_attention_equals_the_full_masked_product() {
         let want = full_product(&m, x, &pos);
         let diff: f32 = (got - want).abs().max().into_scalar();
         assert!(diff <= 1e-5, "window {window}: max |diff| {diff}");
+    }
+}
+
+#[test]
+fn decoding_products_split_across_threads_keep_every_bit() {
+    let device = Default::default();
+    let w = Tensor::<B, 2>::random([1000, 96], Distribution::Normal(0.0, 1.0), &device);
+    let x = Tensor::<B, 2>::random([1, 96], Distribution::Normal(0.0, 1.0), &device);
+    let want = x.clone().matmul(w.clone().transpose()).into_data();
+    for threads in [2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let got = pool.install(|| super::product(x.clone(), w.clone()));
+        assert_eq!(got.dims(), [1, 1000]);
+        assert_eq!(got.into_data(), want, "{threads} threads");
     }
 }
