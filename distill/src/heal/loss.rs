@@ -4,9 +4,17 @@
 //! `scale_t2` is set (Hinton), plain `mean_tokens KL` otherwise. The gradient of the unscaled
 //! per-token KL with respect to the student logits is `(p_S - p_T) / T`; with the `T^2` factor
 //! it is `T * (p_S - p_T)` (each divided by the number of tokens, from the mean).
+//!
+//! [`kd_loss`] and [`lm_loss_fused`] compute the value and that gradient in one fused pass over
+//! each row of the vocabulary on the host (one exponential per logit and side; the gradient is
+//! written over the host copy of the student's logits) and hand the gradient to autodiff through
+//! [`with_logit_grad`]. [`kd_loss_device`] and [`lm_loss`] are the same losses in tensor
+//! operations (autodiff differentiates their log-softmax), for backends where the logits should
+//! not leave the device.
 use crate::model::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 /// Mean next-token cross-entropy of `logits: [b, t, V]` against `targets: [b, t]`.
 pub fn lm_loss<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
@@ -22,9 +30,142 @@ pub fn nll_sum<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> 
     lp.gather(2, targets.reshape([b, t, 1])).neg().sum()
 }
 
-/// Forward KL(teacher || student) at temperature `t`, averaged over tokens (see module docs).
-/// Exactly 0 when the logits are bitwise equal (both sides go through the same `log_softmax`).
+/// Forward KL(teacher || student) at temperature `t`, averaged over tokens (see module docs),
+/// fused on the host. Exactly 0 (value and gradient) when the logits are bitwise equal: both rows
+/// go through the same arithmetic, so `log p_T - log p_S` is 0 in every term.
 pub fn kd_loss<B: Backend>(
+    student: Tensor<B, 3>,
+    teacher: Tensor<B, 3>,
+    t: f64,
+    scale_t2: bool,
+) -> Tensor<B, 1> {
+    let [b, n, v] = student.dims();
+    assert_eq!(
+        teacher.dims(),
+        [b, n, v],
+        "student and teacher logits differ in shape"
+    );
+    // The student's logits become the gradient in place.
+    let mut grad = host_f32(student.clone().detach());
+    let z = host_f32(teacher);
+    let rows = (b * n).max(1);
+    // d(loss)/d(z_S): (p_S - p_T) / T per token, times T^2 when scaled, over the token count.
+    let c = (if scale_t2 { t } else { 1.0 / t } / rows as f64) as f32;
+    let v = v.max(1);
+    let kl: Vec<f64> = grad
+        .par_chunks_mut(v)
+        .zip(z.par_chunks(v))
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(es, pt), (g, z)| kd_row(g, z, t as f32, c, es, pt),
+        )
+        .collect();
+    // Summed in order: the same value whatever the threads did.
+    let kl: f64 = kl.iter().sum();
+    let scale = if scale_t2 { t * t } else { 1.0 };
+    with_logit_grad(student, scale * kl / rows as f64, grad)
+}
+
+/// One token of [`kd_loss`]: `g` holds the student's logits and receives `c * (p_S - p_T)`;
+/// returns `KL(p_T || p_S)`. `es` and `pt` are scratch rows.
+fn kd_row(g: &mut [f32], z: &[f32], t: f32, c: f32, es: &mut Vec<f32>, pt: &mut Vec<f32>) -> f64 {
+    let (ms, mt) = (row_max(g) / t, row_max(z) / t);
+    let exps = |x: &[f32], m: f32, out: &mut Vec<f32>| -> f64 {
+        out.clear();
+        let mut sum = 0f64;
+        out.extend(x.iter().map(|&x| {
+            let e = (x / t - m).exp();
+            sum += e as f64;
+            e
+        }));
+        sum
+    };
+    let (ss, st) = (exps(g, ms, es), exps(z, mt, pt));
+    let (ls, lt) = (ss.ln() as f32, st.ln() as f32);
+    let (is, it) = ((1.0 / ss) as f32, (1.0 / st) as f32);
+    let mut kl = 0f64;
+    for ((g, &z), (&es, &pt)) in g.iter_mut().zip(z).zip(es.iter().zip(pt.iter())) {
+        let p = pt * it;
+        // log p_T - log p_S, both sides computed alike.
+        let d = (z / t - mt - lt) - (*g / t - ms - ls);
+        kl += (p * d) as f64;
+        *g = c * (es * is - p);
+    }
+    kl
+}
+
+/// [`lm_loss`] fused on the host: the value and its gradient `(softmax(z) - onehot) / tokens`
+/// in one pass over each row of the vocabulary.
+pub fn lm_loss_fused<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [b, n, v] = logits.dims();
+    let mut grad = host_f32(logits.clone().detach());
+    let targets: Vec<i64> = targets
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .expect("int tensor data converts to i64");
+    let rows = (b * n).max(1);
+    let c = 1.0 / rows as f32;
+    let nll: Vec<f64> = grad
+        .par_chunks_mut(v.max(1))
+        .zip(targets.par_iter())
+        .map(|(g, &t)| ce_row(g, t as usize, c))
+        .collect();
+    let nll: f64 = nll.iter().sum();
+    with_logit_grad(logits, nll / rows as f64, grad)
+}
+
+/// One token of [`lm_loss_fused`]: `g` holds the logits and receives `c * (p - onehot(t))`;
+/// returns `-log p_t`.
+fn ce_row(g: &mut [f32], t: usize, c: f32) -> f64 {
+    let m = row_max(g);
+    let zt = g[t];
+    let mut sum = 0f64;
+    for g in g.iter_mut() {
+        *g = (*g - m).exp();
+        sum += *g as f64;
+    }
+    let k = c * (1.0 / sum) as f32;
+    for g in g.iter_mut() {
+        *g *= k;
+    }
+    g[t] -= c;
+    sum.ln() - (zt - m) as f64
+}
+
+fn row_max(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The values of `x` on the host, as f32 (no copy on the CPU backend when `x` is not shared).
+fn host_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("float tensor data converts to f32")
+}
+
+/// A scalar loss whose value is `value` and whose gradient with respect to `logits` is `grad`
+/// (same shape, computed elsewhere): `s - detach(s) + value` with `s = sum(logits * grad)`, which
+/// is exactly `value` for finite logits.
+pub fn with_logit_grad<B: Backend, const D: usize>(
+    logits: Tensor<B, D>,
+    value: f64,
+    grad: Vec<f32>,
+) -> Tensor<B, 1> {
+    let device = logits.device();
+    let v = Tensor::<B, 1>::from_data(TensorData::new(vec![value as f32], [1]), &device);
+    if !B::ad_enabled(&device) {
+        return v;
+    }
+    let g = Tensor::<B, D>::from_data(TensorData::new(grad, logits.shape()), &device);
+    let s = (logits * g).sum();
+    s.clone() - s.detach() + v
+}
+
+/// [`kd_loss`] in tensor operations on the device (autodiff differentiates the log-softmaxes).
+/// Exactly 0 when the logits are bitwise equal (both sides go through the same `log_softmax`).
+pub fn kd_loss_device<B: Backend>(
     student: Tensor<B, 3>,
     teacher: Tensor<B, 3>,
     t: f64,

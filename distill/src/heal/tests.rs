@@ -1,6 +1,6 @@
 //! Acceptance tests of healing on tiny synthetic models.
 use super::data::{pack, prepare, DataSpec, Sampler};
-use super::loss::{kd_loss, lm_loss};
+use super::loss::{kd_loss, kd_loss_device, lm_loss, lm_loss_fused};
 use super::schedule::{lr_at, Schedule};
 use super::trainer::{load_model, named_params};
 use super::*;
@@ -250,6 +250,85 @@ fn kd_gradient_matches_formula_and_finite_differences() {
             );
         }
     }
+}
+
+#[test]
+fn fused_kd_matches_the_device_form() {
+    // kd_loss (fused on the host) against kd_loss_device (tensor operations, autodiff through
+    // the log-softmax): values and gradients agree to f32 rounding; both are exactly 0 for
+    // identical logits (the fused one's gradient too).
+    let dev = Default::default();
+    let (b, n, v) = (2usize, 5usize, 300usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+    let zs: Vec<f32> = (0..b * n * v)
+        .map(|_| rng.random_range(-8.0..8.0))
+        .collect();
+    let zt: Vec<f32> = (0..b * n * v)
+        .map(|_| rng.random_range(-8.0..8.0))
+        .collect();
+    let leaf = |z: &[f32]| {
+        Tensor::<AD, 3>::from_data(TensorData::new(z.to_vec(), [b, n, v]), &dev).require_grad()
+    };
+    let run = |fused: bool, z: &[f32], t: f64, t2: bool| -> (f64, Vec<f32>) {
+        let s = leaf(&zs);
+        let tt = Tensor::<AD, 3>::from_data(TensorData::new(z.to_vec(), [b, n, v]), &dev);
+        let loss = match fused {
+            true => kd_loss(s.clone(), tt, t, t2),
+            false => kd_loss_device(s.clone(), tt, t, t2),
+        };
+        let value = loss.clone().into_scalar().elem::<f64>();
+        let g = s.grad(&loss.backward()).unwrap();
+        (value, g.into_data().to_vec().unwrap())
+    };
+    for (t, t2) in [(1.0, false), (2.0, true), (0.5, true)] {
+        let (fv, fg) = run(true, &zt, t, t2);
+        let (dv, dg) = run(false, &zt, t, t2);
+        assert!((fv - dv).abs() <= 1e-5 * dv.abs(), "T={t}: {fv} vs {dv}");
+        let worst = fg
+            .iter()
+            .zip(&dg)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-7, "T={t}: gradients differ by {worst}");
+        for fused in [true, false] {
+            let (value, grad) = run(fused, &zs, t, t2);
+            assert_eq!(value, 0.0, "fused {fused}, T={t}");
+            // The device form's gradient goes through autodiff's log-softmax backward, where
+            // sum(p) is not exactly 1: only the fused one is exactly 0.
+            assert!(!fused || grad.iter().all(|&g| g == 0.0), "T={t}");
+        }
+    }
+}
+
+#[test]
+fn fused_lm_loss_matches_the_tensor_form() {
+    let dev = Default::default();
+    let (b, n, v) = (2usize, 5usize, 300usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let z: Vec<f32> = (0..b * n * v)
+        .map(|_| rng.random_range(-8.0..8.0))
+        .collect();
+    let tg: Vec<i64> = (0..b * n).map(|_| rng.random_range(0..v as i64)).collect();
+    let run = |fused: bool| -> (f64, Vec<f32>) {
+        let s =
+            Tensor::<AD, 3>::from_data(TensorData::new(z.clone(), [b, n, v]), &dev).require_grad();
+        let t = Tensor::<AD, 2, Int>::from_data(TensorData::new(tg.clone(), [b, n]), &dev);
+        let loss = match fused {
+            true => lm_loss_fused(s.clone(), t),
+            false => lm_loss(s.clone(), t),
+        };
+        let value = loss.clone().into_scalar().elem::<f64>();
+        let g = s.grad(&loss.backward()).unwrap();
+        (value, g.into_data().to_vec().unwrap())
+    };
+    let ((fv, fg), (tv, tg)) = (run(true), run(false));
+    assert!((fv - tv).abs() <= 1e-5 * tv.abs(), "{fv} vs {tv}");
+    let worst = fg
+        .iter()
+        .zip(&tg)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-7, "gradients differ by {worst}");
 }
 
 #[test]
