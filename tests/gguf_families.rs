@@ -144,6 +144,35 @@ fn import_gguf_writes_checkpoints_with_the_same_logits() {
     }
 }
 
+/// A GGUF file is the input, not its folder: an import may write beside it (the bench scripts
+/// import SmolLM2 into the cache folder that holds its GGUF), but never over it.
+#[test]
+fn import_gguf_writes_beside_its_file_and_never_over_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("phi3.gguf");
+    std::fs::copy(fixtures().join("phi3.gguf"), &gguf).unwrap();
+    let beside = tmp.path().join("phi3-hf");
+    ok(&surgeon(&[
+        "import-gguf",
+        gguf.to_str().unwrap(),
+        "--out",
+        beside.to_str().unwrap(),
+    ]));
+    assert!(beside.join("config.json").is_file());
+    let before = std::fs::read(&gguf).unwrap();
+    for out in [gguf.clone(), tmp.path().to_path_buf()] {
+        let o = surgeon(&[
+            "import-gguf",
+            gguf.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        assert!(!o.status.success(), "{} was accepted", out.display());
+    }
+    assert_eq!(std::fs::read(&gguf).unwrap(), before);
+}
+
 /// A GGUF of an architecture surgeon does not import names it and lists those it does.
 #[test]
 fn an_unsupported_gguf_architecture_is_named_with_the_supported_ones() {

@@ -270,8 +270,15 @@ fn visit_inputs(plan: &Plan, visit: &mut dyn FnMut(Input<'_>)) {
 pub fn input_paths(plan: &Plan) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = vec![];
     visit_inputs(plan, &mut |input| {
-        // A shard stands for its model directory, a carried file for the directory it came from.
+        // A shard stands for its model directory, a carried file for the directory it came from;
+        // a GGUF file is a model by itself (its folder may hold anything, an import's output too).
         let p = match input {
+            Input::Shard(p)
+                if p.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf")) =>
+            {
+                p
+            }
             Input::Shard(p) | Input::Aux(p) => match p.parent() {
                 Some(dir) => dir,
                 None => return,
