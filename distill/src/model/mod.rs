@@ -23,6 +23,7 @@ mod kv_buffer;
 mod load;
 mod mla;
 mod named;
+mod precision;
 
 pub use adapter::{
     is_adapter_param, Adapter, AdapterMaker, AdapterValues, BlockFactors, Cores, Lora,
@@ -33,6 +34,7 @@ pub use kv_buffer::KvBuffer;
 pub use load::{check_supported, param_id_for, ParamNames, VarBuilder};
 pub use mla::{LowRankQuery, Mla, MlaBlock, QueryProj};
 pub use named::{NamedParamMapper, ParamRef};
+pub use precision::{mixed_matmul, Precision};
 
 use crate::error::{Error, Result};
 use crate::probe::{NoProbe, Probe};
@@ -49,6 +51,9 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A trainable adapter (LoRA, CLOVER), applied before the bias; see [`Llama::attach_adapters`].
     pub adapter: Option<Adapter<B>>,
+    /// Mixed precision: the matmul runs in this dtype (see [`mixed_matmul`]); `None`: the inputs'.
+    #[module(skip)]
+    pub compute: Option<burn::tensor::FloatDType>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -58,6 +63,7 @@ impl<B: Backend> Linear<B> {
             weight: vb.param("weight")?,
             bias: if bias { Some(vb.param("bias")?) } else { None },
             adapter: None,
+            compute: None,
         })
     }
 
@@ -70,7 +76,7 @@ impl<B: Backend> Linear<B> {
         let out = w.dims()[0];
         // One large GEMM over all rows; the transpose is a strided view, not a copy (CPU backend).
         let x = x.reshape([rows, inner]);
-        let mut y = x.clone().matmul(w.transpose());
+        let mut y = mixed_matmul(x.clone(), w.transpose(), self.compute);
         if let Some(a) = &self.adapter {
             y = a.apply(x, y);
         }
@@ -1087,6 +1093,9 @@ pub struct Llama<B: Backend> {
     /// HF tensor name of every parameter, by parameter id (recorded while loading).
     #[module(skip)]
     pub names: ParamNames,
+    /// Mixed precision of the output projection (see [`mixed_matmul`]); `None`: f32.
+    #[module(skip)]
+    pub compute: Option<burn::tensor::FloatDType>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -1202,10 +1211,8 @@ impl<B: Backend> Llama<B> {
             None => self.embed_tokens.val(),
         };
         let v = w.dims()[0];
-        let logits = hidden
-            .reshape([b * t, h])
-            .matmul(w.transpose())
-            .reshape([b, t, v]);
+        let logits = mixed_matmul(hidden.reshape([b * t, h]), w.transpose(), self.compute);
+        let logits = logits.reshape([b, t, v]);
         match self.final_softcap {
             Some(c) => softcap(logits, c),
             None => logits,
