@@ -163,7 +163,7 @@ check_shape() { # name preset layers ewin ebatch etokens hseq hbatch hsteps
     rm -rf "$d/student" "$d/teacher" "$d/healed"
 }
 
-echo "surgeon $("$BIN" --version 2>/dev/null) on $BACKEND; $("$PYTHON" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')" >&2
+echo "surgeon $("$BIN" --version 2>/dev/null) ($(($(stat -c %s "$BIN") / 1048576)) MiB) on $BACKEND; $("$PYTHON" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')" >&2
 [ "$CPU" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader -i "$GPU" >&2
 n_left=${#SHAPES[@]}
 for s in "${SHAPES[@]}"; do
