@@ -109,7 +109,7 @@ impl BackendKind {
                 use burn::backend::cuda::CudaDevice;
                 let devices = match indices {
                     [] => vec![CudaDevice::default()],
-                    _ => indices.iter().map(|&i| CudaDevice::new(i)).collect(),
+                    _ => indices.iter().map(|&i| CudaDevice { index: i }).collect(),
                 };
                 Ok(job.run::<burn::backend::Cuda>(devices))
             }
