@@ -112,3 +112,67 @@ fn errors_are_one_line_nonzero_and_leave_nothing() {
         .to_string_lossy()
         .contains("surgeon-tmp")));
 }
+
+/// `heal --precision bf16 --checkpoint-activations --devices 0` trains and writes the model; more
+/// devices than the CPU backend has, or an unknown precision, is a one-line error writing nothing.
+#[test]
+fn heal_takes_precision_checkpointing_and_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    synth(&m);
+    // Word-level tokenizer: `t<i>` is token i of the synthetic model's 256.
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..256).map(|i| (format!("t{i}"), i.into())).collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    });
+    std::fs::write(m.join("tokenizer.json"), tok.to_string()).unwrap();
+    let text = tmp.path().join("t.txt");
+    let words: Vec<String> = (0..400)
+        .map(|i| format!("t{}", 1 + (i * 37) % 255))
+        .collect();
+    std::fs::write(&text, words.join(" ")).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let heal = |out: &Path, extra: &[&str]| {
+        let (m, text, out) = (s(&m), s(&text), s(out));
+        let mut args = vec![
+            "heal",
+            &m,
+            "--data",
+            &text,
+            "--out",
+            &out,
+            "--steps",
+            "2",
+            "--seq-len",
+            "8",
+            "--batch",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        surgeon(&args)
+    };
+    let out = tmp.path().join("h");
+    let flags = [
+        "--precision",
+        "bf16",
+        "--checkpoint-activations",
+        "--devices",
+        "0",
+    ];
+    let o = heal(&out, &flags);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("model.safetensors").exists() && out.join("metrics.csv").exists());
+    let bad = tmp.path().join("bad");
+    fails(
+        &heal(&bad, &["--devices", "0,1"]),
+        "the cpu backend has one device",
+        &bad,
+    );
+    let o = heal(&bad, &["--precision", "fp8"]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown precision `fp8`"));
+    assert!(!bad.exists());
+}

@@ -42,6 +42,12 @@ pub trait BackendJob {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output;
 }
 
+/// A computation over several devices of one backend, run by [`BackendKind::run_on`].
+pub trait DevicesJob {
+    type Output;
+    fn run<B: Backend>(self, devices: Vec<B::Device>) -> Self::Output;
+}
+
 impl BackendKind {
     /// True when this binary was built with the backend.
     pub fn available(self) -> bool {
@@ -60,6 +66,53 @@ impl BackendKind {
             BackendKind::Wgpu => Ok(job.run::<burn::backend::Wgpu>(Default::default())),
             #[cfg(feature = "cuda")]
             BackendKind::Cuda => Ok(job.run::<burn::backend::Cuda>(Default::default())),
+            #[allow(unreachable_patterns)]
+            other => Err(Error::Unsupported(format!(
+                "backend `{other}`: this binary was built without the `{other}` cargo feature"
+            ))),
+        }
+    }
+
+    /// Runs `job` on the devices numbered `indices` of this backend (none: the default device).
+    /// The CPU backend has one device, 0.
+    pub fn run_on<J: DevicesJob>(self, indices: &[usize], job: J) -> Result<J::Output> {
+        let mut seen = indices.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != indices.len() {
+            return Err(Error::Invalid(format!(
+                "`--devices {indices:?}` names a device twice"
+            )));
+        }
+        match self {
+            BackendKind::Cpu => match indices {
+                [] | [0] => Ok(job.run::<Cpu>(vec![Default::default()])),
+                _ => Err(Error::Unsupported(format!(
+                    "`--devices {indices:?}`: the cpu backend has one device (0); several \
+                     devices need `--backend cuda` or `wgpu`"
+                ))),
+            },
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => {
+                use burn::backend::wgpu::WgpuDevice;
+                let devices = match indices {
+                    [] => vec![WgpuDevice::default()],
+                    _ => indices
+                        .iter()
+                        .map(|&i| WgpuDevice::DiscreteGpu(i))
+                        .collect(),
+                };
+                Ok(job.run::<burn::backend::Wgpu>(devices))
+            }
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => {
+                use burn::backend::cuda::CudaDevice;
+                let devices = match indices {
+                    [] => vec![CudaDevice::default()],
+                    _ => indices.iter().map(|&i| CudaDevice { index: i }).collect(),
+                };
+                Ok(job.run::<burn::backend::Cuda>(devices))
+            }
             #[allow(unreachable_patterns)]
             other => Err(Error::Unsupported(format!(
                 "backend `{other}`: this binary was built without the `{other}` cargo feature"

@@ -48,6 +48,23 @@ impl SyntheticSpec {
         }
     }
 
+    /// SmolLM2-135M's shape (30 layers, hidden 576, 9 query and 3 KV heads, tied embeddings),
+    /// for benchmarks.
+    pub fn smollm2_135m() -> Self {
+        SyntheticSpec {
+            family: Family::Llama,
+            hidden_size: 576,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            intermediate_size: 1536,
+            vocab_size: 49152,
+            tie_word_embeddings: true,
+            dtype: DType::BF16,
+            seed: 0,
+        }
+    }
+
     /// A Llama of about 1.1B parameters (TinyLlama's shape), for benchmarks.
     pub fn llama_1b() -> Self {
         SyntheticSpec {

@@ -30,19 +30,34 @@ pub struct Args {
     /// Print one JSON object (`tokens`, `nll`, `ppl`, `tokens_per_s`).
     #[arg(long)]
     pub json: bool,
+    /// Also write the logits of the first window's inputs (`[window, vocab]`, little-endian f32,
+    /// row-major) to this file, for comparison with another runtime (scripts/gpu-check.sh).
+    #[arg(long, value_name = "FILE")]
+    pub logits_out: Option<PathBuf>,
 }
 
 struct Job<'a> {
     plan: &'a Plan,
     ids: &'a [u32],
     opts: EvalOptions,
+    /// Token ids whose logits to return.
+    logits_of: Option<&'a [u32]>,
 }
 
 impl BackendJob for Job<'_> {
-    type Output = surgeon_distill::Result<EvalReport>;
+    type Output = surgeon_distill::Result<(EvalReport, Option<Vec<f32>>)>;
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        use surgeon_distill::burn::tensor::{Int, Tensor, TensorData};
         let model = Llama::<B>::from_plan(self.plan, &device)?;
-        perplexity(&model, self.ids, &self.opts)
+        let report = perplexity(&model, self.ids, &self.opts)?;
+        let logits = self.logits_of.map(|ids| {
+            let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+            let n = ids.len();
+            let t = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+            let v = model.forward(t).into_data().convert::<f32>();
+            v.into_vec::<f32>().expect("f32 logits")
+        });
+        Ok((report, logits))
     }
 }
 
@@ -58,14 +73,28 @@ pub fn run(a: Args) -> Result<()> {
         batch_size: a.batch_size,
         progress: !a.json,
     };
+    if let Some(p) = a.logits_out.as_ref().filter(|p| p.exists()) {
+        anyhow::bail!(
+            "{} exists; remove it first (--logits-out never overwrites)",
+            p.display()
+        );
+    }
     let backend = a.backend.backend;
-    let r = backend
+    let first = &ids[..ids.len().min(a.window)];
+    let (r, logits) = backend
         .run(Job {
             plan: &plan,
             ids: &ids,
             opts,
+            logits_of: a.logits_out.as_ref().map(|_| first),
         })?
         .with_context(|| format!("evaluating {}", a.model))?;
+    if let (Some(path), Some(v)) = (&a.logits_out, logits) {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
     if a.json {
         println!(
             "{}",

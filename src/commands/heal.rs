@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use surgeon_distill::heal::{
     heal_with, install_ctrlc, Budget, DataSpec, HealConfig, HealObserver, LossKind, MetricRow,
-    Schedule, TrainSet,
+    Precision, Schedule, TrainSet,
 };
 
 #[derive(clap::Args)]
@@ -86,6 +86,19 @@ pub struct Args {
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub backend: BackendArgs,
+    /// f32, or bf16 mixed precision: matmuls in bf16, parameters (master weights), optimizer
+    /// state and loss in f32; a teacher's linear weights are stored in bf16. Refused on a backend
+    /// that cannot compute in bf16.
+    #[arg(long, default_value_t = defaults().precision)]
+    pub precision: Precision,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them (burn's
+    /// balanced checkpointing): less memory, the same gradients.
+    #[arg(long)]
+    pub checkpoint_activations: bool,
+    /// Data-parallel healing on these device indices of the backend (e.g. 0,1): each device takes
+    /// an equal share of every batch; the update equals one device with the whole batch.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub devices: Vec<usize>,
     /// Replace an existing output directory.
     #[arg(long)]
     pub force: bool,
@@ -141,6 +154,9 @@ pub fn run(a: Args) -> Result<()> {
         save_every: a.save_every,
         resume: a.resume,
         backend: a.backend.backend,
+        precision: a.precision,
+        checkpoint_activations: a.checkpoint_activations,
+        devices: a.devices,
         force: a.force,
         stop: Some(install_ctrlc()?),
         stop_after: None,

@@ -8,7 +8,7 @@ use surgeon_formats::DType;
 #[derive(clap::Args)]
 pub struct Args {
     /// `tiny` (2 layers, hidden 64), `hetero` (tiny with 4 layers and MLP width 256, the base of the
-    /// variants) or `llama-1b` (TinyLlama's 1.1B shape).
+    /// variants), `smollm2-135m` (SmolLM2-135M's shape) or `llama-1b` (TinyLlama's 1.1B shape).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// Number of layers (overrides the preset).
@@ -35,8 +35,9 @@ pub fn run(a: Args) -> Result<()> {
     let mut spec = match a.preset.as_str() {
         "tiny" => SyntheticSpec::tiny(),
         "hetero" => SyntheticSpec::hetero(),
+        "smollm2-135m" => SyntheticSpec::smollm2_135m(),
         "llama-1b" => SyntheticSpec::llama_1b(),
-        other => bail!("unknown preset `{other}` (tiny, hetero, llama-1b)"),
+        other => bail!("unknown preset `{other}` (tiny, hetero, smollm2-135m, llama-1b)"),
     };
     if let Some(l) = a.layers {
         spec.num_layers = l;

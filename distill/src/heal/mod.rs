@@ -19,6 +19,8 @@ pub mod transfer;
 #[cfg(test)]
 mod adapter_tests;
 #[cfg(test)]
+mod scale_tests;
+#[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
@@ -27,7 +29,7 @@ use std::sync::Arc;
 
 pub use data::DataSpec;
 pub use plan::{HealPlan, Trajectory};
-pub use run::{heal_on, HealObserver, Quiet};
+pub use run::{heal_on, heal_on_devices, HealObserver, Quiet};
 pub use schedule::Schedule;
 pub use select::{LoraSpec, TrainSet};
 pub use trainer::Trainer;
@@ -94,6 +96,7 @@ pub enum Budget {
 
 /// Which burn backend trains (the same choice as eval and generate).
 pub use crate::backend::BackendKind;
+pub use crate::model::Precision;
 
 /// Everything a healing run needs besides the models themselves.
 #[derive(Clone, Debug)]
@@ -130,6 +133,12 @@ pub struct HealConfig {
     /// A checkpoint directory (`OUT/checkpoints/step-N`) to continue from.
     pub resume: Option<PathBuf>,
     pub backend: BackendKind,
+    /// Matmul precision while training (parameters, optimizer state and loss stay f32).
+    pub precision: Precision,
+    /// Recompute activations in the backward pass (burn's `BalancedCheckpointing`).
+    pub checkpoint_activations: bool,
+    /// Device indices for data-parallel healing (empty: the backend's default device).
+    pub devices: Vec<usize>,
     /// Replace an existing output directory.
     pub force: bool,
     /// Set (e.g. by Ctrl-C) to stop after the current step, checkpoint and return.
@@ -172,6 +181,9 @@ impl Default for HealConfig {
             save_every: 0,
             resume: None,
             backend: BackendKind::Cpu,
+            precision: Precision::F32,
+            checkpoint_activations: false,
+            devices: vec![],
             force: false,
             stop: None,
             stop_after: None,
@@ -236,25 +248,30 @@ pub fn heal_with(
         teacher: Option<surgeon_formats::Plan>,
         observer: &'a mut dyn HealObserver,
     }
-    impl crate::backend::BackendJob for Job<'_> {
+    impl crate::backend::DevicesJob for Job<'_> {
         type Output = Result<HealReport>;
-        fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> Self::Output {
+        fn run<B: burn::tensor::backend::Backend>(self, devices: Vec<B::Device>) -> Self::Output {
+            use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+            use burn::backend::Autodiff;
             let (cfg, observer) = (self.cfg, self.observer);
-            heal_on::<burn::backend::Autodiff<B>>(
-                cfg,
-                self.student,
-                self.teacher,
-                &device,
-                observer,
-            )
+            let (s, t) = (self.student, self.teacher);
+            match cfg.checkpoint_activations {
+                false => heal_on_devices::<Autodiff<B>>(cfg, s, t, &devices, observer),
+                true => heal_on_devices::<Autodiff<B, BalancedCheckpointing>>(
+                    cfg, s, t, &devices, observer,
+                ),
+            }
         }
     }
-    cfg.backend.run(Job {
-        cfg,
-        student,
-        teacher,
-        observer,
-    })?
+    cfg.backend.run_on(
+        &cfg.devices,
+        Job {
+            cfg,
+            student,
+            teacher,
+            observer,
+        },
+    )?
 }
 
 /// Installs the SIGINT/SIGTERM handler of a training run: the first signal sets the returned

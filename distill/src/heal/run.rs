@@ -192,14 +192,26 @@ pub fn heal_on<B: AutodiffBackend>(
     device: &B::Device,
     observer: &mut dyn HealObserver,
 ) -> Result<HealReport> {
+    let devices = std::slice::from_ref(device);
+    heal_on_devices::<B>(cfg, student, teacher, devices, observer)
+}
+
+/// [`heal_on`] data-parallel over `devices` (see [`Trainer::start_on`]).
+pub fn heal_on_devices<B: AutodiffBackend>(
+    cfg: &HealConfig,
+    student: Plan,
+    teacher: Option<Plan>,
+    devices: &[B::Device],
+    observer: &mut dyn HealObserver,
+) -> Result<HealReport> {
     let sel = HealPlan::validate(cfg, &student, teacher.as_ref())?;
     let resume = check_output(cfg, &student, teacher.as_ref())?;
     let data = super::data::prepare(&student, &cfg.data, cfg.eval_data.as_ref(), cfg.seq_len)?;
     let plan = HealPlan::with_data(cfg, &student, sel, data)?;
     let teacher = teacher.as_ref();
     let mut trainer = match &resume {
-        Some(dir) => Trainer::<B>::resume(&plan, &student, teacher, dir, device)?,
-        None => Trainer::<B>::start(&plan, &student, teacher, device)?,
+        Some(dir) => Trainer::<B>::resume_on(&plan, &student, teacher, dir, devices)?,
+        None => Trainer::<B>::start_on(&plan, &student, teacher, devices)?,
     };
     let out = &cfg.out;
     surgeon_formats::output::create_output_dir(out, &plan.history_line)?;

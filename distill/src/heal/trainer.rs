@@ -298,6 +298,111 @@ fn export_plan<B: AutodiffBackend>(
     Ok(plan)
 }
 
+/// What the loss of a shard needs besides the models (copied into each device's thread).
+#[derive(Clone, Copy)]
+struct LossSpec {
+    loss: LossKind,
+    temperature: f64,
+    kd_scale_t2: bool,
+    kd_weight: f64,
+    aux_coef: f64,
+    moe_k: Option<usize>,
+    /// On the CPU the logits are already on the host: the fused losses save ~20 passes over
+    /// `[b, t, V]`; elsewhere they stay on the device.
+    fused: bool,
+}
+
+impl LossSpec {
+    fn new(cfg: &HealConfig, moe_k: Option<usize>) -> Self {
+        LossSpec {
+            loss: cfg.loss,
+            temperature: cfg.temperature,
+            kd_scale_t2: cfg.kd_scale_t2,
+            kd_weight: cfg.kd_weight,
+            aux_coef: cfg.aux_coef,
+            moe_k,
+            fused: cfg.backend == crate::BackendKind::Cpu,
+        }
+    }
+}
+
+/// The loss of one micro-batch of `input` / `target` (LM, KD or both, plus MoE balancing), f32.
+fn batch_loss<B: AutodiffBackend>(
+    spec: LossSpec,
+    model: &Llama<B>,
+    teacher: Option<&Llama<B::InnerBackend>>,
+    input: Tensor<B, 2, Int>,
+    target: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
+    if spec.loss.is_attention_transfer() {
+        let teacher = teacher.expect("checked by HealPlan");
+        return attention_transfer_loss(model, teacher, input, spec.loss);
+    }
+    let (logits, router_logits) = match spec.moe_k {
+        Some(_) => forward_with_router_logits(model, input.clone()),
+        None => (model.forward(input.clone()), vec![]),
+    };
+    let teacher_logits = || {
+        let t = teacher.expect("checked by HealPlan");
+        Tensor::<B, 3>::from_inner(t.forward(input.clone().inner()))
+    };
+    let (temp, t2) = (spec.temperature, spec.kd_scale_t2);
+    let (kd, lm) = match spec.fused {
+        true => (kd_loss::<B> as KdFn<B>, lm_loss_fused::<B> as LmFn<B>),
+        false => (kd_loss_device::<B> as KdFn<B>, lm_loss::<B> as LmFn<B>),
+    };
+    let loss = match spec.loss {
+        LossKind::Lm => lm(logits, target),
+        LossKind::Kd => kd(logits, teacher_logits(), temp, t2),
+        LossKind::KdLm => {
+            let kd = kd(logits.clone(), teacher_logits(), temp, t2);
+            kd.mul_scalar(spec.kd_weight) + lm(logits, target).mul_scalar(1.0 - spec.kd_weight)
+        }
+        LossKind::AttentionTransfer | LossKind::AttentionWeights => {
+            unreachable!("returned above")
+        }
+    };
+    match spec.moe_k {
+        Some(k) if spec.aux_coef != 0.0 => {
+            loss + load_balancing_loss(&router_logits, k).mul_scalar(spec.aux_coef)
+        }
+        _ => loss,
+    }
+}
+
+/// Forward and backward of one shard (`L + 1` tokens per sequence) on `device` with its copies
+/// of the models: the gradients of `loss / div`, moved to `main`, and the loss.
+fn shard_grads<B: AutodiffBackend>(
+    spec: LossSpec,
+    model: Llama<B>,
+    teacher: Option<Llama<B::InnerBackend>>,
+    seqs: Vec<Vec<u32>>,
+    div: f64,
+    device: &B::Device,
+    main: &B::Device,
+) -> (GradientsParams, f64) {
+    let refs: Vec<&Vec<u32>> = seqs.iter().collect();
+    let tokens = batch_tensor::<B>(&refs, device);
+    let [b, l1] = tokens.dims();
+    let input = tokens.clone().slice([0..b, 0..l1 - 1]);
+    let target = tokens.slice([0..b, 1..l1]);
+    let loss = batch_loss(spec, &model, teacher.as_ref(), input, target);
+    let value = loss.clone().into_scalar().elem::<f64>();
+    let grads = loss.div_scalar(div).backward();
+    let grads = GradientsParams::from_grads(grads, &model);
+    let grads = match device == main {
+        true => grads,
+        false => grads.to_device(main, &model),
+    };
+    (grads, value)
+}
+
+/// A device after the first, with its copy of the teacher.
+type Replica<B> = (
+    burn::tensor::Device<B>,
+    Option<Llama<<B as AutodiffBackend>::InnerBackend>>,
+);
+
 type AdamWOf<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
 type KdFn<B> = fn(Tensor<B, 3>, Tensor<B, 3>, f64, bool) -> Tensor<B, 1>;
 type LmFn<B> = fn(Tensor<B, 3>, Tensor<B, 2, Int>) -> Tensor<B, 1>;
@@ -311,6 +416,9 @@ pub struct Trainer<'p, B: AutodiffBackend> {
     /// Taken out only while the optimizer rebuilds it ([`Trainer::step`]).
     model: Option<Llama<B>>,
     teacher: Option<Llama<B::InnerBackend>>,
+    /// Data parallelism: every device after the first with its copy of the teacher (see
+    /// [`Trainer::start_on`]).
+    replicas: Vec<Replica<B>>,
     optim: AdamWOf<B>,
     /// Trainable parameters: id, HF name, rank.
     params: Vec<(ParamId, String, usize)>,
@@ -331,8 +439,21 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         teacher: Option<&Plan>,
         device: &B::Device,
     ) -> Result<Self> {
+        Self::start_on(plan, student, teacher, std::slice::from_ref(device))
+    }
+
+    /// [`Trainer::start`] data-parallel over `devices` (the first holds the model and the
+    /// optimizer): every micro-batch is split into equal shards, one per device, whose gradients
+    /// are summed on the first device before the update (burn-train's multi-device strategy with
+    /// the optimizer on the main device).
+    pub fn start_on(
+        plan: &'p HealPlan,
+        student: &Plan,
+        teacher: Option<&Plan>,
+        devices: &[B::Device],
+    ) -> Result<Self> {
         let optim = Self::optimizer(plan);
-        let mut t = Self::build(plan, student.clone(), teacher, optim, None, device)?;
+        let mut t = Self::build(plan, student.clone(), teacher, optim, None, devices)?;
         let ppl = t.evaluate();
         t.state.eval_ppl_before = Some(ppl);
         t.metrics.push(MetricRow {
@@ -355,6 +476,18 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         dir: &Path,
         device: &B::Device,
     ) -> Result<Self> {
+        Self::resume_on(plan, student, teacher, dir, std::slice::from_ref(device))
+    }
+
+    /// [`Trainer::resume`] data-parallel over `devices` (see [`Trainer::start_on`]).
+    pub fn resume_on(
+        plan: &'p HealPlan,
+        student: &Plan,
+        teacher: Option<&Plan>,
+        dir: &Path,
+        devices: &[B::Device],
+    ) -> Result<Self> {
+        let device = &devices[0];
         let state = checkpoint::read_state(dir)?;
         plan.check_resume(&state, dir)?;
         let (base, saved) = match plan.sel.adapter {
@@ -363,7 +496,7 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         };
         let metrics = checkpoint::read_metrics(dir, &state)?;
         let optim = checkpoint::load_optimizer(dir, Self::optimizer(plan), device)?;
-        let mut t = Self::build(plan, base, teacher, optim, saved.as_ref(), device)?;
+        let mut t = Self::build(plan, base, teacher, optim, saved.as_ref(), devices)?;
         t.state = state;
         t.metrics = metrics;
         Ok(t)
@@ -405,12 +538,35 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         teacher: Option<&Plan>,
         optim: AdamWOf<B>,
         saved: Option<&AdapterValues>,
-        device: &B::Device,
+        devices: &[B::Device],
     ) -> Result<Self> {
+        let device = devices.first().expect("at least one device");
+        let n = devices.len();
+        if !plan.cfg.batch.is_multiple_of(n) {
+            return Err(Error::Invalid(format!(
+                "`--devices`: the batch ({}) must be a multiple of the number of devices ({n})",
+                plan.cfg.batch
+            )));
+        }
         let sel = &plan.sel;
-        let model = load_student::<B>(&base, sel, &plan.cfg, saved, device)?;
+        let precision = plan.cfg.precision;
+        if !precision.supported::<B>(device) {
+            return Err(Error::Unsupported(format!(
+                "`--precision {precision}`: backend `{}` cannot compute in {precision} on this \
+                 device (use `--precision f32`)",
+                plan.cfg.backend
+            )));
+        }
+        let model = load_student::<B>(&base, sel, &plan.cfg, saved, device)?
+            .with_compute(precision.compute());
         let teacher = match teacher {
-            Some(t) => Some(load_model::<B::InnerBackend>(t, &|_| false, device)?),
+            Some(t) => {
+                let t = load_model::<B::InnerBackend>(t, &|_| false, device)?;
+                Some(match precision.compute() {
+                    Some(dt) => t.stored_in(dt),
+                    None => t,
+                })
+            }
             None => None,
         };
         let params: Vec<_> = named_params(&model)
@@ -422,12 +578,17 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
             .rows
             .as_ref()
             .map(|r| RestoreRows::new(&model, &params, r, vocab, device));
+        let replicas = devices[1..]
+            .iter()
+            .map(|d| (d.clone(), teacher.as_ref().map(|t| t.clone().fork(d))))
+            .collect();
         Ok(Trainer {
             plan,
             base,
             moe_k: moe_top_k(&model),
             model: Some(model),
             teacher,
+            replicas,
             optim,
             params,
             rows,
@@ -480,72 +641,57 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         )
     }
 
-    /// The loss of one micro-batch of `input` / `target` (LM, KD or both, plus MoE balancing).
-    fn loss(&self, input: Tensor<B, 2, Int>, target: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-        let cfg = &self.plan.cfg;
-        if cfg.loss.is_attention_transfer() {
-            let teacher = self.teacher.as_ref().expect("checked by HealPlan");
-            return attention_transfer_loss(self.model(), teacher, input, cfg.loss);
-        }
-        let (logits, router_logits) = match self.moe_k {
-            Some(_) => forward_with_router_logits(self.model(), input.clone()),
-            None => (self.model().forward(input.clone()), vec![]),
-        };
-        let teacher_logits = || {
-            let t = self.teacher.as_ref().expect("checked by HealPlan");
-            Tensor::<B, 3>::from_inner(t.forward(input.clone().inner()))
-        };
-        let (temp, t2) = (cfg.temperature, cfg.kd_scale_t2);
-        // On the CPU the logits are already on the host: the fused loss saves ~20 passes over
-        // [b, t, V]; elsewhere they stay on the device.
-        let (kd, lm) = match cfg.backend {
-            crate::BackendKind::Cpu => (kd_loss::<B> as KdFn<B>, lm_loss_fused::<B> as LmFn<B>),
-            _ => (kd_loss_device::<B> as KdFn<B>, lm_loss::<B> as LmFn<B>),
-        };
-        let loss = match cfg.loss {
-            LossKind::Lm => lm(logits, target),
-            LossKind::Kd => kd(logits, teacher_logits(), temp, t2),
-            LossKind::KdLm => {
-                let kd = kd(logits.clone(), teacher_logits(), temp, t2);
-                kd.mul_scalar(cfg.kd_weight) + lm(logits, target).mul_scalar(1.0 - cfg.kd_weight)
-            }
-            LossKind::AttentionTransfer | LossKind::AttentionWeights => {
-                unreachable!("returned above")
-            }
-        };
-        match self.moe_k {
-            Some(k) if cfg.aux_coef != 0.0 => {
-                loss + load_balancing_loss(&router_logits, k).mul_scalar(cfg.aux_coef)
-            }
-            _ => loss,
-        }
-    }
-
-    /// Forward and backward over `grad_accum` micro-batches: the accumulated gradients and the
-    /// mean loss.
-    fn accumulate(&mut self) -> (GradientsParams, f64) {
+    /// Forward and backward over `grad_accum` micro-batches, each split over the devices: the
+    /// summed gradients (on the first device) and the mean loss.
+    pub(super) fn accumulate(&mut self) -> (GradientsParams, f64) {
         let plan = self.plan;
         let cfg = &plan.cfg;
-        let (l, train) = (cfg.seq_len, &plan.data.train);
+        let train = &plan.data.train;
+        let n = 1 + self.replicas.len();
+        let spec = LossSpec::new(cfg, self.moe_k);
+        // Each shard's loss is a mean over its tokens: shards of equal size summed, each divided
+        // by (micro-batches * devices), give the mean over the whole step.
+        let div = (cfg.grad_accum * n) as f64;
         let mut acc = GradientsAccumulator::<Llama<B>>::new();
         let mut loss_sum = 0.0f64;
         for _ in 0..cfg.grad_accum {
-            let seqs: Vec<&Vec<u32>> = (0..cfg.batch)
+            let seqs: Vec<Vec<u32>> = (0..cfg.batch)
                 .map(|_| {
                     let i = self.sampler.index(self.state.samples);
                     self.state.samples += 1;
-                    &train[i]
+                    train[i].clone()
                 })
                 .collect();
-            let tokens = batch_tensor::<B>(&seqs, &self.device);
-            let b = seqs.len();
-            let input = tokens.clone().slice([0..b, 0..l]);
-            let target = tokens.slice([0..b, 1..l + 1]);
-            let loss = self.loss(input, target);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let grads = loss.div_scalar(cfg.grad_accum as f64).backward();
             let model = self.model();
-            acc.accumulate(model, GradientsParams::from_grads(grads, model));
+            let main = (model.clone(), self.teacher.clone(), self.device.clone());
+            let shards = seqs.chunks(cfg.batch / n).map(|c| c.to_vec());
+            let results = if n == 1 {
+                let (m, t, d) = main;
+                vec![shard_grads(spec, m, t, seqs, div, &d, &self.device)]
+            } else {
+                let jobs = std::iter::once(main).chain(
+                    self.replicas
+                        .iter()
+                        .map(|(d, t)| (model.clone().fork(d), t.clone(), d.clone())),
+                );
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = jobs
+                        .zip(shards)
+                        .map(|((m, t, d), shard)| {
+                            let main = self.device.clone();
+                            s.spawn(move || shard_grads(spec, m, t, shard, div, &d, &main))
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().expect("a device's shard panicked"))
+                        .collect()
+                })
+            };
+            for (grads, loss) in results {
+                loss_sum += loss / n as f64;
+                acc.accumulate(model, grads);
+            }
         }
         (acc.grads(), loss_sum / cfg.grad_accum as f64)
     }

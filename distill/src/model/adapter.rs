@@ -236,7 +236,7 @@ fn swiglu<B: Backend>(m: &mut SwiGlu<B>) -> [&mut Linear<B>; 3] {
 }
 
 /// Every linear layer of `model` (attention projections, MLP and MoE router and experts).
-fn linears_mut<B: Backend>(model: &mut Llama<B>) -> Vec<&mut Linear<B>> {
+pub(super) fn linears_mut<B: Backend>(model: &mut Llama<B>) -> Vec<&mut Linear<B>> {
     let mut out = vec![];
     for layer in &mut model.layers {
         if let Some(a) = &mut layer.attention {

@@ -52,7 +52,7 @@ fn decoding_products_split_across_threads_keep_every_bit() {
             .num_threads(threads)
             .build()
             .unwrap();
-        let got = pool.install(|| super::product(x.clone(), w.clone()));
+        let got = pool.install(|| super::product(x.clone(), w.clone(), None));
         assert_eq!(got.dims(), [1, 1000]);
         assert_eq!(got.into_data(), want, "{threads} threads");
     }

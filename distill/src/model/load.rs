@@ -265,6 +265,7 @@ impl<B: Backend> Llama<B> {
                 .then(|| super::embed_scale(h, embed_dtype)),
             final_softcap: arch.gemma.final_logit_softcapping,
             names: ParamNames(Arc::new(ld.names)),
+            compute: None,
         })
     }
 

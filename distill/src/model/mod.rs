@@ -25,6 +25,7 @@ mod kv_buffer;
 mod load;
 mod mla;
 mod named;
+mod precision;
 
 pub use adapter::{
     is_adapter_param, Adapter, AdapterMaker, AdapterValues, BlockFactors, Cores, Lora,
@@ -35,6 +36,7 @@ pub use kv_buffer::KvBuffer;
 pub use load::{check_supported, param_id_for, ParamNames, VarBuilder};
 pub use mla::{LowRankQuery, Mla, MlaBlock, QueryProj};
 pub use named::{NamedParamMapper, ParamRef};
+pub use precision::{mixed_matmul, Precision};
 
 use crate::error::{Error, Result};
 use crate::probe::{NoProbe, Probe};
@@ -51,6 +53,9 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A trainable adapter (LoRA, CLOVER), applied before the bias; see [`Llama::attach_adapters`].
     pub adapter: Option<Adapter<B>>,
+    /// Mixed precision: the matmul runs in this dtype (see [`mixed_matmul`]); `None`: the inputs'.
+    #[module(skip)]
+    pub compute: Option<burn::tensor::FloatDType>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -60,6 +65,7 @@ impl<B: Backend> Linear<B> {
             weight: vb.param("weight")?,
             bias: if bias { Some(vb.param("bias")?) } else { None },
             adapter: None,
+            compute: None,
         })
     }
 
@@ -72,7 +78,7 @@ impl<B: Backend> Linear<B> {
         let out = w.dims()[0];
         // One large GEMM over all rows; the transpose is a strided view, not a copy (CPU backend).
         let x = x.reshape([rows, inner]);
-        let mut y = product(x.clone(), w);
+        let mut y = product(x.clone(), w, self.compute);
         if let Some(a) = &self.adapter {
             y = a.apply(x, y);
         }
@@ -88,17 +94,22 @@ impl<B: Backend> Linear<B> {
 /// Rows up to which `x W^T` is a matrix-vector product (decoding one token per sequence).
 const GEMV_ROWS: usize = 4;
 
-/// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`. The CPU backend's GEMM runs matrix-vector
+/// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`, computed in `compute` (see
+/// [`mixed_matmul`]). The CPU backend's GEMM runs matrix-vector
 /// products on one thread, so in decoding (a few rows, weights not training) the outputs are split
 /// across the thread pool: each part is the same product on a block of `W`'s rows, so the result
 /// has the same bits. Decoding SmolLM2 on 2 threads: GEMV was a third of the time.
-pub(crate) fn product<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+pub(crate) fn product<B: Backend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    compute: Option<burn::tensor::FloatDType>,
+) -> Tensor<B, 2> {
     use rayon::prelude::*;
     let [rows, _] = x.dims();
     let out = w.dims()[0];
     let threads = rayon::current_num_threads();
     if rows > GEMV_ROWS || threads < 2 || out < 256 * threads || w.is_require_grad() {
-        return x.matmul(w.transpose());
+        return mixed_matmul(x, w.transpose(), compute);
     }
     let step = out.div_ceil(threads);
     let parts: Vec<Tensor<B, 2>> = (0..out)
@@ -107,7 +118,11 @@ pub(crate) fn product<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B,
         .into_par_iter()
         .map(|first| {
             let n = step.min(out - first);
-            x.clone().matmul(w.clone().narrow(0, first, n).transpose())
+            mixed_matmul(
+                x.clone(),
+                w.clone().narrow(0, first, n).transpose(),
+                compute,
+            )
         })
         .collect();
     Tensor::cat(parts, 1)
@@ -1165,6 +1180,9 @@ pub struct Llama<B: Backend> {
     /// HF tensor name of every parameter, by parameter id (recorded while loading).
     #[module(skip)]
     pub names: ParamNames,
+    /// Mixed precision of the output projection (see [`mixed_matmul`]); `None`: f32.
+    #[module(skip)]
+    pub compute: Option<burn::tensor::FloatDType>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -1280,7 +1298,7 @@ impl<B: Backend> Llama<B> {
             None => self.embed_tokens.val(),
         };
         let v = w.dims()[0];
-        let logits = product(hidden.reshape([b * t, h]), w).reshape([b, t, v]);
+        let logits = product(hidden.reshape([b * t, h]), w, self.compute).reshape([b, t, v]);
         match self.final_softcap {
             Some(c) => softcap(logits, c),
             None => logits,
