@@ -187,8 +187,11 @@ fn cli(dir: &Path, text: &Path, aware: &Plan) {
             .unwrap();
     assert_eq!(config["architectures"][0], "LlamaForCausalLM", "{config}");
     let back = surgeon_formats::open_hf_dir(&padded).unwrap();
+    // The same function through other shapes (value heads of 48 vs 64 features with zeros), so
+    // f32 sums round differently: with gemm's AVX-512 kernels the largest difference on SmolLM2's
+    // logits (magnitude ~20) is 1.2e-4, a few units in the last place.
     let diff = max_diff(&logits(aware), &logits(&back));
-    assert!(diff <= 1e-4, "padded: max |logit diff| {diff}");
+    assert!(diff <= 2e-4, "padded: max |logit diff| {diff}");
     std::fs::remove_dir_all(&padded).unwrap();
     std::fs::remove_dir_all(&pruned).unwrap();
 
