@@ -144,7 +144,7 @@ fn f32_precision_is_the_plain_model_bit_for_bit() {
     let tl = Tensor::<AD, 3>::from_inner(tm.forward(input.inner()));
     let w = c.kd_weight;
     let reference = super::loss::kd_loss(logits.clone(), tl, c.temperature, true).mul_scalar(w)
-        + lm_loss(logits, tokens.slice([0..4, 1..l + 1])).mul_scalar(1.0 - w);
+        + super::loss::lm_loss_fused(logits, tokens.slice([0..4, 1..l + 1])).mul_scalar(1.0 - w);
     let rl: f64 = reference.clone().into_scalar().elem();
     assert_eq!(rl.to_bits(), loss.to_bits());
     let rg = GradientsParams::from_grads(reference.div_scalar(1.0).backward(), &model);
