@@ -11,10 +11,11 @@
 //! Scores are scaled by `qk_head_dim^-0.5` (times yarn's `mscale_all_dim` factor squared).
 //!
 //! The cache keeps what DeepSeek-V3 caches: per token the normalised latent and the rotary key
-//! after RoPE (`kv_lora_rank + qk_rope_head_dim` numbers), in [`LayerCache::kv`] as `[B, 1, n, R]`
+//! after RoPE (`kv_lora_rank + qk_rope_head_dim` numbers), in [`LayerCache::buffer`] as `[B, 1, n, R]`
 //! and `[B, 1, n, r]`; keys and values are expanded from it at every step.
 use super::{
-    apply_rope, heads_first, softmax, KvBuffer, LayerCache, Linear, Positions, RmsNorm, VarBuilder,
+    apply_rope, causal_attention, heads_first, KvBuffer, LayerCache, Linear, Positions, RmsNorm,
+    ScoreRule, VarBuilder,
 };
 use crate::error::{Error, Result};
 use burn::module::Module;
@@ -150,16 +151,16 @@ impl<B: Backend> Mla<B> {
             None => (latent, k_rot),
         };
         let (k, v) = self.expand(latent, k_rot);
-        let tk = k.dims()[2];
-        debug_assert_eq!(tk, pos.start + t, "cache length and positions disagree");
-        let mask = pos.mask(0).clone().expand([b, h, t, tk]);
-        // Basic ops, as in softmax attention: the same bits on `B` and `Autodiff<B>`.
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(self.scaling)
-            .mask_fill(mask, -1.0e30);
-        let y = softmax(scores, 3).matmul(v);
-        y.swap_dims(1, 2).reshape([b, t, h * self.v_head_dim])
+        let rule = ScoreRule {
+            scale: self.scaling,
+            softcap: None,
+            window: 0,
+        };
+        let d = q.dims()[3];
+        let y = causal_attention(q.reshape([b, h, 1, t, d]), k, v, pos, rule);
+        y.reshape([b, h, t, self.v_head_dim])
+            .swap_dims(1, 2)
+            .reshape([b, t, h * self.v_head_dim])
     }
 
     /// What the cache holds for tokens `x` `[B, T, h]`: the normalised latent `[B, 1, T, R]` and

@@ -625,9 +625,7 @@ impl<B: Backend> SelfAttention<B> {
 
     /// Causal softmax attention `[B, H, T, dv]`, keys and values appended to `cache`. Each KV head
     /// serves its group of query heads as one product (queries of the group stacked), so keys and
-    /// values are never copied to every query head. Queries go in blocks of [`QUERY_BLOCK`], each
-    /// against only the keys it can see: the keys after a block (and before its sliding window) are
-    /// skipped rather than computed and masked, about half the work of a long window.
+    /// values are never copied to every query head.
     fn softmax_attention(
         &self,
         q: Tensor<B, 4>,
@@ -641,63 +639,96 @@ impl<B: Backend> SelfAttention<B> {
             Some(slot) => KvBuffer::append(&mut slot.buffer, k, v),
             None => (k, v),
         };
-        let [_, g, tk, dv] = v.dims();
-        debug_assert_eq!(tk, pos.start + t, "cache length and positions disagree");
+        let [_, g, _, dv] = v.dims();
+        let scores = ScoreRule {
+            scale: self.scale,
+            softcap: self.softcap,
+            window: self.sliding_window,
+        };
         let q = q.reshape([b, g, h / g, t, d]);
-        let mask = pos.mask(self.sliding_window);
-        let mut blocks: Vec<Tensor<B, 5>> = (0..t)
-            .step_by(QUERY_BLOCK)
-            .map(|first| {
-                let n = QUERY_BLOCK.min(t - first);
-                let keys = visible_keys(pos.start + first, n, self.sliding_window);
-                let m = keys.len();
-                self.attend_block(
-                    q.clone().narrow(3, first, n),
-                    k.clone().narrow(2, keys.start, m),
-                    v.clone().narrow(2, keys.start, m),
-                    mask.clone().narrow(2, first, n).narrow(3, keys.start, m),
-                )
-            })
-            .collect();
-        let y = match blocks.len() {
-            1 => blocks.pop().expect("one block"),
-            _ => Tensor::cat(blocks, 3),
-        };
-        y.reshape([b, h, t, dv])
-    }
-
-    /// One block of [`Self::softmax_attention`]: queries `[B, G, R, n, d]` (the `R` query heads of
-    /// each of `G` KV heads), keys `[B, G, m, d]`, values `[B, G, m, dv]`, `mask` `[1, 1, n, m]`
-    /// (true: hidden); returns `[B, G, R, n, dv]`.
-    fn attend_block(
-        &self,
-        q: Tensor<B, 5>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        mask: Tensor<B, 4, Bool>,
-    ) -> Tensor<B, 5> {
-        let [b, g, r, n, d] = q.dims();
-        let [_, _, m, dv] = v.dims();
-        let mask = mask.reshape([1, 1, 1, n, m]).expand([b, g, r, n, m]);
-        // Attention from basic ops (not burn's fused `attention`/`softmax`), so that the result is
-        // bitwise the same on `B` and `Autodiff<B>` (a teacher and an identical student agree exactly).
-        let scores = q
-            .reshape([b, g, r * n, d])
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(self.scale)
-            .reshape([b, g, r, n, m]);
-        let scores = match self.softcap {
-            Some(c) => softcap(scores, c),
-            None => scores,
-        };
-        softmax(scores.mask_fill(mask, -1.0e30), 4)
-            .reshape([b, g, r * n, m])
-            .matmul(v)
-            .reshape([b, g, r, n, dv])
+        causal_attention(q, k, v, pos, scores).reshape([b, h, t, dv])
     }
 }
 
-/// Queries per block of causal softmax attention (see [`SelfAttention::softmax_attention`]): small
+/// How a causal attention turns `q . k` into weights: the scale, an optional soft-cap
+/// `c * tanh(score / c)` before the mask, and a sliding window (0: none).
+#[derive(Clone, Copy, Debug)]
+pub struct ScoreRule {
+    pub scale: f64,
+    pub softcap: Option<f64>,
+    pub window: usize,
+}
+
+/// Causal softmax attention of queries `[B, G, R, T, d]` (the `R` query heads of each of `G` key
+/// heads) at the positions of `pos` over keys `[B, G, Tk, d]` and values `[B, G, Tk, dv]` (every
+/// position so far); returns `[B, G, R, T, dv]`. Queries go in blocks of [`QUERY_BLOCK`], each
+/// against only the keys it can see: the keys after a block (and before its sliding window) are
+/// skipped rather than computed and masked, about half the work of a long window.
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 5>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    pos: &Positions<B>,
+    rule: ScoreRule,
+) -> Tensor<B, 5> {
+    let t = q.dims()[3];
+    debug_assert_eq!(
+        k.dims()[2],
+        pos.start + t,
+        "cache length and positions disagree"
+    );
+    let mask = pos.mask(rule.window);
+    let mut blocks: Vec<Tensor<B, 5>> = (0..t)
+        .step_by(QUERY_BLOCK)
+        .map(|first| {
+            let n = QUERY_BLOCK.min(t - first);
+            let keys = visible_keys(pos.start + first, n, rule.window);
+            let m = keys.len();
+            attend_block(
+                q.clone().narrow(3, first, n),
+                k.clone().narrow(2, keys.start, m),
+                v.clone().narrow(2, keys.start, m),
+                mask.clone().narrow(2, first, n).narrow(3, keys.start, m),
+                rule,
+            )
+        })
+        .collect();
+    match blocks.len() {
+        1 => blocks.pop().expect("one block"),
+        _ => Tensor::cat(blocks, 3),
+    }
+}
+
+/// One block of [`causal_attention`]: queries `[B, G, R, n, d]`, keys `[B, G, m, d]`, values
+/// `[B, G, m, dv]`, `mask` `[1, 1, n, m]` (true: hidden); returns `[B, G, R, n, dv]`.
+fn attend_block<B: Backend>(
+    q: Tensor<B, 5>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4, Bool>,
+    rule: ScoreRule,
+) -> Tensor<B, 5> {
+    let [b, g, r, n, d] = q.dims();
+    let [_, _, m, dv] = v.dims();
+    let mask = mask.reshape([1, 1, 1, n, m]).expand([b, g, r, n, m]);
+    // Attention from basic ops (not burn's fused `attention`/`softmax`), so that the result is
+    // bitwise the same on `B` and `Autodiff<B>` (a teacher and an identical student agree exactly).
+    let scores = q
+        .reshape([b, g, r * n, d])
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(rule.scale)
+        .reshape([b, g, r, n, m]);
+    let scores = match rule.softcap {
+        Some(c) => softcap(scores, c),
+        None => scores,
+    };
+    softmax(scores.mask_fill(mask, -1.0e30), 4)
+        .reshape([b, g, r * n, m])
+        .matmul(v)
+        .reshape([b, g, r, n, dv])
+}
+
+/// Queries per block of causal softmax attention (see [`causal_attention`]): small
 /// enough to skip most masked keys, large enough to keep the products big.
 pub const QUERY_BLOCK: usize = 128;
 
