@@ -4,19 +4,20 @@
 #
 #   scripts/bench-eval.sh [MODEL] [DATA]
 #
-# MODEL: a .gguf file or an HF directory (default: SmolLM2 from scripts/fetch-smollm2.sh)
+# MODEL: an HF directory or a .gguf file, which is imported first (`surgeon import-gguf`) so that both
+#        sides read the same weights and tokenizer.json (default: SmolLM2 as an HF directory)
 # DATA:  text or .jsonl (default: Python's pydoc_data/topics.py)
-# Env:   PYTHON (with torch + transformers + gguf; default $SURGEON_PYTHON, see scripts/env.sh),
+# Env:   PYTHON (with torch + transformers + tokenizers; default $SURGEON_PYTHON, see scripts/env.sh),
 #        THREADS (2), WINDOW (512), MAX_TOKENS (2048), PROMPT_TOKENS (512: the generation prompt is
 #        the first PROMPT_TOKENS tokens of DATA), NEW_TOKENS (256), PROFILE (release),
 #        SURGEON (a prebuilt binary; otherwise cargo builds one with PROFILE).
-# Each side runs under /usr/bin/time, which reports its peak RSS.
+# Each side runs under /usr/bin/time, which reports its peak RSS. Both tokenise with tokenizer.json through
+# the `tokenizers` library (transformers 5 rebuilds some tokenizers without their pre-tokenizer, e.g.
+# SmolLM2's digit splitting, and would score other token ids).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-PYTHON=${PYTHON:-$(reference_python torch transformers gguf)}
-MODEL=${1:-$(smollm2_gguf)}
-DATA=${2:-$($PYTHON -c "import pydoc_data.topics as t; print(t.__file__)")}
+PYTHON=${PYTHON:-$(reference_python torch transformers tokenizers)}
 THREADS=${THREADS:-2}
 WINDOW=${WINDOW:-512}
 MAX_TOKENS=${MAX_TOKENS:-2048}
@@ -24,16 +25,18 @@ NEW_TOKENS=${NEW_TOKENS:-256}
 PROMPT_TOKENS=${PROMPT_TOKENS:-512}
 PROFILE=${PROFILE:-release}
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-
-if [[ -z "${SURGEON:-}" ]]; then
-  cargo build --profile "$PROFILE" --bin surgeon >&2
-  dir=$PROFILE; [[ $PROFILE == dev ]] && dir=debug
-  SURGEON=${CARGO_TARGET_DIR:-target}/$dir/surgeon
+SURGEON=$(surgeon_bin "$PROFILE")
+MODEL=${1:-$(smollm2_hf)}
+DATA=${2:-$($PYTHON -c "import pydoc_data.topics as t; print(t.__file__)")}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+if [[ $MODEL == *.gguf ]]; then
+  "$SURGEON" import-gguf "$MODEL" --out "$WORK/model" >&2
+  MODEL=$WORK/model
 fi
 
 echo "== eval: window $WINDOW, first $MAX_TOKENS tokens, $THREADS threads" >&2
-RSS=$(mktemp)
-trap 'rm -f "$RSS"' EXIT
+RSS=$WORK/rss
 # peak RSS in MiB of the last command run under `timed`
 timed() { /usr/bin/time -f %M -o "$RSS" "$@"; }
 peak() { echo "$(( $(tail -1 "$RSS") / 1024 )) MiB"; }
@@ -44,19 +47,16 @@ echo "surgeon: $rust_eval, peak RSS $rust_eval_rss"
 torch_eval=$(timed "$PYTHON" - "$MODEL" "$DATA" "$WINDOW" "$MAX_TOKENS" "$THREADS" <<'PY'
 import json, math, os, sys, time
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM
 model_path, data, window, max_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
-if model_path.endswith(".gguf"):
-    d, f = os.path.split(os.path.abspath(model_path)); kw = dict(gguf_file=f)
-else:
-    d, kw = model_path, {}
-tok = AutoTokenizer.from_pretrained(d, **kw)
-model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw).eval()
+tok = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
+model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
 raw = open(data, encoding="utf-8").read()
 if data.endswith(".jsonl"):
     raw = "\n\n".join(json.loads(l)["text"] for l in raw.splitlines() if l.strip())
-ids = tok(raw, add_special_tokens=False)["input_ids"][:max_tokens]
+ids = tok.encode(raw, add_special_tokens=False).ids[:max_tokens]
 wins = [ids[i:i + window + 1] for i in range(0, len(ids), window + 1)]
 wins = [w for w in wins if len(w) >= 2]
 total, count = 0.0, 0
@@ -84,17 +84,13 @@ echo "eval peak RSS: surgeon $rust_eval_rss  pytorch $torch_eval_rss"
 echo "== generate: $PROMPT_TOKENS-token prompt, $NEW_TOKENS new tokens, greedy" >&2
 PROMPT=$("$PYTHON" - "$MODEL" "$DATA" "$PROMPT_TOKENS" <<'PY'
 import json, os, sys
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer
 model_path, data, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if model_path.endswith(".gguf"):
-    d, f = os.path.split(os.path.abspath(model_path)); kw = dict(gguf_file=f)
-else:
-    d, kw = model_path, {}
-tok = AutoTokenizer.from_pretrained(d, **kw)
+tok = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
 raw = open(data, encoding="utf-8").read()
 if data.endswith(".jsonl"):
     raw = "\n\n".join(json.loads(l)["text"] for l in raw.splitlines() if l.strip())
-print(tok.decode(tok(raw[:20 * n], add_special_tokens=False)["input_ids"][:n]), end="")
+print(tok.decode(tok.encode(raw[:20 * n], add_special_tokens=False).ids[:n]), end="")
 PY
 )
 rust_gen=$(timed "$SURGEON" generate "$MODEL" --prompt "$PROMPT" --max-new-tokens "$NEW_TOKENS" --stats 2>&1 >/dev/null | grep -o '[0-9.]* tokens/s' | head -1 | cut -d' ' -f1)
@@ -102,16 +98,18 @@ rust_gen_rss=$(peak)
 torch_gen=$(timed "$PYTHON" - "$MODEL" "$PROMPT" "$NEW_TOKENS" "$THREADS" <<'PY'
 import os, sys, time
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, GenerationConfig
 model_path, prompt, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
-if model_path.endswith(".gguf"):
-    d, f = os.path.split(os.path.abspath(model_path)); kw = dict(gguf_file=f)
-else:
-    d, kw = model_path, {}
-tok = AutoTokenizer.from_pretrained(d, **kw)
-model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw).eval()
-ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+tok = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
+model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+try:
+    eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+except OSError:
+    eos = model.config.eos_token_id
+eos = set(eos if isinstance(eos, list) else [eos])
+ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
 print(f"prompt tokens {ids.shape[1]}", file=sys.stderr)
 # Same loop as surgeon: prefill, then one token at a time with the KV cache, greedy, stopping at EOS
 # (decode speed counts the tokens after the first).
@@ -123,7 +121,7 @@ with torch.inference_mode():
         out = model(nxt, past_key_values=past, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         made += 1
-        if nxt.item() == tok.eos_token_id: break
+        if nxt.item() in eos: break
     secs = time.perf_counter() - start
 print((made - 1) / secs)
 PY
