@@ -351,7 +351,8 @@ fn smollm2_upcycled_logits_equal_dense() {
 fn heal_split_model_short() {
     use burn::module::AutodiffModule;
     use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-    use surgeon_distill::eval::{nll_sum, perplexity, read_text, EvalOptions};
+    use surgeon_distill::eval::{perplexity, read_text, EvalOptions};
+    use surgeon_distill::heal::loss::nll_sum;
     use surgeon_distill::text;
     type A = burn::backend::Autodiff<B>;
     let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("set {k}"));

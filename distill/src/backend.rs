@@ -5,6 +5,12 @@ use burn::tensor::backend::Backend;
 /// The default CPU backend (pure Rust, rayon + SIMD).
 pub type Cpu = burn::backend::Flex;
 
+/// True when `B` is [`Cpu`] itself (not under autodiff): its tensors live in host memory, so a
+/// reduction over them can run on the host without a transfer.
+pub fn is_cpu<B: Backend>() -> bool {
+    std::any::TypeId::of::<B>() == std::any::TypeId::of::<Cpu>()
+}
+
 /// `--backend cpu|wgpu|cuda`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendKind {

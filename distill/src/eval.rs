@@ -6,8 +6,10 @@
 //! boundary. `scripts/bench-eval.sh` runs the same windows in PyTorch.
 use crate::error::{Error, Result};
 use crate::model::Llama;
+use crate::rows;
 use burn::tensor::backend::Backend;
-use burn::tensor::{activation, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use rayon::prelude::*;
 use std::path::Path;
 use std::time::Instant;
 
@@ -59,11 +61,37 @@ pub fn windows(ids: &[u32], window: usize, max_tokens: Option<usize>) -> Vec<&[u
         .collect()
 }
 
-/// Sum of `-log p(target)` over all positions of `logits` `[B, T, V]` for `targets` `[B, T]`.
-pub fn nll_sum<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    let logp = activation::log_softmax(logits, 2);
-    let picked = logp.gather(2, targets.unsqueeze_dim(2));
-    picked.sum().neg()
+/// Sum of `-log p(target)` over all positions of `logits` `[B, T, V]` for `targets` (`B * T` ids,
+/// row-major), in f64. On the CPU backend each row of the logits is reduced on the host in one fused
+/// pass ([`crate::rows`]: max, then the sum of exponentials) instead of materialising a log-softmax
+/// over the vocabulary; elsewhere on the device by [`crate::heal::loss::nll_sum`].
+pub fn nll_total<B: Backend>(logits: Tensor<B, 3>, targets: &[u32]) -> f64 {
+    let [b, t, v] = logits.dims();
+    assert_eq!(targets.len(), b * t, "one target per position");
+    if !crate::backend::is_cpu::<B>() {
+        let device = logits.device();
+        let ids = targets.iter().map(|&x| x as i64).collect::<Vec<_>>();
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+        return crate::heal::loss::nll_sum(logits, targets)
+            .into_scalar()
+            .elem();
+    }
+    let mut logits: Vec<f32> = logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("float tensor data converts to f32");
+    let per_row: Vec<f64> = logits
+        .par_chunks_mut(v.max(1))
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            let m = rows::max(row);
+            let zt = row[t as usize];
+            rows::exp_shifted(row, m).ln() - (zt - m) as f64
+        })
+        .collect();
+    // Summed in order: the same value whatever the threads did.
+    per_row.iter().sum()
 }
 
 /// Perplexity of `model` on token ids `ids` (see the module docs for the windows).
@@ -114,15 +142,10 @@ pub fn perplexity<B: Backend>(
         let mut tgt = Vec::with_capacity(b * t);
         for w in batch {
             inp.extend(w[..t].iter().map(|&x| x as i64));
-            tgt.extend(w[1..].iter().map(|&x| x as i64));
+            tgt.extend_from_slice(&w[1..]);
         }
         let inp = Tensor::<B, 2, Int>::from_data(TensorData::new(inp, [b, t]), &device);
-        let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tgt, [b, t]), &device);
-        let s = nll_sum(model.forward(inp), tgt)
-            .into_data()
-            .convert::<f64>()
-            .into_vec::<f64>()
-            .map_err(|e| Error::Invalid(format!("{e:?}")))?[0];
+        let s = nll_total(model.forward(inp), &tgt);
         total += s;
         count += b * t;
         if let Some(bar) = &bar {

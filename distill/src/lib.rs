@@ -9,6 +9,7 @@
 //!   library form of the CLI's `--data`/`--max-tokens`/`--window`.
 //! - [`probe`]: hooks into the forward pass and the calibration statistics built on them (block
 //!   influence for `drop-layers --count`, MLP captures for `moe`, router logits for healing).
+//! - [`rows`]: softmax reductions over rows of logits on the host (vectorised exponential).
 //! - [`plot`]: line and bar charts (SVG/PNG) with an embedded font.
 pub mod backend;
 pub mod calibrate;
@@ -21,6 +22,7 @@ pub mod moe_aux;
 pub mod moe_stats;
 pub mod plot;
 pub mod probe;
+pub mod rows;
 pub mod text;
 
 pub use backend::BackendKind;

@@ -6,12 +6,13 @@
 //! it is `T * (p_S - p_T)` (each divided by the number of tokens, from the mean).
 //!
 //! [`kd_loss`] and [`lm_loss_fused`] compute the value and that gradient in one fused pass over
-//! each row of the vocabulary on the host (one exponential per logit and side; the gradient is
+//! each row of the vocabulary on the host (one vectorised exponential per logit and side, [`rows`]; the gradient is
 //! written over the host copy of the student's logits) and hand the gradient to autodiff through
 //! [`with_logit_grad`]. [`kd_loss_device`] and [`lm_loss`] are the same losses in tensor
 //! operations (autodiff differentiates their log-softmax), for backends where the logits should
 //! not leave the device.
 use crate::model::log_softmax;
+use crate::rows;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
@@ -69,18 +70,14 @@ pub fn kd_loss<B: Backend>(
 /// One token of [`kd_loss`]: `g` holds the student's logits and receives `c * (p_S - p_T)`;
 /// returns `KL(p_T || p_S)`. `es` and `pt` are scratch rows.
 fn kd_row(g: &mut [f32], z: &[f32], t: f32, c: f32, es: &mut Vec<f32>, pt: &mut Vec<f32>) -> f64 {
-    let (ms, mt) = (row_max(g) / t, row_max(z) / t);
-    let exps = |x: &[f32], m: f32, out: &mut Vec<f32>| -> f64 {
+    // exp(x / t - max / t) of a row into `out`; returns the shift and the sum.
+    let exps = |x: &[f32], out: &mut Vec<f32>| -> (f32, f64) {
         out.clear();
-        let mut sum = 0f64;
-        out.extend(x.iter().map(|&x| {
-            let e = (x / t - m).exp();
-            sum += e as f64;
-            e
-        }));
-        sum
+        out.extend(x.iter().map(|&x| x / t));
+        let m = rows::max(out);
+        (m, rows::exp_shifted(out, m))
     };
-    let (ss, st) = (exps(g, ms, es), exps(z, mt, pt));
+    let ((ms, ss), (mt, st)) = (exps(g, es), exps(z, pt));
     let (ls, lt) = (ss.ln() as f32, st.ln() as f32);
     let (is, it) = ((1.0 / ss) as f32, (1.0 / st) as f32);
     let mut kl = 0f64;
@@ -118,23 +115,15 @@ pub fn lm_loss_fused<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int
 /// One token of [`lm_loss_fused`]: `g` holds the logits and receives `c * (p - onehot(t))`;
 /// returns `-log p_t`.
 fn ce_row(g: &mut [f32], t: usize, c: f32) -> f64 {
-    let m = row_max(g);
+    let m = rows::max(g);
     let zt = g[t];
-    let mut sum = 0f64;
-    for g in g.iter_mut() {
-        *g = (*g - m).exp();
-        sum += *g as f64;
-    }
+    let sum = rows::exp_shifted(g, m);
     let k = c * (1.0 / sum) as f32;
     for g in g.iter_mut() {
         *g *= k;
     }
     g[t] -= c;
     sum.ln() - (zt - m) as f64
-}
-
-fn row_max(x: &[f32]) -> f32 {
-    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// The values of `x` on the host, as f32 (no copy on the CPU backend when `x` is not shared).

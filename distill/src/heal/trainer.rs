@@ -3,7 +3,7 @@
 //! is one optimizer update; the run loop ([`super::heal_on`]) decides when to evaluate and save.
 use super::checkpoint::{self, TrainerState};
 use super::data::Sampler;
-use super::loss::{kd_loss, kd_loss_device, lm_loss, lm_loss_fused, nll_sum};
+use super::loss::{kd_loss, kd_loss_device, lm_loss, lm_loss_fused};
 use super::plan::HealPlan;
 use super::schedule::lr_at;
 use super::select::{AdapterKind, Selection};
@@ -142,10 +142,9 @@ pub fn eval_ppl<B: Backend>(
         let refs: Vec<&Vec<u32>> = chunk.iter().collect();
         let t = batch_tensor::<B>(&refs, device);
         let [b, l1] = t.dims();
-        let input = t.clone().slice([0..b, 0..l1 - 1]);
-        let target = t.slice([0..b, 1..l1]);
-        let logits = model.forward(input);
-        nll += nll_sum(logits, target).into_scalar().elem::<f64>();
+        let input = t.slice([0..b, 0..l1 - 1]);
+        let target: Vec<u32> = chunk.iter().flat_map(|s| s[1..].iter().copied()).collect();
+        nll += crate::eval::nll_total(model.forward(input), &target);
         n += b * (l1 - 1);
     }
     (nll / n.max(1) as f64).exp()
