@@ -181,7 +181,9 @@ fn kd_is_zero_for_identical_models_and_positive_otherwise() {
         let kd = kd_loss(s.clone(), same, t, true)
             .into_scalar()
             .elem::<f32>();
-        assert_eq!(kd, 0.0, "T = {t}");
+        // The teacher's attention runs fused on the host (the CPU backend outside autodiff), the
+        // student's in tensor ops: the logits agree to rounding, not bitwise.
+        assert!(kd.abs() <= 1e-7, "T = {t}: {kd}");
         let diff = Tensor::<AD, 3>::from_inner(other.forward(toks.clone().inner()));
         let kd = kd_loss(s, diff, t, true).into_scalar().elem::<f32>();
         assert!(kd > 0.0);
@@ -688,5 +690,6 @@ fn kd_is_zero_for_identical_moe_models() {
     let s = student.forward(toks.clone());
     let t = Tensor::<AD, 3>::from_inner(teacher.forward(toks.inner()));
     let kd = kd_loss(s, t, 2.0, true).into_scalar().elem::<f32>();
-    assert_eq!(kd, 0.0);
+    // Rounding only: the teacher's attention runs fused on the host (see the dense test above).
+    assert!(kd.abs() <= 1e-7, "{kd}");
 }

@@ -21,6 +21,7 @@ mod gemma;
 mod hedgehog;
 #[cfg(test)]
 pub(crate) mod hedgehog_tests;
+mod host_attention;
 mod kv_buffer;
 mod load;
 mod mla;
@@ -663,7 +664,8 @@ pub struct ScoreRule {
 /// heads) at the positions of `pos` over keys `[B, G, Tk, d]` and values `[B, G, Tk, dv]` (every
 /// position so far); returns `[B, G, R, T, dv]`. Queries go in blocks of [`QUERY_BLOCK`], each
 /// against only the keys it can see: the keys after a block (and before its sliding window) are
-/// skipped rather than computed and masked, about half the work of a long window.
+/// skipped rather than computed and masked, about half the work of a long window. On the CPU backend
+/// outside autodiff the blocks run fused on the host ([`host_attention`]), except in decoding.
 pub fn causal_attention<B: Backend>(
     q: Tensor<B, 5>,
     k: Tensor<B, 4>,
@@ -677,6 +679,9 @@ pub fn causal_attention<B: Backend>(
         pos.start + t,
         "cache length and positions disagree"
     );
+    if crate::backend::is_cpu::<B>() && t >= host_attention::MIN_QUERIES {
+        return host_attention::attention(q, k, v, pos.start, rule);
+    }
     let mask = pos.mask(rule.window);
     let mut blocks: Vec<Tensor<B, 5>> = (0..t)
         .step_by(QUERY_BLOCK)
