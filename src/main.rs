@@ -3,6 +3,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 mod commands;
+mod malloc;
 mod pipeline;
 
 #[derive(Parser)]
@@ -61,6 +62,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    malloc::tune_for_tensors();
     let matches = Cli::command().get_matches();
     // Only an error message needs the subcommand's flags (see `with_flag_names`).
     let subcommand = matches.subcommand_name().map(str::to_string);
