@@ -717,7 +717,8 @@ fn attend_block<B: Backend>(
     let [_, _, m, dv] = v.dims();
     let mask = mask.reshape([1, 1, 1, n, m]).expand([b, g, r, n, m]);
     // Attention from basic ops (not burn's fused `attention`/`softmax`), so that the result is
-    // bitwise the same on `B` and `Autodiff<B>` (a teacher and an identical student agree exactly).
+    // bitwise the same on `B` and `Autodiff<B>` (on a GPU, a teacher and an identical student agree
+    // exactly; the CPU backend outside autodiff runs `host_attention`, equal to rounding).
     let scores = q
         .reshape([b, g, r * n, d])
         .matmul(k.swap_dims(2, 3))
