@@ -76,11 +76,7 @@ pub fn nll_total<B: Backend>(logits: Tensor<B, 3>, targets: &[u32]) -> f64 {
             .into_scalar()
             .elem();
     }
-    let mut logits: Vec<f32> = logits
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .expect("float tensor data converts to f32");
+    let mut logits = rows::host_f32(logits);
     let per_row: Vec<f64> = logits
         .par_chunks_mut(v.max(1))
         .zip(targets.par_iter())

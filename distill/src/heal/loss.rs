@@ -6,13 +6,14 @@
 //! it is `T * (p_S - p_T)` (each divided by the number of tokens, from the mean).
 //!
 //! [`kd_loss`] and [`lm_loss_fused`] compute the value and that gradient in one fused pass over
-//! each row of the vocabulary on the host (one vectorised exponential per logit and side, [`rows`]; the gradient is
-//! written over the host copy of the student's logits) and hand the gradient to autodiff through
+//! each row of the vocabulary on the host (one vectorised exponential per logit and side,
+//! [`rows`]; the gradient is written over the host copy of the student's logits) and hand the
+//! gradient to autodiff through
 //! [`with_logit_grad`]. [`kd_loss_device`] and [`lm_loss`] are the same losses in tensor
 //! operations (autodiff differentiates their log-softmax), for backends where the logits should
 //! not leave the device.
 use crate::model::log_softmax;
-use crate::rows;
+use crate::rows::{self, host_f32};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rayon::prelude::*;
@@ -124,14 +125,6 @@ fn ce_row(g: &mut [f32], t: usize, c: f32) -> f64 {
     }
     g[t] -= c;
     sum.ln() - (zt - m) as f64
-}
-
-/// The values of `x` on the host, as f32 (no copy on the CPU backend when `x` is not shared).
-fn host_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
-    x.into_data()
-        .convert::<f32>()
-        .into_vec()
-        .expect("float tensor data converts to f32")
 }
 
 /// A scalar loss whose value is `value` and whose gradient with respect to `logits` is `grad`

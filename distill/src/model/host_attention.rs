@@ -10,7 +10,7 @@
 //! The sums differ from the tensor ops in rounding only (f64 row sums here, f32 there): a KD
 //! teacher on this path and an identical student under autodiff agree to about 1e-7, not bitwise.
 use super::{visible_keys, ScoreRule};
-use crate::rows;
+use crate::rows::{self, host_f32};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
@@ -47,7 +47,7 @@ pub(crate) fn attention<B: Backend>(
     let [b, g, r, t, d] = q.dims();
     let [_, _, tk, dv] = v.dims();
     let device = q.device();
-    let (q, k, v) = (host(q), host(k), host(v));
+    let (q, k, v) = (host_f32(q), host_f32(k), host_f32(v));
     let dims = Head {
         t,
         start,
@@ -87,6 +87,7 @@ fn attend_head(
         let n = BLOCK.min(s.t - first);
         let keys = visible_keys(s.start + first, n, rule.window);
         let m = keys.len();
+        debug_assert!(keys.end <= s.tk, "keys beyond the cache");
         scores.clear();
         scores.resize(n * m, 0.0);
         // scores = q[first..first + n] @ k[keys]^T * scale
@@ -118,7 +119,6 @@ fn attend_head(
                 1.0,
             );
         }
-        debug_assert!(keys.end <= s.tk);
     }
 }
 
@@ -166,11 +166,4 @@ unsafe fn product(
         false,
         gemm::Parallelism::None,
     );
-}
-
-fn host<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
-    x.into_data()
-        .convert::<f32>()
-        .into_vec()
-        .expect("float tensor data converts to f32")
 }
