@@ -1,11 +1,12 @@
-//! Blocked causal softmax attention, in tensor operations (under autodiff) and fused on the host
-//! (the CPU backend), against the full masked product it replaces; decoding products split across
-//! threads against the single product.
+//! Blocked causal softmax attention, fused on the host (the CPU backend, with and without autodiff),
+//! against the full masked product it replaces; the fused operation's gradients against those of
+//! the tensor operations; decoding products split across threads against the single product.
 use super::hedgehog_tests::plans;
-use super::{Llama, Positions, QUERY_BLOCK};
+use super::{host_attention_grad, Llama, Positions, ScoreRule, QUERY_BLOCK};
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Tensor, TensorData};
 
 type B = burn::backend::Flex;
 
@@ -57,10 +58,10 @@ fn blocked_attention_equals_the_full_masked_product() {
             host <= 1e-5,
             "fused on the host, window {window}: max |diff| {host}"
         );
-        let tensor = blocked_minus_full::<Autodiff<B>>(t, window);
+        let autodiff = blocked_minus_full::<Autodiff<B>>(t, window);
         assert!(
-            tensor <= 1e-5,
-            "tensor ops, window {window}: max |diff| {tensor}"
+            autodiff <= 1e-5,
+            "fused under autodiff, window {window}: max |diff| {autodiff}"
         );
     }
 }
@@ -80,4 +81,76 @@ fn decoding_products_split_across_threads_keep_every_bit() {
         assert_eq!(got.dims(), [1, 1000]);
         assert_eq!(got.into_data(), want, "{threads} threads");
     }
+}
+
+/// Max |fused - tensor ops| relative to the largest tensor-ops value, over the output and the
+/// gradients of the queries, keys and values of `sum(output * w)` for random `w`: two sequences,
+/// three key heads of two query heads each, `t` queries after `start` cached positions.
+fn fused_minus_tensor_ops<A: AutodiffBackend>(start: usize, t: usize, rule: ScoreRule) -> f32 {
+    let device = Default::default();
+    let (d, dv, tk) = (16, 8, start + t);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let inputs = [
+        Tensor::<A, 5>::random([2, 3, 2, t, d], normal, &device).into_data(),
+        Tensor::<A, 4>::random([2, 3, tk, d], normal, &device).into_data(),
+        Tensor::<A, 4>::random([2, 3, tk, dv], normal, &device).into_data(),
+    ];
+    let w = Tensor::<A, 5>::random([2, 3, 2, t, dv], normal, &device);
+    let mask = super::causal_mask::<A>(start, t, rule.window, &device);
+    let run = |fused: bool| -> Vec<Vec<f32>> {
+        let q = Tensor::<A, 5>::from_data(inputs[0].clone(), &device).require_grad();
+        let k = Tensor::<A, 4>::from_data(inputs[1].clone(), &device).require_grad();
+        let v = Tensor::<A, 4>::from_data(inputs[2].clone(), &device).require_grad();
+        let qkv = (q.clone(), k.clone(), v.clone());
+        let y = match fused {
+            true => host_attention_grad::fused(qkv, start, rule).expect("the CPU backend"),
+            false => super::blocked_attention(qkv.0, qkv.1, qkv.2, &mask, start, rule),
+        };
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let host = |x: TensorData| x.convert::<f32>().into_vec::<f32>().unwrap();
+        vec![
+            host(y.into_data()),
+            host(q.grad(&grads).unwrap().into_data()),
+            host(k.grad(&grads).unwrap().into_data()),
+            host(v.grad(&grads).unwrap().into_data()),
+        ]
+    };
+    let (got, want) = (run(true), run(false));
+    let largest = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = got
+        .iter()
+        .flatten()
+        .zip(want.iter().flatten())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / largest
+}
+
+#[test]
+fn fused_attention_gradients_equal_the_tensor_ops_gradients() {
+    type Balanced = Autodiff<B, BalancedCheckpointing>;
+    let rule = |window, softcap| ScoreRule {
+        scale: 0.25,
+        softcap,
+        window,
+    };
+    // Several blocks (the last partial), sliding windows shorter and longer than a block, queries
+    // continuing a cache, a soft-cap, and burn's balanced checkpointing.
+    let cases = [
+        (0, 2 * 64 + 37, rule(0, None)),
+        (0, 2 * 64 + 37, rule(5, None)),
+        (40, 70, rule(100, None)),
+        (0, 100, rule(0, Some(3.0))),
+    ];
+    for (start, t, rule) in cases {
+        let diff = fused_minus_tensor_ops::<Autodiff<B>>(start, t, rule);
+        assert!(
+            diff <= 1e-5,
+            "start {start}, t {t}, {rule:?}: relative |diff| {diff}"
+        );
+    }
+    let diff = fused_minus_tensor_ops::<Balanced>(16, 80, rule(0, None));
+    assert!(
+        diff <= 1e-5,
+        "balanced checkpointing: relative |diff| {diff}"
+    );
 }

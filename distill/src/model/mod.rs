@@ -22,6 +22,7 @@ mod hedgehog;
 #[cfg(test)]
 pub(crate) mod hedgehog_tests;
 mod host_attention;
+mod host_attention_grad;
 mod kv_buffer;
 mod load;
 mod mla;
@@ -604,11 +605,12 @@ impl<B: Backend> SelfAttention<B> {
         let [b, h, t, _] = q.dims();
         let k = self.repeat_kv(k);
         let mask = pos.mask(self.sliding_window).clone().expand([b, h, t, t]);
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(self.scale)
-            .mask_fill(mask, -1.0e30);
-        softmax(scores, 3)
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale);
+        let scores = match self.softcap {
+            Some(c) => softcap(scores, c),
+            None => scores,
+        };
+        softmax(scores.mask_fill(mask, -1.0e30), 3)
     }
 
     /// Key or value heads `[B, G, n, x]` repeated to the query heads `[B, H, n, x]`
@@ -664,8 +666,9 @@ pub struct ScoreRule {
 /// heads) at the positions of `pos` over keys `[B, G, Tk, d]` and values `[B, G, Tk, dv]` (every
 /// position so far); returns `[B, G, R, T, dv]`. Queries go in blocks of [`QUERY_BLOCK`], each
 /// against only the keys it can see: the keys after a block (and before its sliding window) are
-/// skipped rather than computed and masked, about half the work of a long window. On the CPU backend
-/// outside autodiff the blocks run fused on the host ([`host_attention`]), except in decoding.
+/// skipped rather than computed and masked, about half the work of a long window. On the CPU backend,
+/// with or without autodiff, the blocks run fused on the host ([`host_attention`]; under autodiff as
+/// one operation with its own backward pass, [`host_attention_grad`]), except in decoding.
 pub fn causal_attention<B: Backend>(
     q: Tensor<B, 5>,
     k: Tensor<B, 4>,
@@ -679,15 +682,32 @@ pub fn causal_attention<B: Backend>(
         pos.start + t,
         "cache length and positions disagree"
     );
-    if crate::backend::is_cpu::<B>() && t >= host_attention::MIN_QUERIES {
-        return host_attention::attention(q, k, v, pos.start, rule);
-    }
-    let mask = pos.mask(rule.window);
+    let (q, k, v) = match t >= host_attention::MIN_QUERIES {
+        true => match host_attention_grad::fused((q, k, v), pos.start, rule) {
+            Ok(y) => return y,
+            Err(qkv) => qkv,
+        },
+        false => (q, k, v),
+    };
+    blocked_attention(q, k, v, pos.mask(rule.window), pos.start, rule)
+}
+
+/// [`causal_attention`] in tensor operations (autodiff differentiates them), with `mask`
+/// `[1, 1, T, Tk]` (true: hidden) for queries at positions `start..start + T`.
+fn blocked_attention<B: Backend>(
+    q: Tensor<B, 5>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &Tensor<B, 4, Bool>,
+    start: usize,
+    rule: ScoreRule,
+) -> Tensor<B, 5> {
+    let t = q.dims()[3];
     let mut blocks: Vec<Tensor<B, 5>> = (0..t)
         .step_by(QUERY_BLOCK)
         .map(|first| {
             let n = QUERY_BLOCK.min(t - first);
-            let keys = visible_keys(pos.start + first, n, rule.window);
+            let keys = visible_keys(start + first, n, rule.window);
             let m = keys.len();
             attend_block(
                 q.clone().narrow(3, first, n),
@@ -718,7 +738,7 @@ fn attend_block<B: Backend>(
     let mask = mask.reshape([1, 1, 1, n, m]).expand([b, g, r, n, m]);
     // Attention from basic ops (not burn's fused `attention`/`softmax`), so that the result is
     // bitwise the same on `B` and `Autodiff<B>` (on a GPU, a teacher and an identical student agree
-    // exactly; the CPU backend outside autodiff runs `host_attention`, equal to rounding).
+    // exactly; the CPU backend runs `host_attention` on both sides, equally).
     let scores = q
         .reshape([b, g, r * n, d])
         .matmul(k.swap_dims(2, 3))
