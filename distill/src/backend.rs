@@ -11,6 +11,23 @@ pub fn is_cpu<B: Backend>() -> bool {
     std::any::TypeId::of::<B>() == std::any::TypeId::of::<Cpu>()
 }
 
+/// `x` as a `U`, where the caller has found that `T` is `U`.
+pub(crate) fn same<T: 'static, U: 'static>(x: T) -> U {
+    match cast(x) {
+        Ok(u) => u,
+        Err(_) => unreachable!("the types were found equal"),
+    }
+}
+
+/// `x` as a `U` when `T` is `U`; otherwise `x` back.
+pub(crate) fn cast<T: 'static, U: 'static>(x: T) -> Result<U, T> {
+    let mut slot = Some(x);
+    match (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<U>>() {
+        Some(u) => Ok(u.take().expect("just filled")),
+        None => Err(slot.expect("not taken")),
+    }
+}
+
 /// `--backend cpu|wgpu|cuda`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendKind {

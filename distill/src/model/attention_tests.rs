@@ -154,3 +154,65 @@ fn fused_attention_gradients_equal_the_tensor_ops_gradients() {
         "balanced checkpointing: relative |diff| {diff}"
     );
 }
+
+/// Max |fused - tensor ops| relative to the largest tensor-ops value, over layer 0's attention
+/// output (before `o_proj`) and the gradient of `sum(output * w)` with respect to its input, for
+/// `t` positions without a cache: the fused path takes the projections as they lie and applies
+/// RoPE itself (forward and backward), the reference goes heads first through tensor ops.
+fn projections_path_minus_tensor_ops<A: AutodiffBackend>(
+    t: usize,
+    window: usize,
+    softcap: Option<f64>,
+) -> f32 {
+    let device = Default::default();
+    let mut m = Llama::<A>::from_plan(&plans(0).0, &device).unwrap();
+    let sa = &mut m.layers[0].attention.as_mut().unwrap().self_attn;
+    (sa.sliding_window, sa.softcap) = (window, softcap);
+    let a = m.layers[0].self_attn().unwrap();
+    let hidden = a.q_proj.weight.val().dims()[1];
+    let normal = Distribution::Normal(0.0, 1.0);
+    let x = Tensor::<A, 3>::random([2, t, hidden], normal, &device).into_data();
+    let pos = Positions::new(&m, 0..1, 0, t, &device);
+    let dv = a.v_head_dim;
+    let w = Tensor::<A, 3>::random([2, t, a.num_heads * dv], normal, &device);
+    let run = |fused: bool| -> Vec<f32> {
+        let x = Tensor::<A, 3>::from_data(x.clone(), &device).require_grad();
+        let y = match fused {
+            true => a.heads(x.clone(), &pos, None),
+            false => {
+                let (q, k, v) = a.qkv(x.clone(), &pos);
+                let [b, h, _, d] = q.dims();
+                let g = k.dims()[1];
+                let q = q.reshape([b, g, h / g, t, d]);
+                let mask = super::causal_mask::<A>(0, t, window, &device);
+                super::blocked_attention(q, k, v, &mask, 0, a.score_rule())
+                    .reshape([b, h, t, dv])
+                    .swap_dims(1, 2)
+                    .reshape([b, t, h * dv])
+            }
+        };
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let host = |x: TensorData| x.convert::<f32>().into_vec::<f32>().unwrap();
+        let mut all = host(y.into_data());
+        all.extend(host(x.grad(&grads).unwrap().into_data()));
+        all
+    };
+    let (got, want) = (run(true), run(false));
+    let largest = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / largest
+}
+
+#[test]
+fn attention_on_the_projections_matches_the_tensor_ops_with_gradients() {
+    for (t, window, softcap) in [(2 * 64 + 37, 0, None), (100, 7, None), (80, 0, Some(2.0))] {
+        let diff = projections_path_minus_tensor_ops::<Autodiff<B>>(t, window, softcap);
+        assert!(
+            diff <= 1e-5,
+            "t {t}, window {window}, softcap {softcap:?}: relative |diff| {diff}"
+        );
+    }
+}

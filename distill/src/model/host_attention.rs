@@ -10,12 +10,15 @@
 //! The backward pass recomputes each block's weights from the saved log-sum-exp of its rows (as
 //! FlashAttention does) instead of keeping the `[T, T]` weights of every layer.
 //!
-//! The sums differ from the tensor ops in rounding only (f64 row sums here, f32 there): a KD
-//! teacher on this path and an identical student under autodiff agree to about 1e-7, not bitwise.
+//! Heads are read where they lie ([`Order`]): heads first (`[B, n, T, e]`, the KV cache's layout)
+//! or tokens first (`[B, T, n, e]`, the projections' output), so that a forward without a cache
+//! needs no transposes: RoPE is applied in place on the projections ([`rope`]) and the output is
+//! written in `[B, T, H, dv]`, the input of `o_proj`.
+//!
+//! The sums differ from the tensor ops in rounding only (f64 row sums here, f32 there); a KD teacher
+//! and an identical student both run this code, so their logits are bitwise equal.
 use super::{visible_keys, ScoreRule};
-use crate::rows::{self, host_f32};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use crate::rows;
 use rayon::prelude::*;
 
 /// Fewer queries than this (decoding) stay on tensor operations: this path first copies every cached
@@ -27,9 +30,31 @@ pub(crate) const MIN_QUERIES: usize = 16;
 /// Queries per block: the scores of a block (`BLOCK` x visible keys) stay in the L2 cache.
 const BLOCK: usize = 64;
 
-/// Sizes of one head's problem: queries, their first position, keys, key and value widths.
+/// How the heads of a buffer lie: `[B, n, T, e]` or `[B, T, n, e]` (row-major).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Order {
+    HeadsFirst,
+    TokensFirst,
+}
+
+impl Order {
+    /// Offset and row stride of head `h` (of `n` per sequence) of sequence `seq`, with `rows`
+    /// rows of `width` numbers.
+    fn place(self, seq: usize, h: usize, n: usize, rows: usize, width: usize) -> (usize, usize) {
+        match self {
+            Order::HeadsFirst => ((seq * n + h) * rows * width, width),
+            Order::TokensFirst => (seq * rows * n * width + h * width, n * width),
+        }
+    }
+}
+
+/// Sizes: sequences, key heads, query heads per key head, queries and their first position, keys,
+/// key and value widths.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Head {
+pub(super) struct Dims {
+    pub b: usize,
+    pub g: usize,
+    pub r: usize,
     pub t: usize,
     pub start: usize,
     pub tk: usize,
@@ -37,89 +62,109 @@ pub(super) struct Head {
     pub dv: usize,
 }
 
-/// [`super::causal_attention`] of queries `[B, G, R, T, d]` at positions `start..start + T` over
-/// keys `[B, G, Tk, d]` and values `[B, G, Tk, dv]`; returns `[B, G, R, T, dv]`.
-pub(crate) fn attention<B: Backend>(
-    q: Tensor<B, 5>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    start: usize,
-    rule: ScoreRule,
-) -> Tensor<B, 5> {
-    let [b, g, r, t, _] = q.dims();
-    let device = q.device();
-    let inputs = Inputs::new(q, k, v, start);
-    let dv = inputs.dims.dv;
-    let (out, _) = inputs.forward(rule);
-    Tensor::from_data(TensorData::new(out, [b, g, r, t, dv]), &device)
+impl Dims {
+    fn query_heads(&self) -> usize {
+        self.b * self.g * self.r
+    }
 }
 
-/// Queries `[B, G, R, T, d]`, keys `[B, G, Tk, d]` and values `[B, G, Tk, dv]` on the host
-/// (row-major), with the sizes of one head and the query heads per key head (`R`).
+/// A matrix inside a buffer: its first element and its row stride (columns are contiguous).
+#[derive(Clone, Copy)]
+struct Mat<P> {
+    ptr: P,
+    rs: usize,
+}
+
+// SAFETY: a `Mat` is a view that the code below reads, or writes in rows no other task writes.
+unsafe impl<P> Send for Mat<P> {}
+unsafe impl<P> Sync for Mat<P> {}
+
+impl Mat<*const f32> {
+    /// Row `i`, `n` numbers.
+    unsafe fn row(&self, i: usize, n: usize) -> &[f32] {
+        std::slice::from_raw_parts(self.ptr.add(i * self.rs), n)
+    }
+}
+
+/// Query head `i`'s queries and its key head's keys and values.
+struct HeadView {
+    q: Mat<*const f32>,
+    k: Mat<*const f32>,
+    v: Mat<*const f32>,
+}
+
+/// Queries, keys and values on the host in `order` (queries `[B, G * R, T, d]` or
+/// `[B, T, G * R, d]`, keys and values alike with `G` heads), with their sizes.
 #[derive(Debug)]
 pub(super) struct Inputs {
     pub q: Vec<f32>,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
-    pub dims: Head,
-    pub group: usize,
+    pub dims: Dims,
+    pub order: Order,
 }
 
 impl Inputs {
-    /// Copies the tensors to the host (no copy on the CPU backend when a tensor is not shared).
-    pub fn new<B: Backend>(
-        q: Tensor<B, 5>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        start: usize,
-    ) -> Self {
-        let [_, _, group, t, d] = q.dims();
-        let [_, _, tk, dv] = v.dims();
-        Inputs {
-            q: host_f32(q),
-            k: host_f32(k),
-            v: host_f32(v),
-            dims: Head {
-                t,
-                start,
-                tk,
-                d,
-                dv,
-            },
-            group,
+    /// Where query head `i` (of all sequences) lies in a buffer of `width` numbers per row.
+    fn query_place(&self, i: usize, width: usize) -> (usize, usize) {
+        let Dims { g, r, t, .. } = self.dims;
+        self.order.place(i / (g * r), i % (g * r), g * r, t, width)
+    }
+
+    /// Where key head `j` (of all sequences) lies in a buffer of `width` numbers per row.
+    fn key_place(&self, j: usize, width: usize) -> (usize, usize) {
+        let Dims { g, tk, .. } = self.dims;
+        self.order.place(j / g, j % g, g, tk, width)
+    }
+
+    /// Query head `i`'s queries and its key head's keys and values.
+    fn head(&self, i: usize) -> HeadView {
+        let Dims { r, d, dv, .. } = self.dims;
+        let view = |buf: &[f32], (at, rs): (usize, usize)| Mat {
+            ptr: buf[at..].as_ptr(),
+            rs,
+        };
+        HeadView {
+            q: view(&self.q, self.query_place(i, d)),
+            k: view(&self.k, self.key_place(i / r, d)),
+            v: view(&self.v, self.key_place(i / r, dv)),
         }
     }
 
-    /// Query `head`'s queries and its key head's keys and values.
-    fn head(&self, head: usize) -> (&[f32], &[f32], &[f32]) {
-        let Head { t, tk, d, dv, .. } = self.dims;
-        let kv = head / self.group;
-        (
-            &self.q[head * t * d..][..t * d],
-            &self.k[kv * tk * d..][..tk * d],
-            &self.v[kv * tk * dv..][..tk * dv],
-        )
+    /// A writable view of query head `i` in `buf` (laid out like the queries, `width` per row).
+    fn query_mat(&self, buf: &mut [f32], i: usize, width: usize) -> Mat<*mut f32> {
+        let (at, rs) = self.query_place(i, width);
+        Mat {
+            ptr: buf[at..].as_mut_ptr(),
+            rs,
+        }
     }
 
-    /// The output `[B, G, R, T, dv]` and the log-sum-exp of each query's scores `[B, G, R, T]`.
+    /// The output (laid out like the queries, `dv` per row) and the log-sum-exp of each query's
+    /// scores (`[B, G * R, T]`).
     pub fn forward(&self, rule: ScoreRule) -> (Vec<f32>, Vec<f32>) {
-        let Head { t, d, dv, .. } = self.dims;
-        let heads = self.q.len() / (t * d).max(1);
+        let Dims { t, dv, .. } = self.dims;
+        let heads = self.dims.query_heads();
         let mut out = vec![0f32; heads * t * dv];
         let mut lse = vec![0f32; heads * t];
-        out.par_chunks_mut((t * dv).max(1))
-            .zip(lse.par_chunks_mut(t.max(1)))
+        let outs: Vec<Mat<*mut f32>> = (0..heads)
+            .map(|i| self.query_mat(&mut out, i, dv))
+            .collect();
+        lse.par_chunks_mut(t.max(1))
+            .zip(outs.into_par_iter())
             .enumerate()
-            .for_each_init(Vec::new, |scores, (head, (out, lse))| {
-                attend_head(self.head(head), (out, lse), self.dims, rule, scores)
+            .for_each_init(Vec::new, |scores, (i, (lse, out))| {
+                // SAFETY: head i's views lie inside the buffers (query_place, key_place), and
+                // its output rows are written by this task alone.
+                unsafe { attend_head(&self.head(i), (out, lse), self.dims, rule, scores) }
             });
         (out, lse)
     }
 
-    /// Gradients of the queries, keys and values (shapes as theirs) from the gradient of the
-    /// output `d_out`, given [`Inputs::forward`]'s output and log-sum-exp. Each query head
-    /// computes its own key and value gradients; a key head's are the sum over its group, in
-    /// order, so the result does not depend on the threads.
+    /// Gradients of the queries, keys and values (laid out as they are) from the gradient of the
+    /// output `d_out`, given [`Inputs::forward`]'s output and log-sum-exp. Each query head computes
+    /// its own key and value gradients; a key head's are the sum over its group, in order, so the
+    /// result does not depend on the threads.
     pub fn backward(
         &self,
         rule: ScoreRule,
@@ -127,54 +172,92 @@ impl Inputs {
         lse: &[f32],
         d_out: &[f32],
     ) -> [Vec<f32>; 3] {
-        let Head { t, tk, d, dv, .. } = self.dims;
-        let heads = self.q.len() / (t * d).max(1);
-        let mut dq = vec![0f32; heads * t * d];
+        let Dims { t, tk, d, dv, .. } = self.dims;
+        let heads = self.dims.query_heads();
+        let mut dq = vec![0f32; self.q.len()];
         let mut dk_heads = vec![0f32; heads * tk * d];
         let mut dv_heads = vec![0f32; heads * tk * dv];
-        dq.par_chunks_mut((t * d).max(1))
+        let dqs: Vec<Mat<*mut f32>> = (0..heads).map(|i| self.query_mat(&mut dq, i, d)).collect();
+        dqs.into_par_iter()
             .zip(dk_heads.par_chunks_mut((tk * d).max(1)))
             .zip(dv_heads.par_chunks_mut((tk * dv).max(1)))
             .enumerate()
-            .for_each_init(Scratch::default, |scratch, (head, ((dq, dk), dv_))| {
-                let rows = head * t..(head + 1) * t;
-                let saved = Saved {
-                    out: &out[rows.start * dv..rows.end * dv],
-                    lse: &lse[rows.clone()],
-                    d_out: &d_out[rows.start * dv..rows.end * dv],
+            .for_each_init(Scratch::default, |scratch, (i, ((dq, dk), dv_))| {
+                let at = |buf: &[f32]| Mat {
+                    ptr: buf[self.query_place(i, dv).0..].as_ptr(),
+                    rs: self.query_place(i, dv).1,
                 };
-                head_backward(
-                    self.head(head),
-                    saved,
-                    [dq, dk, dv_],
-                    self.dims,
-                    rule,
-                    scratch,
-                )
+                let saved = Saved {
+                    out: at(out),
+                    d_out: at(d_out),
+                    lse: &lse[i * t..(i + 1) * t],
+                };
+                let dk = Mat {
+                    ptr: dk.as_mut_ptr(),
+                    rs: d,
+                };
+                let dv_ = Mat {
+                    ptr: dv_.as_mut_ptr(),
+                    rs: dv,
+                };
+                // SAFETY: as in `forward`; dq rows of head i are written by this task alone, dk
+                // and dv are this head's own buffers.
+                unsafe {
+                    head_backward(
+                        &self.head(i),
+                        saved,
+                        [dq, dk, dv_],
+                        self.dims,
+                        rule,
+                        scratch,
+                    )
+                }
             });
-        let sum_group = |per_head: &[f32], width: usize| -> Vec<f32> {
-            let size = tk * width;
-            let mut sum = vec![0f32; per_head.len() / self.group.max(1)];
-            sum.par_chunks_mut(size.max(1))
-                .enumerate()
-                .for_each(|(kv, sum)| {
-                    for r in 0..self.group {
-                        let part = &per_head[(kv * self.group + r) * size..][..size];
-                        sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
-                    }
-                });
-            sum
-        };
-        [dq, sum_group(&dk_heads, d), sum_group(&dv_heads, dv)]
+        let dk = self.sum_groups(&dk_heads, d, self.k.len());
+        let dv = self.sum_groups(&dv_heads, dv, self.v.len());
+        [dq, dk, dv]
+    }
+
+    /// Key-head gradients from per-query-head ones (`[B * G * R, Tk, width]`): the sum over each
+    /// group, laid out like the keys.
+    fn sum_groups(&self, per_head: &[f32], width: usize, len: usize) -> Vec<f32> {
+        let Dims { r, tk, .. } = self.dims;
+        let size = tk * width;
+        let mut sum = vec![0f32; len];
+        let kv_heads = self.dims.b * self.dims.g;
+        let dsts: Vec<Mat<*mut f32>> = (0..kv_heads)
+            .map(|j| {
+                let (at, rs) = self.key_place(j, width);
+                Mat {
+                    ptr: sum[at..].as_mut_ptr(),
+                    rs,
+                }
+            })
+            .collect();
+        dsts.into_par_iter().enumerate().for_each(|(j, dst)| {
+            for i in 0..tk {
+                // SAFETY: row i of key head j lies inside `sum` and only this task writes it.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.ptr.add(i * dst.rs), width) };
+                for q in 0..r {
+                    let part = &per_head[(j * r + q) * size + i * width..][..width];
+                    row.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+                }
+            }
+        });
+        sum
     }
 }
 
-/// One head: `q` `[t, d]`, `k` `[tk, d]`, `v` `[tk, dv]`; writes `out` `[t, dv]` and the
-/// log-sum-exp of each query's scores, `lse` `[t]` (row-major).
-fn attend_head(
-    (q, k, v): (&[f32], &[f32], &[f32]),
-    (out, lse): (&mut [f32], &mut [f32]),
-    s: Head,
+/// One query head (see [`Inputs::head`]): writes its output rows `out` (`t` x `dv`) and the
+/// log-sum-exp of each query's scores, `lse` `[t]`.
+///
+/// # Safety
+/// The views must hold `t` query rows of `d`, `tk` key rows of `d` and value rows of `dv`, and
+/// `out` `t` rows of `dv` that nothing else touches meanwhile.
+unsafe fn attend_head(
+    h: &HeadView,
+    (out, lse): (Mat<*mut f32>, &mut [f32]),
+    s: Dims,
     rule: ScoreRule,
     scores: &mut Vec<f32>,
 ) {
@@ -185,32 +268,26 @@ fn attend_head(
         assert!(keys.end <= s.tk, "keys beyond the cache");
         scores.clear();
         scores.resize(n * m, 0.0);
-        // SAFETY (both products): every matrix lies inside its slice: q and out rows
-        // first..first + n, k and v rows `keys` (within tk, asserted), scores n x m.
-        unsafe {
-            // scores = q[first..first + n] @ k[keys]^T * scale
-            product(
-                [n, m, s.d],
-                (scores.as_mut_ptr(), m as isize, false),
-                (q[first * s.d..].as_ptr(), s.d as isize, 1),
-                (k[keys.start * s.d..].as_ptr(), 1, s.d as isize),
-                rule.scale as f32,
-            );
-        }
+        // scores = q[first..first + n] @ k[keys]^T * scale
+        product(
+            [n, m, s.d],
+            (scores.as_mut_ptr(), m, false),
+            (h.q.ptr.add(first * h.q.rs), h.q.rs, 1),
+            (h.k.ptr.add(keys.start * h.k.rs), 1, h.k.rs),
+            rule.scale as f32,
+        );
         for (i, row) in scores.chunks_mut(m).enumerate() {
             let seen = seen_in_block(s.start + first + i, &keys, rule.window);
             lse[first + i] = softmax_visible(row, seen, rule.softcap);
         }
-        unsafe {
-            // out[first..first + n] = scores @ v[keys]
-            product(
-                [n, s.dv, m],
-                (out[first * s.dv..].as_mut_ptr(), s.dv as isize, false),
-                (scores.as_ptr(), m as isize, 1),
-                (v[keys.start * s.dv..].as_ptr(), s.dv as isize, 1),
-                1.0,
-            );
-        }
+        // out[first..first + n] = scores @ v[keys]
+        product(
+            [n, s.dv, m],
+            (out.ptr.add(first * out.rs), out.rs, false),
+            (scores.as_ptr(), m, 1),
+            (h.v.ptr.add(keys.start * h.v.rs), h.v.rs, 1),
+            1.0,
+        );
     }
 }
 
@@ -237,12 +314,12 @@ fn softmax_visible(row: &mut [f32], seen: std::ops::Range<usize>, softcap: Optio
     (max as f64 + sum.ln()) as f32
 }
 
-/// What the backward pass of one head reads: the forward's output `[t, dv]`, log-sum-exps `[t]`
-/// and the output's gradient `[t, dv]`.
+/// What the backward pass of one head reads: the forward's output rows, the output's gradient
+/// rows (both `t` x `dv`, laid out like the output) and the log-sum-exps `[t]`.
 struct Saved<'a> {
-    out: &'a [f32],
+    out: Mat<*const f32>,
+    d_out: Mat<*const f32>,
     lse: &'a [f32],
-    d_out: &'a [f32],
 }
 
 /// Scratch rows of one block in the backward pass: the weights (then the scores' gradient), the
@@ -254,15 +331,19 @@ struct Scratch {
     cap: Vec<f32>,
 }
 
-/// The backward pass of one head (see [`attend_head`]): writes `dq` `[t, d]` and this head's parts
-/// of the key and value gradients, `dk` `[tk, d]` and `dv` `[tk, dv]`. Per block, with the weights
-/// `P = exp(S - lse)` recomputed: `dV += P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))`,
-/// `dQ = scale dS K`, `dK += scale dS^T Q` (`dS` times `1 - tanh^2` under a soft-cap).
-fn head_backward(
-    (q, k, v): (&[f32], &[f32], &[f32]),
+/// The backward pass of one head (see [`attend_head`]): writes `dq` (`t` x `d`, rows where the
+/// queries lie) and this head's parts of the key and value gradients, `dk` `[tk, d]` and `dv`
+/// `[tk, dv]`. Per block, with the weights `P = exp(S - lse)` recomputed: `dV += P^T dO`,
+/// `dP = dO V^T`, `dS = P * (dP - rowsum(dO * O))`, `dQ = scale dS K`, `dK += scale dS^T Q`
+/// (`dS` times `1 - tanh^2` under a soft-cap).
+///
+/// # Safety
+/// As [`attend_head`]; `dq`, `dk` and `dv` are written by this call alone.
+unsafe fn head_backward(
+    h: &HeadView,
     saved: Saved<'_>,
-    [dq, dk, dv]: [&mut [f32]; 3],
-    s: Head,
+    [dq, dk, dv]: [Mat<*mut f32>; 3],
+    s: Dims,
     rule: ScoreRule,
     x: &mut Scratch,
 ) {
@@ -276,71 +357,60 @@ fn head_backward(
             buf.clear();
             buf.resize(n * m, 0.0);
         }
-        let d_out = &saved.d_out[first * s.dv..][..n * s.dv];
-        // SAFETY (every product): each matrix lies inside its slice: q, dq, d_out rows
-        // first..first + n, k, v, dk, dv rows `keys` (within tk, asserted), p and dp n x m.
-        unsafe {
-            // p = q[first..first + n] @ k[keys]^T * scale, then the weights
-            product(
-                [n, m, s.d],
-                (x.p.as_mut_ptr(), m as isize, false),
-                (q[first * s.d..].as_ptr(), s.d as isize, 1),
-                (k[keys.start * s.d..].as_ptr(), 1, s.d as isize),
-                scale,
-            );
-        }
+        let d_out = saved.d_out.ptr.add(first * saved.d_out.rs);
+        let q = h.q.ptr.add(first * h.q.rs);
+        // p = q[first..first + n] @ k[keys]^T * scale, then the weights
+        product(
+            [n, m, s.d],
+            (x.p.as_mut_ptr(), m, false),
+            (q, h.q.rs, 1),
+            (h.k.ptr.add(keys.start * h.k.rs), 1, h.k.rs),
+            scale,
+        );
         recompute_weights(x, n, m, (first, &keys), s, rule, saved.lse);
-        unsafe {
-            // dv[keys] += p^T @ d_out
-            product(
-                [m, s.dv, n],
-                (dv[keys.start * s.dv..].as_mut_ptr(), s.dv as isize, true),
-                (x.p.as_ptr(), 1, m as isize),
-                (d_out.as_ptr(), s.dv as isize, 1),
-                1.0,
-            );
-            // dp = d_out @ v[keys]^T
-            product(
-                [n, m, s.dv],
-                (x.dp.as_mut_ptr(), m as isize, false),
-                (d_out.as_ptr(), s.dv as isize, 1),
-                (v[keys.start * s.dv..].as_ptr(), 1, s.dv as isize),
-                1.0,
-            );
-        }
+        // dv[keys] += p^T @ d_out
+        product(
+            [m, s.dv, n],
+            (dv.ptr.add(keys.start * dv.rs), dv.rs, true),
+            (x.p.as_ptr(), 1, m),
+            (d_out, saved.d_out.rs, 1),
+            1.0,
+        );
+        // dp = d_out @ v[keys]^T
+        product(
+            [n, m, s.dv],
+            (x.dp.as_mut_ptr(), m, false),
+            (d_out, saved.d_out.rs, 1),
+            (h.v.ptr.add(keys.start * h.v.rs), 1, h.v.rs),
+            1.0,
+        );
         // p becomes dS = p * (dp - rowsum(d_out * out)), times the soft-cap's derivative.
-        let out = &saved.out[first * s.dv..][..n * s.dv];
         for (i, (p, dp)) in x.p.chunks_mut(m).zip(x.dp.chunks(m)).enumerate() {
-            let row = i * s.dv..(i + 1) * s.dv;
-            let delta: f32 = d_out[row.clone()]
-                .iter()
-                .zip(&out[row])
-                .map(|(a, b)| a * b)
-                .sum();
+            let o = saved.out.row(first + i, s.dv);
+            let g = saved.d_out.row(first + i, s.dv);
+            let delta: f32 = g.iter().zip(o).map(|(a, b)| a * b).sum();
             p.iter_mut().zip(dp).for_each(|(p, dp)| *p *= dp - delta);
             if rule.softcap.is_some() {
                 let cap = &x.cap[i * m..][..m];
                 p.iter_mut().zip(cap).for_each(|(p, c)| *p *= c);
             }
         }
-        unsafe {
-            // dq[first..first + n] = scale * dS @ k[keys]
-            product(
-                [n, s.d, m],
-                (dq[first * s.d..].as_mut_ptr(), s.d as isize, false),
-                (x.p.as_ptr(), m as isize, 1),
-                (k[keys.start * s.d..].as_ptr(), s.d as isize, 1),
-                scale,
-            );
-            // dk[keys] += scale * dS^T @ q[first..first + n]
-            product(
-                [m, s.d, n],
-                (dk[keys.start * s.d..].as_mut_ptr(), s.d as isize, true),
-                (x.p.as_ptr(), 1, m as isize),
-                (q[first * s.d..].as_ptr(), s.d as isize, 1),
-                scale,
-            );
-        }
+        // dq[first..first + n] = scale * dS @ k[keys]
+        product(
+            [n, s.d, m],
+            (dq.ptr.add(first * dq.rs), dq.rs, false),
+            (x.p.as_ptr(), m, 1),
+            (h.k.ptr.add(keys.start * h.k.rs), h.k.rs, 1),
+            scale,
+        );
+        // dk[keys] += scale * dS^T @ q[first..first + n]
+        product(
+            [m, s.d, n],
+            (dk.ptr.add(keys.start * dk.rs), dk.rs, true),
+            (x.p.as_ptr(), 1, m),
+            (q, h.q.rs, 1),
+            scale,
+        );
     }
 }
 
@@ -352,7 +422,7 @@ fn recompute_weights(
     n: usize,
     m: usize,
     (first, keys): (usize, &std::ops::Range<usize>),
-    s: Head,
+    s: Dims,
     rule: ScoreRule,
     lse: &[f32],
 ) {
@@ -377,14 +447,48 @@ fn recompute_weights(
     }
 }
 
+/// Rotary position embedding in place on `x` `[B, T, n, d]` (tokens first), with the tables
+/// `cos` and `sin` `[T, d]`: the arithmetic of [`super::apply_rope`], `x * cos + rotate(x) * sin`
+/// with `rotate(x) = [-x2, x1]`, so the values are the same bits. With `transpose`, the
+/// transposed map instead (the backward pass: `dx = dy * cos + rotate^T(dy * sin)`,
+/// `rotate^T(z) = [z2, -z1]`).
+pub(super) fn rope(
+    x: &mut [f32],
+    (cos, sin): (&[f32], &[f32]),
+    [t, n, d]: [usize; 3],
+    transpose: bool,
+) {
+    let half = d / 2;
+    x.par_chunks_mut((t * n * d).max(1)).for_each(|seq| {
+        for (p, token) in seq.chunks_mut((n * d).max(1)).enumerate() {
+            let (c, s) = (&cos[p * d..][..d], &sin[p * d..][..d]);
+            for head in token.chunks_mut(d.max(1)) {
+                for i in 0..half {
+                    let (x1, x2) = (head[i], head[i + half]);
+                    let (a, b) = match transpose {
+                        // x1 cos + (-x2) sin, x2 cos + x1 sin
+                        false => (x1 * c[i] + -x2 * s[i], x2 * c[i + half] + x1 * s[i + half]),
+                        true => (x1 * c[i] + x2 * s[i + half], x2 * c[i + half] - x1 * s[i]),
+                    };
+                    head[i] = a;
+                    head[i + half] = b;
+                }
+            }
+        }
+    });
+}
+
 /// `dst = scale * lhs @ rhs` (or `dst += ...` when accumulating) for `[m, n, k]`, each matrix a
 /// pointer with its row and column strides (`dst`: row stride, and whether to add to it). One
 /// thread: heads run in parallel.
+///
+/// # Safety
+/// Every matrix must lie inside its allocation; `dst` must not overlap the others.
 unsafe fn product(
     [m, n, k]: [usize; 3],
-    (dst, dst_rs, accumulate): (*mut f32, isize, bool),
-    (lhs, lhs_rs, lhs_cs): (*const f32, isize, isize),
-    (rhs, rhs_rs, rhs_cs): (*const f32, isize, isize),
+    (dst, dst_rs, accumulate): (*mut f32, usize, bool),
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
     scale: f32,
 ) {
     gemm::gemm(
@@ -393,14 +497,14 @@ unsafe fn product(
         k,
         dst,
         1,
-        dst_rs,
+        dst_rs as isize,
         accumulate,
         lhs,
-        lhs_cs,
-        lhs_rs,
+        lhs_cs as isize,
+        lhs_rs as isize,
         rhs,
-        rhs_cs,
-        rhs_rs,
+        rhs_cs as isize,
+        rhs_rs as isize,
         1.0,
         scale,
         false,

@@ -4,12 +4,17 @@
 //! ran every step of the softmax and of its gradient on one thread and kept the `[T, T]` scores,
 //! exponentials and weights of every block of every layer for the backward pass.
 //!
-//! [`fused`] picks the path by the backend's type: `Flex` runs the forward alone, `Autodiff<Flex>`
-//! (with or without burn's balanced checkpointing) this operation; other backends get `None` and
-//! keep the tensor operations.
-use super::host_attention::{attention, Inputs};
+//! Two entry points pick the path by the backend's type: `Flex` runs the forward alone,
+//! `Autodiff<Flex>` (with or without burn's balanced checkpointing) this operation, and other
+//! backends get their inputs back and keep the tensor operations.
+//! - [`fused`]: heads-first queries, keys and values after RoPE (the cached path);
+//! - [`fused_projections`]: the projections' outputs `[B, T, n * d]` before RoPE, which the
+//!   operation applies itself, returning `[B, T, H * dv]` (a forward without a cache: no
+//!   transposes on either side).
+use super::host_attention::{rope, Dims, Inputs, Order};
 use super::ScoreRule;
-use crate::backend::Cpu;
+use crate::backend::{cast, same, Cpu};
+use crate::rows::host_f32;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
     BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
@@ -20,56 +25,163 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{Shape, Tensor, TensorData, TensorPrimitive};
-use std::any::Any;
 use std::sync::Arc;
 
-type Qkv<B> = (Tensor<B, 5>, Tensor<B, 4>, Tensor<B, 4>);
+/// Queries, keys and values.
+pub(super) type Qkv<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>);
 
-/// The fused attention of queries `[B, G, R, T, d]`, keys `[B, G, Tk, d]` and values
+/// What an attention needs besides its inputs: where the queries start, the score rule, and for
+/// [`fused_projections`] the heads and the RoPE tables `[1, 1, T, d]`.
+pub(super) struct Setup<'a, B: Backend> {
+    pub start: usize,
+    pub rule: ScoreRule,
+    /// Query heads, key heads, key width and value width.
+    pub heads: [usize; 4],
+    pub rope: Option<(&'a Tensor<B, 4>, &'a Tensor<B, 4>)>,
+}
+
+/// The fused attention of heads-first queries `[B, G, R, T, d]`, keys `[B, G, Tk, d]` and values
 /// `[B, G, Tk, dv]` (see [`super::causal_attention`]) when `B` is the CPU backend, with or without
 /// autodiff; otherwise the inputs back.
+#[allow(clippy::type_complexity)]
 pub(super) fn fused<B: Backend>(
-    qkv: Qkv<B>,
+    (q, k, v): (Tensor<B, 5>, Tensor<B, 4>, Tensor<B, 4>),
     start: usize,
     rule: ScoreRule,
-) -> Result<Tensor<B, 5>, Qkv<B>> {
-    let qkv = match cast::<_, Qkv<Cpu>>(qkv) {
-        Ok((q, k, v)) => return Ok(cast(attention(q, k, v, start, rule)).ok().unwrap()),
+) -> Result<Tensor<B, 5>, (Tensor<B, 5>, Tensor<B, 4>, Tensor<B, 4>)> {
+    let [b, g, r, t, d] = q.dims();
+    let [_, _, tk, dv] = v.dims();
+    let dims = Dims {
+        b,
+        g,
+        r,
+        t,
+        start,
+        tk,
+        d,
+        dv,
+    };
+    // Flattened to rank 3, the shapes of the tracked operation; reshaped back below.
+    let flat = (
+        q.reshape([b, g * r * t, d]),
+        k.reshape([b, g * tk, d]),
+        v.reshape([b, g * tk, dv]),
+    );
+    let plan = Plan {
+        dims,
+        order: Order::HeadsFirst,
+        rule,
+        rope: None,
+    };
+    match run(flat, plan) {
+        Ok(y) => Ok(y.reshape([b, g, r, t, dv])),
+        Err((q, k, v)) => Err((
+            q.reshape([b, g, r, t, d]),
+            k.reshape([b, g, tk, d]),
+            v.reshape([b, g, tk, dv]),
+        )),
+    }
+}
+
+/// The fused attention of the projections' outputs, queries `[B, T, H * d]`, keys `[B, T, G * d]`
+/// and values `[B, T, G * dv]` (RoPE not yet applied; no cache: keys at the queries' positions),
+/// returning `[B, T, H * dv]`, when `B` is the CPU backend; otherwise the inputs back.
+pub(super) fn fused_projections<B: Backend>(
+    qkv: Qkv<B, 3>,
+    setup: Setup<'_, B>,
+) -> Result<Tensor<B, 3>, Qkv<B, 3>> {
+    let [b, t, _] = qkv.0.dims();
+    let [h, g, d, dv] = setup.heads;
+    let dims = Dims {
+        b,
+        g,
+        r: h / g,
+        t,
+        start: setup.start,
+        tk: setup.start + t,
+        d,
+        dv,
+    };
+    let rope = setup.rope.map(|(c, s)| {
+        let table = |x: &Tensor<B, 4>| host_f32(x.clone());
+        Arc::new((table(c), table(s)))
+    });
+    let plan = Plan {
+        dims,
+        order: Order::TokensFirst,
+        rule: setup.rule,
+        rope,
+    };
+    run(qkv, plan)
+}
+
+/// Everything the operation needs to know besides its inputs.
+#[derive(Debug, Clone)]
+struct Plan {
+    dims: Dims,
+    order: Order,
+    rule: ScoreRule,
+    /// RoPE tables `[T, d]` (cos, sin), applied to queries and keys first (tokens first only).
+    rope: Option<Arc<(Vec<f32>, Vec<f32>)>>,
+}
+
+/// Dispatch by backend type on rank-3 inputs (see [`fused`] for the heads-first flattening).
+fn run<B: Backend>(qkv: Qkv<B, 3>, plan: Plan) -> Result<Tensor<B, 3>, Qkv<B, 3>> {
+    let qkv = match cast::<_, Qkv<Cpu, 3>>(qkv) {
+        Ok(qkv) => return Ok(same(forward_only(qkv, &plan))),
         Err(qkv) => qkv,
     };
-    let qkv = match cast::<_, Qkv<Autodiff<Cpu>>>(qkv) {
-        Ok(qkv) => {
-            return Ok(cast(tracked::<NoCheckpointing>(qkv, start, rule))
-                .ok()
-                .unwrap())
-        }
+    let qkv = match cast::<_, Qkv<Autodiff<Cpu>, 3>>(qkv) {
+        Ok(qkv) => return Ok(same(tracked::<NoCheckpointing>(qkv, plan))),
         Err(qkv) => qkv,
     };
-    match cast::<_, Qkv<Autodiff<Cpu, BalancedCheckpointing>>>(qkv) {
-        Ok(qkv) => Ok(cast(tracked::<BalancedCheckpointing>(qkv, start, rule))
-            .ok()
-            .unwrap()),
+    match cast::<_, Qkv<Autodiff<Cpu, BalancedCheckpointing>, 3>>(qkv) {
+        Ok(qkv) => Ok(same(tracked::<BalancedCheckpointing>(qkv, plan))),
         Err(qkv) => Err(qkv),
     }
 }
 
-/// `x` as a `U` when `T` is `U`; otherwise `x` back.
-fn cast<T: 'static, U: 'static>(x: T) -> Result<U, T> {
-    let mut slot = Some(x);
-    match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
-        Some(u) => Ok(u.take().expect("just filled")),
-        None => Err(slot.expect("not taken")),
+/// The inputs on the host, RoPE applied when the plan has it.
+fn host_inputs(q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, plan: &Plan) -> Inputs {
+    let mut inputs = Inputs {
+        q,
+        k,
+        v,
+        dims: plan.dims,
+        order: plan.order,
+    };
+    if let Some(tables) = &plan.rope {
+        let Dims { g, r, t, tk, d, .. } = plan.dims;
+        let tables = (&tables.0[..], &tables.1[..]);
+        rope(&mut inputs.q, tables, [t, g * r, d], false);
+        rope(&mut inputs.k, tables, [tk, g, d], false);
     }
+    inputs
 }
 
-/// What the backward pass keeps: the inputs on the host, the output, the log-sum-exps, the rule
-/// and the shapes of the three gradients.
+/// The output's shape, `[B, rows, width]`: like the queries', `dv` wide per head.
+fn out_shape(q: [usize; 3], plan: &Plan) -> Shape {
+    let [b, rows, width] = q;
+    let Dims { d, dv, .. } = plan.dims;
+    Shape::new([b, rows, width / d * dv])
+}
+
+fn forward_only((q, k, v): Qkv<Cpu, 3>, plan: &Plan) -> Tensor<Cpu, 3> {
+    let shape = out_shape(q.dims(), plan);
+    let device = q.device();
+    let inputs = host_inputs(host_f32(q), host_f32(k), host_f32(v), plan);
+    let (out, _) = inputs.forward(plan.rule);
+    Tensor::from_data(TensorData::new(out, shape), &device)
+}
+
+/// What the backward pass keeps: the inputs on the host (after RoPE), the output, the
+/// log-sum-exps, the plan and the shapes of the three gradients.
 #[derive(Debug, Clone)]
 struct State {
     inputs: Arc<Inputs>,
     out: Arc<Vec<f32>>,
     lse: Arc<Vec<f32>>,
-    rule: ScoreRule,
+    plan: Plan,
     shapes: [Shape; 3],
 }
 
@@ -81,12 +193,18 @@ impl Backward<Cpu, 3> for AttentionBackward {
 
     fn backward(self, ops: Ops<State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let d_out = grads.consume::<Cpu>(&ops.node);
-        let d_out = crate::rows::host_f32(Tensor::<Cpu, 5>::from_primitive(
-            TensorPrimitive::Float(d_out),
-        ));
+        let d_out = host_f32(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(
+            d_out,
+        )));
         let s = ops.state;
-        let d = s.inputs.backward(s.rule, &s.out, &s.lse, &d_out);
-        for ((parent, grad), shape) in ops.parents.into_iter().zip(d).zip(s.shapes) {
+        let [mut dq, mut dk, dv] = s.inputs.backward(s.plan.rule, &s.out, &s.lse, &d_out);
+        if let Some(tables) = &s.plan.rope {
+            let Dims { g, r, t, tk, d, .. } = s.plan.dims;
+            let tables = (&tables.0[..], &tables.1[..]);
+            rope(&mut dq, tables, [t, g * r, d], true);
+            rope(&mut dk, tables, [tk, g, d], true);
+        }
+        for ((parent, grad), shape) in ops.parents.into_iter().zip([dq, dk, dv]).zip(s.shapes) {
             if let Some(node) = parent {
                 grads.register::<Cpu>(node.id, primitive(grad, shape));
             }
@@ -99,34 +217,28 @@ fn primitive(values: Vec<f32>, shape: Shape) -> FloatTensor<Cpu> {
     Cpu::float_from_data(TensorData::new(values, shape), &Default::default())
 }
 
-/// The autodiff primitive of `x`: its CPU tensor and its graph node.
-fn inner<C: CheckpointStrategy, const D: usize>(
-    x: Tensor<Autodiff<Cpu, C>, D>,
-) -> FloatTensor<Autodiff<Cpu, C>> {
-    x.into_primitive().tensor()
+/// The CPU tensor of an autodiff primitive, as a tensor.
+fn host_of(x: FloatTensor<Cpu>) -> Vec<f32> {
+    host_f32(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(x)))
 }
 
 /// The fused attention as a tracked operation of `Autodiff<Cpu, C>`.
 fn tracked<C: CheckpointStrategy>(
-    (q, k, v): Qkv<Autodiff<Cpu, C>>,
-    start: usize,
-    rule: ScoreRule,
-) -> Tensor<Autodiff<Cpu, C>, 5> {
-    let [b, g, r, t, _] = q.dims();
+    (q, k, v): Qkv<Autodiff<Cpu, C>, 3>,
+    plan: Plan,
+) -> Tensor<Autodiff<Cpu, C>, 3> {
+    let shape = out_shape(q.dims(), &plan);
     let shapes = [q.shape(), k.shape(), v.shape()];
-    let (q, k, v) = (inner(q), inner(k), inner(v));
+    let [q, k, v] = [q, k, v].map(|x| x.into_primitive().tensor());
     let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-    let host = |x| Tensor::<Cpu, 5>::from_primitive(TensorPrimitive::Float(x));
-    let host4 = |x| Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(x));
-    let inputs = Inputs::new(
-        host(q.primitive),
-        host4(k.primitive),
-        host4(v.primitive),
-        start,
+    let inputs = host_inputs(
+        host_of(q.primitive),
+        host_of(k.primitive),
+        host_of(v.primitive),
+        &plan,
     );
-    let out_shape = Shape::new([b, g, r, t, inputs.dims.dv]);
-    let (out, lse) = inputs.forward(rule);
-    let output = primitive(out.clone(), out_shape);
+    let (out, lse) = inputs.forward(plan.rule);
+    let output = primitive(out.clone(), shape);
     let result = match AttentionBackward
         .prepare::<C>(nodes)
         .compute_bound()
@@ -137,7 +249,7 @@ fn tracked<C: CheckpointStrategy>(
                 inputs: Arc::new(inputs),
                 out: Arc::new(out),
                 lse: Arc::new(lse),
-                rule,
+                plan,
                 shapes,
             };
             prep.finish(state, output)

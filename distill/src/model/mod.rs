@@ -23,6 +23,7 @@ mod hedgehog;
 pub(crate) mod hedgehog_tests;
 mod host_attention;
 mod host_attention_grad;
+mod host_swiglu;
 mod kv_buffer;
 mod load;
 mod mla;
@@ -565,13 +566,33 @@ impl<B: Backend> SelfAttention<B> {
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
-        let (q, k, v) = self.qkv(x, pos);
+        let (h, g, d, dv) = (
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.v_head_dim,
+        );
+        let mut qkv = self.projections(x);
+        // Without a cache, on the CPU backend: attention on the projections as they lie.
+        let flat = cache.is_none() && self.hedgehog.is_none() && pos.start == 0;
+        if flat && t >= host_attention::MIN_QUERIES {
+            let setup = host_attention_grad::Setup {
+                start: 0,
+                rule: self.score_rule(),
+                heads: [h, g, d, dv],
+                rope: Some(pos.rope_for(d, self.local_rope)),
+            };
+            match host_attention_grad::fused_projections(qkv, setup) {
+                Ok(y) => return y,
+                Err(back) => qkv = back,
+            }
+        }
+        let (q, k, v) = self.heads_first_roped(qkv, pos);
         let y = match &self.hedgehog {
             Some(hh) => hh.attend_cached(q, (k, v), pos.start, cache, |x| self.repeat_kv(x)),
             None => self.softmax_attention(q, k, v, pos, cache),
         };
-        let dv = self.v_head_dim;
-        y.swap_dims(1, 2).reshape([b, t, self.num_heads * dv])
+        y.swap_dims(1, 2).reshape([b, t, h * dv])
     }
 
     /// Queries `[B, H, T, d]`, keys `[B, G, T, d]` (both after RoPE) and values `[B, G, T, dv]`.
@@ -580,7 +601,34 @@ impl<B: Backend> SelfAttention<B> {
         x: Tensor<B, 3>,
         pos: &Positions<B>,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        self.heads_first_roped(self.projections(x), pos)
+    }
+
+    /// The projections, queries `[B, T, H * d]`, keys `[B, T, G * d]` and values `[B, T, G * dv]`,
+    /// after the per-head norms (Qwen3, Gemma 3), before RoPE.
+    fn projections(&self, x: Tensor<B, 3>) -> host_attention_grad::Qkv<B, 3> {
         let [b, t, _] = x.dims();
+        let (h, g, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (
+                qn.forward(q.reshape([b, t, h, d])).reshape([b, t, h * d]),
+                kn.forward(k.reshape([b, t, g, d])).reshape([b, t, g * d]),
+                v,
+            ),
+            _ => (q, k, v),
+        }
+    }
+
+    /// [`Self::projections`] heads first, RoPE applied to queries and keys.
+    fn heads_first_roped(
+        &self,
+        (q, k, v): host_attention_grad::Qkv<B, 3>,
+        pos: &Positions<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = q.dims();
         let (h, g, d, dv) = (
             self.num_heads,
             self.num_kv_heads,
@@ -588,13 +636,9 @@ impl<B: Backend> SelfAttention<B> {
             self.v_head_dim,
         );
         let (cos, sin) = pos.rope_for(d, self.local_rope);
-        let q = heads_first(self.q_proj.forward(x.clone()).reshape([b, t, h, d]));
-        let k = heads_first(self.k_proj.forward(x.clone()).reshape([b, t, g, d]));
-        let v = heads_first(self.v_proj.forward(x).reshape([b, t, g, dv]));
-        let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (qn.forward(q), kn.forward(k)),
-            _ => (q, k),
-        };
+        let q = heads_first(q.reshape([b, t, h, d]));
+        let k = heads_first(k.reshape([b, t, g, d]));
+        let v = heads_first(v.reshape([b, t, g, dv]));
         (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
     }
 
@@ -643,13 +687,17 @@ impl<B: Backend> SelfAttention<B> {
             None => (k, v),
         };
         let [_, g, _, dv] = v.dims();
-        let scores = ScoreRule {
+        let q = q.reshape([b, g, h / g, t, d]);
+        causal_attention(q, k, v, pos, self.score_rule()).reshape([b, h, t, dv])
+    }
+
+    /// How this attention turns `q . k` into weights.
+    fn score_rule(&self) -> ScoreRule {
+        ScoreRule {
             scale: self.scale,
             softcap: self.softcap,
             window: self.sliding_window,
-        };
-        let q = q.reshape([b, g, h / g, t, d]);
-        causal_attention(q, k, v, pos, scores).reshape([b, h, t, dv])
+        }
     }
 }
 
@@ -814,11 +862,14 @@ impl<B: Backend> SwiGlu<B> {
     /// The neuron activations `silu(gate(x)) * up(x)` (the input of `down_proj`).
     pub fn activation<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let g = self.gate_proj.forward(x.clone());
-        let g = match self.gelu_tanh {
-            true => gelu_tanh(g),
-            false => activation::silu(g),
-        };
-        g * self.up_proj.forward(x)
+        let u = self.up_proj.forward(x);
+        if self.gelu_tanh {
+            return gelu_tanh(g) * u;
+        }
+        match host_swiglu::fused(g, u) {
+            Ok(a) => a,
+            Err((g, u)) => activation::silu(g) * u,
+        }
     }
 }
 
