@@ -28,6 +28,25 @@ pub(crate) fn cast<T: 'static, U: 'static>(x: T) -> Result<U, T> {
     }
 }
 
+/// The values of a CPU float tensor primitive (of any rank), for an autodiff operation computed on
+/// the host.
+pub(crate) fn cpu_values(x: burn::tensor::ops::FloatTensor<Cpu>) -> Vec<f32> {
+    use burn::tensor::{Tensor, TensorPrimitive};
+    crate::rows::host_f32(Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(x)))
+}
+
+/// A CPU float tensor primitive holding `values` in `shape`.
+pub(crate) fn cpu_primitive(
+    values: Vec<f32>,
+    shape: burn::tensor::Shape,
+) -> burn::tensor::ops::FloatTensor<Cpu> {
+    use burn::tensor::ops::FloatTensorOps;
+    Cpu::float_from_data(
+        burn::tensor::TensorData::new(values, shape),
+        &Default::default(),
+    )
+}
+
 /// `--backend cpu|wgpu|cuda`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendKind {

@@ -115,12 +115,17 @@ fn fused_minus_tensor_ops<A: AutodiffBackend>(start: usize, t: usize, rule: Scor
             host(v.grad(&grads).unwrap().into_data()),
         ]
     };
-    let (got, want) = (run(true), run(false));
-    let largest = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let (got, want) = (run(true).concat(), run(false).concat());
+    relative_diff(&got, &want)
+}
+
+/// `max |got - want|` over `max |want|`.
+pub(crate) fn relative_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "compared lengths");
+    let largest = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     let diff = got
         .iter()
-        .flatten()
-        .zip(want.iter().flatten())
+        .zip(want)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     diff / largest
 }
@@ -197,13 +202,7 @@ fn projections_path_minus_tensor_ops<A: AutodiffBackend>(
         all.extend(host(x.grad(&grads).unwrap().into_data()));
         all
     };
-    let (got, want) = (run(true), run(false));
-    let largest = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = got
-        .iter()
-        .zip(&want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    diff / largest
+    relative_diff(&run(true), &run(false))
 }
 
 #[test]

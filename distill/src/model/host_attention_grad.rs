@@ -13,7 +13,7 @@
 //!   transposes on either side).
 use super::host_attention::{rope, Dims, Inputs, Order};
 use super::ScoreRule;
-use crate::backend::{cast, same, Cpu};
+use crate::backend::{cast, cpu_primitive, cpu_values, same, Cpu};
 use crate::rows::host_f32;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
@@ -23,7 +23,6 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{Shape, Tensor, TensorData, TensorPrimitive};
 use std::sync::Arc;
 
@@ -192,10 +191,7 @@ impl Backward<Cpu, 3> for AttentionBackward {
     type State = State;
 
     fn backward(self, ops: Ops<State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let d_out = grads.consume::<Cpu>(&ops.node);
-        let d_out = host_f32(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(
-            d_out,
-        )));
+        let d_out = cpu_values(grads.consume::<Cpu>(&ops.node));
         let s = ops.state;
         let [mut dq, mut dk, dv] = s.inputs.backward(s.plan.rule, &s.out, &s.lse, &d_out);
         if let Some(tables) = &s.plan.rope {
@@ -206,20 +202,10 @@ impl Backward<Cpu, 3> for AttentionBackward {
         }
         for ((parent, grad), shape) in ops.parents.into_iter().zip([dq, dk, dv]).zip(s.shapes) {
             if let Some(node) = parent {
-                grads.register::<Cpu>(node.id, primitive(grad, shape));
+                grads.register::<Cpu>(node.id, cpu_primitive(grad, shape));
             }
         }
     }
-}
-
-/// A CPU float tensor primitive holding `values` in `shape`.
-fn primitive(values: Vec<f32>, shape: Shape) -> FloatTensor<Cpu> {
-    Cpu::float_from_data(TensorData::new(values, shape), &Default::default())
-}
-
-/// The CPU tensor of an autodiff primitive, as a tensor.
-fn host_of(x: FloatTensor<Cpu>) -> Vec<f32> {
-    host_f32(Tensor::<Cpu, 3>::from_primitive(TensorPrimitive::Float(x)))
 }
 
 /// The fused attention as a tracked operation of `Autodiff<Cpu, C>`.
@@ -232,13 +218,13 @@ fn tracked<C: CheckpointStrategy>(
     let [q, k, v] = [q, k, v].map(|x| x.into_primitive().tensor());
     let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
     let inputs = host_inputs(
-        host_of(q.primitive),
-        host_of(k.primitive),
-        host_of(v.primitive),
+        cpu_values(q.primitive),
+        cpu_values(k.primitive),
+        cpu_values(v.primitive),
         &plan,
     );
     let (out, lse) = inputs.forward(plan.rule);
-    let output = primitive(out.clone(), shape);
+    let output = cpu_primitive(out.clone(), shape);
     let result = match AttentionBackward
         .prepare::<C>(nodes)
         .compute_bound()

@@ -5,7 +5,7 @@
 //! eval`. Here each chunk runs once, in parallel, with the vectorised exponential of
 //! [`crate::rows`]; the values differ from the tensor ops' in rounding only, and a KD teacher and
 //! an identical student both run this code.
-use crate::backend::{cast, same, Cpu};
+use crate::backend::{cast, cpu_primitive, cpu_values, same, Cpu};
 use crate::rows::{self, host_f32};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
@@ -15,7 +15,6 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{Shape, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -111,24 +110,16 @@ impl Backward<Cpu, 2> for SwiGluBackward {
     type State = State;
 
     fn backward(self, ops: Ops<State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dy = host_of(grads.consume::<Cpu>(&ops.node));
+        let dy = cpu_values(grads.consume::<Cpu>(&ops.node));
         let s = ops.state;
         let d = backward(&s.gate, &s.up, &dy);
         for (parent, grad) in ops.parents.into_iter().zip(d) {
             if let Some(node) = parent {
-                let grad = Cpu::float_from_data(
-                    TensorData::new(grad, s.shape.clone()),
-                    &Default::default(),
-                );
+                let grad = cpu_primitive(grad, s.shape.clone());
                 grads.register::<Cpu>(node.id, grad);
             }
         }
     }
-}
-
-/// The values of a CPU float primitive of any rank (read as data, whatever the tensor's rank).
-fn host_of(x: FloatTensor<Cpu>) -> Vec<f32> {
-    host_f32(Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(x)))
 }
 
 /// The activation as a tracked operation of `Autodiff<Cpu, C>`.
@@ -138,9 +129,9 @@ fn tracked<C: CheckpointStrategy, const D: usize>(
     let shape = gate.shape();
     let [g, u] = [gate, up].map(|x| x.into_primitive().tensor());
     let nodes = [g.node.clone(), u.node.clone()];
-    let (gate, up) = (host_of(g.primitive), host_of(u.primitive));
+    let (gate, up) = (cpu_values(g.primitive), cpu_values(u.primitive));
     let out = forward(&gate, &up);
-    let output = Cpu::float_from_data(TensorData::new(out, shape.clone()), &Default::default());
+    let output = cpu_primitive(out, shape.clone());
     let result = match SwiGluBackward
         .prepare::<C>(nodes)
         .compute_bound()
@@ -190,13 +181,7 @@ mod tests {
             all.extend(host_f32(u.grad(&grads).unwrap()));
             all
         };
-        let (got, want) = (run(true), run(false));
-        let largest = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        diff / largest
+        crate::model::attention_tests::relative_diff(&run(true), &run(false))
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! [`Probe`] (no-ops by default), from which `crate::probe` builds calibration statistics.
 mod adapter;
 #[cfg(test)]
-mod attention_tests;
+pub(crate) mod attention_tests;
 mod gemma;
 mod hedgehog;
 #[cfg(test)]
