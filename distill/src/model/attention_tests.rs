@@ -71,15 +71,21 @@ fn decoding_products_split_across_threads_keep_every_bit() {
     let device = Default::default();
     let w = Tensor::<B, 2>::random([1000, 96], Distribution::Normal(0.0, 1.0), &device);
     let x = Tensor::<B, 2>::random([1, 96], Distribution::Normal(0.0, 1.0), &device);
-    let want = x.clone().matmul(w.clone().transpose()).into_data();
-    for threads in [2, 3] {
+    let in_pool = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
-        let got = pool.install(|| super::product(x.clone(), w.clone(), None));
-        assert_eq!(got.dims(), [1, 1000]);
-        assert_eq!(got.into_data(), want, "{threads} threads");
+        pool.install(|| super::product(x.clone(), w.clone(), None))
+    };
+    let want = in_pool(1);
+    assert_eq!(want.dims(), [1, 1000]);
+    let gemm = crate::rows::host_f32(x.clone().matmul(w.clone().transpose()));
+    let diff = relative_diff(&crate::rows::host_f32(want.clone()), &gemm);
+    assert!(diff <= 1e-6, "against flex's GEMM: relative |diff| {diff}");
+    let want = want.into_data();
+    for threads in [2, 3] {
+        assert_eq!(in_pool(threads).into_data(), want, "{threads} threads");
     }
 }
 

@@ -23,6 +23,7 @@ mod hedgehog;
 pub(crate) mod hedgehog_tests;
 mod host_attention;
 mod host_attention_grad;
+mod host_gemv;
 mod host_swiglu;
 mod kv_buffer;
 mod load;
@@ -98,10 +99,11 @@ impl<B: Backend> Linear<B> {
 const GEMV_ROWS: usize = 4;
 
 /// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`, computed in `compute` (see
-/// [`mixed_matmul`]). The CPU backend's GEMM runs matrix-vector
-/// products on one thread, so in decoding (a few rows, weights not training) the outputs are split
-/// across the thread pool: each part is the same product on a block of `W`'s rows, so the result
-/// has the same bits. Decoding SmolLM2 on 2 threads: GEMV was a third of the time.
+/// [`mixed_matmul`]). In decoding (a few rows, weights not training) on the CPU backend in f32,
+/// the host's matrix-vector product ([`host_gemv`]); on other backends or in another `compute`
+/// type the outputs are split across the thread pool, since the CPU backend's GEMM runs
+/// matrix-vector products on one thread: each part is the same product on a block of `W`'s rows,
+/// so the result has the same bits.
 pub(crate) fn product<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
@@ -111,7 +113,17 @@ pub(crate) fn product<B: Backend>(
     let [rows, _] = x.dims();
     let out = w.dims()[0];
     let threads = rayon::current_num_threads();
-    if rows > GEMV_ROWS || threads < 2 || out < 256 * threads || w.is_require_grad() {
+    if rows > GEMV_ROWS || w.is_require_grad() {
+        return mixed_matmul(x, w.transpose(), compute);
+    }
+    let (x, w) = match compute {
+        None => match host_gemv::product(x, w) {
+            Ok(y) => return y,
+            Err(pair) => pair,
+        },
+        Some(_) => (x, w),
+    };
+    if threads < 2 || out < 256 * threads {
         return mixed_matmul(x, w.transpose(), compute);
     }
     let step = out.div_ceil(threads);
