@@ -35,6 +35,33 @@ pub(crate) fn cpu_values(x: burn::tensor::ops::FloatTensor<Cpu>) -> Vec<f32> {
     crate::rows::host_f32(Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(x)))
 }
 
+/// The f32 values of a CPU float tensor primitive, read where they lie when it is contiguous (a
+/// copy through [`cpu_values`] otherwise, or for another dtype).
+#[derive(Debug, Clone)]
+pub(crate) enum CpuView {
+    InPlace(burn::tensor::ops::FloatTensor<Cpu>),
+    Copied(Vec<f32>),
+}
+
+impl CpuView {
+    pub(crate) fn new(x: burn::tensor::ops::FloatTensor<Cpu>) -> Self {
+        match x.as_slice::<f32>().is_some() {
+            true => CpuView::InPlace(x),
+            false => CpuView::Copied(cpu_values(x)),
+        }
+    }
+}
+
+impl std::ops::Deref for CpuView {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            CpuView::InPlace(x) => x.as_slice::<f32>().expect("checked contiguous f32 in new"),
+            CpuView::Copied(v) => v,
+        }
+    }
+}
+
 /// A CPU float tensor primitive holding `values` in `shape`.
 pub(crate) fn cpu_primitive(
     values: Vec<f32>,

@@ -4,6 +4,7 @@
 //! tokens (the last one may be shorter; one of a single token is dropped). In each window token `t + 1`
 //! is predicted from tokens `0..=t`, so a full window scores `window` tokens and nothing crosses a window
 //! boundary. `scripts/bench-eval.sh` runs the same windows in PyTorch.
+use crate::backend::{cast, cpu_values, Cpu};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::rows;
@@ -66,28 +67,98 @@ pub fn windows(ids: &[u32], window: usize, max_tokens: Option<usize>) -> Vec<&[u
 /// pass ([`crate::rows`]: max, then the sum of exponentials) instead of materialising a log-softmax
 /// over the vocabulary; elsewhere on the device by [`crate::heal::loss::nll_sum`].
 pub fn nll_total<B: Backend>(logits: Tensor<B, 3>, targets: &[u32]) -> f64 {
-    let [b, t, v] = logits.dims();
-    assert_eq!(targets.len(), b * t, "one target per position");
-    if !crate::backend::is_cpu::<B>() {
-        let device = logits.device();
-        let ids = targets.iter().map(|&x| x as i64).collect::<Vec<_>>();
-        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
-        return crate::heal::loss::nll_sum(logits, targets)
-            .into_scalar()
-            .elem();
-    }
-    let mut logits = rows::host_f32(logits);
-    let per_row: Vec<f64> = logits
-        .par_chunks_mut(v.max(1))
-        .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            let m = rows::max(row);
-            let zt = row[t as usize];
-            rows::exp_shifted(row, m).ln() - (zt - m) as f64
-        })
-        .collect();
+    let mut per_row = Vec::with_capacity(targets.len());
+    nll_rows(logits, targets, &mut per_row);
     // Summed in order: the same value whatever the threads did.
     per_row.iter().sum()
+}
+
+/// [`nll_total`] of `model` on token ids `input` `[B, T]`. On the CPU backend the logits are made
+/// and reduced [`LOGIT_CHUNK_BYTES`] at a time: a window's whole logits (100 MB for SmolLM2 at 512
+/// tokens) were a fresh mapping every window, page faults and all. Same value as
+/// `nll_total(model.forward(input), targets)`: the same products, rows and order of summation.
+pub fn nll_of_tokens<B: Backend>(
+    model: &Llama<B>,
+    input: Tensor<B, 2, Int>,
+    targets: &[u32],
+) -> f64 {
+    if !crate::backend::is_cpu::<B>() {
+        return nll_total(model.forward(input), targets);
+    }
+    chunked_nll(model, input, targets, logit_chunk_rows(model.vocab_size()))
+}
+
+/// [`nll_of_tokens`] on the CPU backend, logits made `rows` rows at a time.
+fn chunked_nll<B: Backend>(
+    model: &Llama<B>,
+    input: Tensor<B, 2, Int>,
+    targets: &[u32],
+    rows: usize,
+) -> f64 {
+    let hidden = model.hidden(input, None);
+    let [b, t, h] = hidden.dims();
+    let hidden = hidden.reshape([b * t, h]);
+    let mut per_row = Vec::with_capacity(b * t);
+    for start in (0..b * t).step_by(rows) {
+        let n = rows.min(b * t - start);
+        let logits = model.logits(hidden.clone().narrow(0, start, n).reshape([1, n, h]));
+        nll_rows(logits, &targets[start..start + n], &mut per_row);
+    }
+    per_row.iter().sum()
+}
+
+/// Bytes of logits [`nll_of_tokens`] makes at a time: under glibc's largest mmap threshold (32 MiB),
+/// so the buffer is reused from the heap.
+const LOGIT_CHUNK_BYTES: usize = 24 << 20;
+
+/// Rows per chunk of [`nll_of_tokens`]: a multiple of 64 (the row block of the GEMM's AVX-512
+/// kernel), at least 64.
+fn logit_chunk_rows(vocab: usize) -> usize {
+    (LOGIT_CHUNK_BYTES / (4 * vocab.max(1)) / 64).max(1) * 64
+}
+
+/// Appends `-log p(target)` of each row of `logits` `[B, T, V]` to `out`. On the CPU backend the
+/// logits are read where they lie, each row through a scratch copy (in cache) for its
+/// exponentials.
+fn nll_rows<B: Backend>(logits: Tensor<B, 3>, targets: &[u32], out: &mut Vec<f64>) {
+    let [b, t, _] = logits.dims();
+    assert_eq!(targets.len(), b * t, "one target per position");
+    let logits = match cast::<_, Tensor<Cpu, 3>>(logits) {
+        Ok(cpu) => return nll_rows_on_host(cpu, targets, out),
+        Err(other) => other,
+    };
+    let device = logits.device();
+    let ids = targets.iter().map(|&x| x as i64).collect::<Vec<_>>();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
+    let sum: f64 = crate::heal::loss::nll_sum(logits, targets)
+        .into_scalar()
+        .elem();
+    // One value for the whole batch: its rows are not told apart off the CPU.
+    out.push(sum);
+}
+
+fn nll_rows_on_host(logits: Tensor<Cpu, 3>, targets: &[u32], out: &mut Vec<f64>) {
+    let v = logits.dims()[2].max(1);
+    let p = logits.into_primitive().tensor();
+    let copied;
+    let values: &[f32] = match p.as_slice::<f32>() {
+        Some(s) => s,
+        None => {
+            copied = cpu_values(p);
+            &copied
+        }
+    };
+    let per_row: Vec<f64> = values
+        .par_chunks(v)
+        .zip(targets.par_iter())
+        .map_init(Vec::new, |scratch: &mut Vec<f32>, (row, &t)| {
+            let m = rows::max(row);
+            scratch.clear();
+            scratch.extend_from_slice(row);
+            rows::exp_shifted(scratch, m).ln() - (row[t as usize] - m) as f64
+        })
+        .collect();
+    out.extend(per_row);
 }
 
 /// Perplexity of `model` on token ids `ids` (see the module docs for the windows).
@@ -141,7 +212,7 @@ pub fn perplexity<B: Backend>(
             tgt.extend_from_slice(&w[1..]);
         }
         let inp = Tensor::<B, 2, Int>::from_data(TensorData::new(inp, [b, t]), &device);
-        let s = nll_total(model.forward(inp), &tgt);
+        let s = nll_of_tokens(model, inp, &tgt);
         total += s;
         count += b * t;
         if let Some(bar) = &bar {
@@ -195,4 +266,36 @@ pub fn read_text(path: &Path) -> Result<String> {
         texts.push(t.to_string());
     }
     Ok(texts.join("\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heal::trainer::load_model;
+    use surgeon_formats::synthetic::SyntheticSpec;
+
+    #[test]
+    fn chunked_logits_give_the_nll_of_the_whole_logits_to_the_bit() {
+        let plan = SyntheticSpec::tiny().plan();
+        let device = Default::default();
+        let model = load_model::<Cpu>(&plan, &|_| false, &device).unwrap();
+        let (b, t) = (2, 100);
+        let ids: Vec<u32> = (0..b * (t + 1)).map(|i| (i * 37 % 251) as u32).collect();
+        let (mut inp, mut tgt) = (vec![], vec![]);
+        for w in ids.chunks(t + 1) {
+            inp.extend(w[..t].iter().map(|&x| x as i64));
+            tgt.extend_from_slice(&w[1..]);
+        }
+        let input =
+            || Tensor::<Cpu, 2, Int>::from_data(TensorData::new(inp.clone(), [b, t]), &device);
+        let whole = nll_total(model.forward(input()), &tgt);
+        assert!(whole.is_finite() && whole > 0.0);
+        // 200 rows: three full chunks of 64 and a short one; then one chunk for all.
+        for rows in [64, 256] {
+            let chunked = chunked_nll(&model, input(), &tgt, rows);
+            assert_eq!(chunked.to_bits(), whole.to_bits(), "{rows} rows per chunk");
+        }
+        assert_eq!(logit_chunk_rows(49152), 128);
+        assert_eq!(logit_chunk_rows(256_000), 64);
+    }
 }

@@ -144,7 +144,7 @@ pub fn eval_ppl<B: Backend>(
         let [b, l1] = t.dims();
         let input = t.slice([0..b, 0..l1 - 1]);
         let target: Vec<u32> = chunk.iter().flat_map(|s| s[1..].iter().copied()).collect();
-        nll += crate::eval::nll_total(model.forward(input), &target);
+        nll += crate::eval::nll_of_tokens(model, input, &target);
         n += b * (l1 - 1);
     }
     (nll / n.max(1) as f64).exp()

@@ -5,8 +5,8 @@
 //! eval`. Here each chunk runs once, in parallel, with the vectorised exponential of
 //! [`crate::rows`]; the values differ from the tensor ops' in rounding only, and a KD teacher and
 //! an identical student both run this code.
-use crate::backend::{cast, cpu_primitive, cpu_values, same, Cpu};
-use crate::rows::{self, host_f32};
+use crate::backend::{cast, cpu_primitive, same, Cpu, CpuView};
+use crate::rows;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
     BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
@@ -33,7 +33,8 @@ pub(super) fn fused<B: Backend, const D: usize>(
     let pair = match cast::<_, Pair<Cpu, D>>((gate, up)) {
         Ok((g, u)) => {
             let (shape, device) = (g.shape(), g.device());
-            let out = forward(&host_f32(g), &host_f32(u));
+            let [g, u] = [g, u].map(|x| CpuView::new(x.into_primitive().tensor()));
+            let out = forward(&g, &u);
             return Ok(same(Tensor::<Cpu, D>::from_data(
                 TensorData::new(out, shape),
                 &device,
@@ -95,11 +96,12 @@ fn backward(g: &[f32], u: &[f32], dy: &[f32]) -> [Vec<f32>; 2] {
     [dg, du]
 }
 
-/// What the backward pass keeps: the gate's and up's values and their shape.
+/// What the backward pass keeps: the gate's and up's values (the input tensors themselves, not
+/// copies) and their shape.
 #[derive(Debug, Clone)]
 struct State {
-    gate: Arc<Vec<f32>>,
-    up: Arc<Vec<f32>>,
+    gate: Arc<CpuView>,
+    up: Arc<CpuView>,
     shape: Shape,
 }
 
@@ -110,7 +112,7 @@ impl Backward<Cpu, 2> for SwiGluBackward {
     type State = State;
 
     fn backward(self, ops: Ops<State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dy = cpu_values(grads.consume::<Cpu>(&ops.node));
+        let dy = CpuView::new(grads.consume::<Cpu>(&ops.node));
         let s = ops.state;
         let d = backward(&s.gate, &s.up, &dy);
         for (parent, grad) in ops.parents.into_iter().zip(d) {
@@ -129,7 +131,7 @@ fn tracked<C: CheckpointStrategy, const D: usize>(
     let shape = gate.shape();
     let [g, u] = [gate, up].map(|x| x.into_primitive().tensor());
     let nodes = [g.node.clone(), u.node.clone()];
-    let (gate, up) = (cpu_values(g.primitive), cpu_values(u.primitive));
+    let (gate, up) = (CpuView::new(g.primitive), CpuView::new(u.primitive));
     let out = forward(&gate, &up);
     let output = cpu_primitive(out, shape.clone());
     let result = match SwiGluBackward
@@ -153,6 +155,7 @@ fn tracked<C: CheckpointStrategy, const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rows::host_f32;
     use burn::backend::Flex;
     use burn::tensor::{activation, Distribution};
 
