@@ -2,21 +2,15 @@
 //!
 //! burn's CPU backend allocates a fresh buffer for nearly every tensor operation, many of them
 //! megabytes (activations, gradients, logits). With glibc's defaults a freed buffer above the
-//! mmap threshold goes back to the kernel and the next one is page-faulted in again, zeroed
+//! dynamic mmap threshold goes back to the kernel and the next one is page-faulted in again, zeroed
 //! page by page: `perf` of a SmolLM2 training step showed 15% of the time in the kernel's
-//! `clear_page_erms` and page-fault handlers. Keeping buffers on the heap (up to [`MMAP_THRESHOLD`]; since
-//! 2026-12-02 all of them), never trimming it and using one arena lets them be reused. Measured, 3-to-5-step LM heals of
+//! `clear_page_erms` and page-fault handlers. Keeping buffers up to [`MMAP_THRESHOLD`] on the heap,
+//! never trimming it and using one arena lets them be reused. Measured, 3-to-5-step LM heals of
 //! SmolLM2 (seq 256 x batch 4, 2 threads), wall / peak RSS:
 //! - Intel, AVX-512 (2026-12-01): defaults 61.7 s / 5.44 GB, these settings 55.8 s / 5.11 GB;
 //!   jemalloc 73.4 s / 8.6 GB and mimalloc 57.8 s did worse.
 //! - AMD EPYC, AVX2 (2026-12-02, two pairs): defaults 87.9 and 90.3 s / 5.36 and 5.32 GB, these
 //!   settings 89.5 and 92.1 s / 5.06 and 5.06 GB: the time within noise, 5% less memory.
-//!
-//! - Intel Xeon, AVX-512 + AMX (2026-12-02): no buffer mapped at all (`M_MMAP_MAX` 0: the
-//!   logits of a training step and their gradient, 200 MB each for SmolLM2 at 4 x 256 tokens, were
-//!   above the largest threshold glibc accepts, 32 MiB, and `clear_page_erms` was still 12.5% of a
-//!   4-step LM heal): 53.0 -> 49.4 s, training 115 -> 128 tokens/s, peak RSS 4.27 -> 4.24 GB.
-//!   The heap is never trimmed, so a freed 200 MB buffer serves the next step's.
 //!
 //! A user who sets glibc's own variables (`MALLOC_*`, `GLIBC_TUNABLES`) keeps them: nothing is
 //! changed then.
@@ -40,8 +34,6 @@ pub fn tune_for_tensors() {
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 1);
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int);
-            // No mapping of its own for any buffer (glibc still maps if the heap cannot grow).
-            libc::mallopt(libc::M_MMAP_MAX, 0);
             libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
             libc::mallopt(libc::M_TOP_PAD, 256 << 20);
         }
