@@ -4,7 +4,7 @@
 //! measured with `torch.mv` on the same machine), and each split of the outputs across threads
 //! was a separate GEMM call. Here each thread streams its block of `W`'s rows once, taking the dot
 //! product with every row of `x` while the weight row is in L1; the dot product vectorises
-//! (AVX-512 or AVX2, chosen at run time) with the same order of additions on every path, so the
+//! (AVX-512 or AVX, chosen at run time) with the same order of additions on every path, so the
 //! result does not depend on the CPU.
 use crate::backend::{cast, cpu_primitive, same, Cpu};
 use burn::tensor::backend::Backend;
@@ -19,8 +19,8 @@ const MIN_SPLIT: usize = 256;
 
 type Pair<B> = (Tensor<B, 2>, Tensor<B, 2>);
 
-/// `x W^T` for `x` `[rows, in]` and `W` `[out, in]` (both contiguous f32 on the CPU backend);
-/// otherwise the inputs back.
+/// `x W^T` for `x` `[rows, in]` and `W` `[out, in]` (both contiguous f32 on the CPU backend,
+/// `in > 0`); otherwise the inputs back.
 pub(super) fn product<B: Backend>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
@@ -31,7 +31,8 @@ pub(super) fn product<B: Backend>(
         x.clone().into_primitive().tensor(),
         w.clone().into_primitive().tensor(),
     );
-    let (Some(xs), Some(ws), true) = (xp.as_slice::<f32>(), wp.as_slice::<f32>(), k == wk) else {
+    let (Some(xs), Some(ws), true) = (xp.as_slice::<f32>(), wp.as_slice::<f32>(), k == wk && k > 0)
+    else {
         return Err(same((x, w)));
     };
     let out = gemv(xs, rows, ws, k, rayon::current_num_threads());
