@@ -4,7 +4,7 @@
 //! tokens (the last one may be shorter; one of a single token is dropped). In each window token `t + 1`
 //! is predicted from tokens `0..=t`, so a full window scores `window` tokens and nothing crosses a window
 //! boundary. `scripts/bench-eval.sh` runs the same windows in PyTorch.
-use crate::backend::{cast, cpu_values, Cpu};
+use crate::backend::{cast, Cpu, CpuView};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::rows;
@@ -139,15 +139,7 @@ fn nll_rows<B: Backend>(logits: Tensor<B, 3>, targets: &[u32], out: &mut Vec<f64
 
 fn nll_rows_on_host(logits: Tensor<Cpu, 3>, targets: &[u32], out: &mut Vec<f64>) {
     let v = logits.dims()[2].max(1);
-    let p = logits.into_primitive().tensor();
-    let copied;
-    let values: &[f32] = match p.as_slice::<f32>() {
-        Some(s) => s,
-        None => {
-            copied = cpu_values(p);
-            &copied
-        }
-    };
+    let values = CpuView::new(logits.into_primitive().tensor());
     let per_row: Vec<f64> = values
         .par_chunks(v)
         .zip(targets.par_iter())

@@ -13,7 +13,7 @@
 //!   transposes on either side).
 use super::host_attention::{rope, Dims, Inputs, Order};
 use super::ScoreRule;
-use crate::backend::{cast, cpu_primitive, cpu_values, same, Cpu};
+use crate::backend::{cast, cpu_primitive, cpu_values, same, Cpu, CpuView};
 use crate::rows::host_f32;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
@@ -178,7 +178,8 @@ fn forward_only((q, k, v): Qkv<Cpu, 3>, plan: &Plan) -> Tensor<Cpu, 3> {
 #[derive(Debug, Clone)]
 struct State {
     inputs: Arc<Inputs>,
-    out: Arc<Vec<f32>>,
+    /// The output tensor itself (not a copy).
+    out: CpuView,
     lse: Arc<Vec<f32>>,
     plan: Plan,
     shapes: [Shape; 3],
@@ -224,7 +225,7 @@ fn tracked<C: CheckpointStrategy>(
         &plan,
     );
     let (out, lse) = inputs.forward(plan.rule);
-    let output = cpu_primitive(out.clone(), shape);
+    let output = cpu_primitive(out, shape);
     let result = match AttentionBackward
         .prepare::<C>(nodes)
         .compute_bound()
@@ -233,7 +234,7 @@ fn tracked<C: CheckpointStrategy>(
         OpsKind::Tracked(prep) => {
             let state = State {
                 inputs: Arc::new(inputs),
-                out: Arc::new(out),
+                out: CpuView::new(output.clone()),
                 lse: Arc::new(lse),
                 plan,
                 shapes,

@@ -2,8 +2,7 @@
 //! keys) in buffers with room to grow, so that a decoding step writes its own position instead of
 //! copying every earlier one (concatenation made decoding quadratic in the context: 0.5 tokens/s
 //! after 2k tokens of SmolLM2).
-use crate::backend::{cast, same, Cpu};
-use crate::rows::host_f32;
+use crate::backend::{cast, same, Cpu, CpuView};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 
@@ -113,7 +112,7 @@ fn write_on_host(buf: Tensor<Cpu, 4>, x: Tensor<Cpu, 4>, at: usize) -> Tensor<Cp
         let buf = Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(p));
         return buf.slice_assign([0..b, 0..g, at..at + t, 0..e], x);
     }
-    let src = host_f32(x);
+    let src = CpuView::new(x.into_primitive().tensor());
     let dst = p.storage_mut::<f32>();
     for (bg, block) in src.chunks_exact(t * e).enumerate() {
         let start = (bg * cap + at) * e;
