@@ -62,6 +62,21 @@ impl std::ops::Deref for CpuView {
     }
 }
 
+/// A CPU float tensor of f32 values, contiguous from offset 0 and owned by this handle alone (a
+/// copy where it was a view or shared), so that its storage can be written in place.
+pub(crate) fn owned_f32(
+    x: burn::tensor::ops::FloatTensor<Cpu>,
+) -> burn::tensor::ops::FloatTensor<Cpu> {
+    let n = x.layout().shape().num_elements();
+    let mut x = match x.layout().contiguous_offsets() {
+        Some((0, end)) if end == n => x,
+        _ => x.to_contiguous(),
+    };
+    // Copy-on-write: a no-op for a buffer nobody else holds.
+    x.storage_mut::<f32>();
+    x
+}
+
 /// A CPU float tensor primitive holding `values` in `shape`.
 pub(crate) fn cpu_primitive(
     values: Vec<f32>,

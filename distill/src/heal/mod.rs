@@ -5,7 +5,9 @@
 //! burn backend). Underneath: a [`HealPlan`] (validated configuration, selection, data and
 //! trajectory), a [`Trainer`] (start, resume, step, evaluate, checkpoint, finish) and the
 //! [`checkpoint`] layout; progress goes to a [`HealObserver`] that the caller owns.
+pub mod adamw;
 pub mod checkpoint;
+pub mod clip;
 pub mod data;
 pub mod loss;
 pub mod metrics;

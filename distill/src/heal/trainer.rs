@@ -1,7 +1,9 @@
 //! The [`Trainer`]: AdamW over the trainable set only, gradient accumulation, global-norm
 //! clipping, row masking for new embeddings, evaluation, checkpoints and resume. One [`Trainer::step`]
 //! is one optimizer update; the run loop ([`super::heal_on`]) decides when to evaluate and save.
+use super::adamw::FusedAdamW;
 use super::checkpoint::{self, TrainerState};
+use super::clip;
 use super::data::Sampler;
 use super::loss::{kd_loss, kd_loss_device, lm_loss, lm_loss_fused};
 use super::plan::HealPlan;
@@ -13,7 +15,7 @@ use crate::model::{Adapter, AdapterValues, Cores, Llama, Lora, Mlp};
 use crate::moe_aux::{forward_with_router_logits, load_balancing_loss};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, ElementConversion, Int, Tensor, TensorData};
 use std::collections::BTreeMap;
@@ -148,59 +150,6 @@ pub fn eval_ppl<B: Backend>(
         n += b * (l1 - 1);
     }
     (nll / n.max(1) as f64).exp()
-}
-
-/// Sum of squares of the gradient of parameter `id` (rank 1, 2 or 3), still on the device.
-fn grad_sq<B: AutodiffBackend>(
-    g: &GradientsParams,
-    id: ParamId,
-    rank: usize,
-) -> Option<Tensor<B::InnerBackend, 1>> {
-    match rank {
-        1 => g
-            .get::<B::InnerBackend, 1>(id)
-            .map(|t| t.powi_scalar(2).sum()),
-        3 => g
-            .get::<B::InnerBackend, 3>(id)
-            .map(|t| t.powi_scalar(2).sum()),
-        _ => g
-            .get::<B::InnerBackend, 2>(id)
-            .map(|t| t.powi_scalar(2).sum()),
-    }
-}
-
-/// The global gradient norm over `params`: the per-parameter sums of squares read back in one
-/// transfer (not one per parameter), added in f64 in parameter order.
-fn grad_norm<B: AutodiffBackend>(g: &GradientsParams, params: &[(ParamId, String, usize)]) -> f64 {
-    let sums: Vec<_> = params
-        .iter()
-        .filter_map(|(id, _, r)| grad_sq::<B>(g, *id, *r))
-        .collect();
-    if sums.is_empty() {
-        return 0.0;
-    }
-    let data = Tensor::cat(sums, 0).into_data().convert::<f64>();
-    data.iter::<f64>().sum::<f64>().sqrt()
-}
-
-fn scale_grad<B: AutodiffBackend>(g: &mut GradientsParams, id: ParamId, rank: usize, f: f64) {
-    match rank {
-        1 => {
-            if let Some(t) = g.remove::<B::InnerBackend, 1>(id) {
-                g.register(id, t.mul_scalar(f));
-            }
-        }
-        3 => {
-            if let Some(t) = g.remove::<B::InnerBackend, 3>(id) {
-                g.register(id, t.mul_scalar(f));
-            }
-        }
-        _ => {
-            if let Some(t) = g.remove::<B::InnerBackend, 2>(id) {
-                g.register(id, t.mul_scalar(f));
-            }
-        }
-    }
 }
 
 /// Puts back the frozen rows of row-masked parameters after an optimizer step (AdamW's decoupled
@@ -402,7 +351,7 @@ type Replica<B> = (
     Option<Llama<<B as AutodiffBackend>::InnerBackend>>,
 );
 
-type AdamWOf<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
+type AdamWOf<B> = OptimizerAdaptor<FusedAdamW, Llama<B>, B>;
 type KdFn<B> = fn(Tensor<B, 3>, Tensor<B, 3>, f64, bool) -> Tensor<B, 1>;
 type LmFn<B> = fn(Tensor<B, 3>, Tensor<B, 2, Int>) -> Tensor<B, 1>;
 
@@ -523,12 +472,12 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
     }
 
     fn optimizer(plan: &HealPlan) -> AdamWOf<B> {
-        AdamWConfig::new()
-            .with_beta_1(0.9)
-            .with_beta_2(0.999)
-            .with_epsilon(1e-8)
-            .with_weight_decay(plan.cfg.weight_decay as f32)
-            .init::<B, Llama<B>>()
+        OptimizerAdaptor::from(FusedAdamW::new(
+            0.9,
+            0.999,
+            1e-8,
+            plan.cfg.weight_decay as f32,
+        ))
     }
 
     fn build(
@@ -706,13 +655,11 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
         if let Some(r) = &self.rows {
             r.mask_grads(&mut grads);
         }
-        let norm = grad_norm::<B>(&grads, &self.params);
+        let norm = clip::grad_norm::<B>(&grads, &self.params);
         if let Some(c) = self.plan.cfg.clip {
             if norm > c {
                 let f = c / (norm + 1e-6);
-                for (id, _, r) in &self.params {
-                    scale_grad::<B>(&mut grads, *id, *r, f);
-                }
+                clip::scale_grads::<B>(&mut grads, &self.params, f);
             }
         }
         // A non-finite loss or gradient would poison every weight: stop before the update.
