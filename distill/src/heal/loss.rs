@@ -7,15 +7,17 @@
 //!
 //! [`kd_loss`] and [`lm_loss_fused`] compute the value and that gradient in one fused pass over
 //! each row of the vocabulary on the host (one vectorised exponential per logit and side,
-//! [`rows`]; the gradient is written over the host copy of the student's logits) and hand the
-//! gradient to autodiff through
-//! [`with_logit_grad`]. [`kd_loss_device`] and [`lm_loss`] are the same losses in tensor
+//! [`rows`]; the gradient is written over the student's logits, in their own buffer on the CPU
+//! backend, and handed to autodiff by [`logit_loss`]; the teacher's are read where they lie).
+//! [`kd_loss_device`] and [`lm_loss`] are the same losses in tensor
 //! operations (autodiff differentiates their log-softmax), for backends where the logits should
 //! not leave the device.
+use super::logit_grad::logit_loss;
+use crate::backend::{cast, Cpu, CpuView};
 use crate::model::log_softmax;
 use crate::rows::{self, host_f32};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use rayon::prelude::*;
 
 /// Mean next-token cross-entropy of `logits: [b, t, V]` against `targets: [b, t]`.
@@ -47,25 +49,45 @@ pub fn kd_loss<B: Backend>(
         [b, n, v],
         "student and teacher logits differ in shape"
     );
-    // The student's logits become the gradient in place.
-    let mut grad = host_f32(student.clone().detach());
-    let z = host_f32(teacher);
+    let z = host_view(teacher);
     let rows = (b * n).max(1);
     // d(loss)/d(z_S): (p_S - p_T) / T per token, times T^2 when scaled, over the token count.
     let c = (if scale_t2 { t } else { 1.0 / t } / rows as f64) as f32;
     let v = v.max(1);
-    let kl: Vec<f64> = grad
-        .par_chunks_mut(v)
-        .zip(z.par_chunks(v))
-        .map_init(
-            || (Vec::new(), Vec::new()),
-            |(es, pt), (g, z)| kd_row(g, z, t as f32, c, es, pt),
-        )
-        .collect();
-    // Summed in order: the same value whatever the threads did.
-    let kl: f64 = kl.iter().sum();
-    let scale = if scale_t2 { t * t } else { 1.0 };
-    with_logit_grad(student, scale * kl / rows as f64, grad)
+    // The student's logits become the gradient in place.
+    logit_loss(student, |grad| {
+        let kl: Vec<f64> = grad
+            .par_chunks_mut(v)
+            .zip(z.par_chunks(v))
+            .map_init(
+                || (Vec::new(), Vec::new()),
+                |(es, pt), (g, z)| kd_row(g, z, t as f32, c, es, pt),
+            )
+            .collect();
+        // Summed in order: the same value whatever the threads did.
+        let kl: f64 = kl.iter().sum();
+        let scale = if scale_t2 { t * t } else { 1.0 };
+        scale * kl / rows as f64
+    })
+}
+
+/// The f32 values of `x`, read where they lie on the CPU backend (with or without autodiff),
+/// copied to the host otherwise.
+fn host_view<B: Backend, const D: usize>(x: Tensor<B, D>) -> CpuView {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::backend::Autodiff;
+    let x = match cast::<_, Tensor<Cpu, D>>(x) {
+        Ok(x) => return CpuView::new(x.into_primitive().tensor()),
+        Err(x) => x,
+    };
+    let x = match cast::<_, Tensor<Autodiff<Cpu>, D>>(x) {
+        Ok(x) => return CpuView::new(x.into_primitive().tensor().primitive),
+        Err(x) => x,
+    };
+    match cast::<_, Tensor<Autodiff<Cpu, BalancedCheckpointing>, D>>(x) {
+        Ok(x) => CpuView::new(x.into_primitive().tensor().primitive),
+        Err(x) => CpuView::Copied(host_f32(x)),
+    }
 }
 
 /// One token of [`kd_loss`]: `g` holds the student's logits and receives `c * (p_S - p_T)`;
@@ -96,7 +118,6 @@ fn kd_row(g: &mut [f32], z: &[f32], t: f32, c: f32, es: &mut Vec<f32>, pt: &mut 
 /// in one pass over each row of the vocabulary.
 pub fn lm_loss_fused<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [b, n, v] = logits.dims();
-    let mut grad = host_f32(logits.clone().detach());
     let targets: Vec<i64> = targets
         .into_data()
         .convert::<i64>()
@@ -104,13 +125,15 @@ pub fn lm_loss_fused<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int
         .expect("int tensor data converts to i64");
     let rows = (b * n).max(1);
     let c = 1.0 / rows as f32;
-    let nll: Vec<f64> = grad
-        .par_chunks_mut(v.max(1))
-        .zip(targets.par_iter())
-        .map(|(g, &t)| ce_row(g, t as usize, c))
-        .collect();
-    let nll: f64 = nll.iter().sum();
-    with_logit_grad(logits, nll / rows as f64, grad)
+    logit_loss(logits, |grad| {
+        let nll: Vec<f64> = grad
+            .par_chunks_mut(v.max(1))
+            .zip(targets.par_iter())
+            .map(|(g, &t)| ce_row(g, t as usize, c))
+            .collect();
+        let nll: f64 = nll.iter().sum();
+        nll / rows as f64
+    })
 }
 
 /// One token of [`lm_loss_fused`]: `g` holds the logits and receives `c * (p - onehot(t))`;
@@ -125,24 +148,6 @@ fn ce_row(g: &mut [f32], t: usize, c: f32) -> f64 {
     }
     g[t] -= c;
     sum.ln() - (zt - m) as f64
-}
-
-/// A scalar loss whose value is `value` and whose gradient with respect to `logits` is `grad`
-/// (same shape, computed elsewhere): `s - detach(s) + value` with `s = sum(logits * grad)`, which
-/// is exactly `value` for finite logits.
-pub fn with_logit_grad<B: Backend, const D: usize>(
-    logits: Tensor<B, D>,
-    value: f64,
-    grad: Vec<f32>,
-) -> Tensor<B, 1> {
-    let device = logits.device();
-    let v = Tensor::<B, 1>::from_data(TensorData::new(vec![value as f32], [1]), &device);
-    if !B::ad_enabled(&device) {
-        return v;
-    }
-    let g = Tensor::<B, D>::from_data(TensorData::new(grad, logits.shape()), &device);
-    let s = (logits * g).sum();
-    s.clone() - s.detach() + v
 }
 
 /// [`kd_loss`] in tensor operations on the device (autodiff differentiates the log-softmaxes).

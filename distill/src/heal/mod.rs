@@ -9,6 +9,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod clip;
 pub mod data;
+pub mod logit_grad;
 pub mod loss;
 pub mod metrics;
 pub mod plan;
