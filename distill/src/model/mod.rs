@@ -24,6 +24,7 @@ pub(crate) mod hedgehog_tests;
 mod host_attention;
 mod host_attention_grad;
 mod host_gemv;
+mod host_linear;
 mod host_swiglu;
 mod kv_buffer;
 mod load;
@@ -99,7 +100,8 @@ impl<B: Backend> Linear<B> {
 const GEMV_ROWS: usize = 4;
 
 /// `x W^T` for `x` `[rows, in]` and `W` `[out, in]`, computed in `compute` (see
-/// [`mixed_matmul`]). In decoding (a few rows, weights not training) on the CPU backend in f32,
+/// [`mixed_matmul`]). On the CPU backend in f32, the host's GEMM ([`host_linear`], with its own
+/// backward under autodiff). In decoding (a few rows, weights not training) on the CPU backend in f32,
 /// the host's matrix-vector product ([`host_gemv`]); on other backends or in another `compute`
 /// type the outputs are split across the thread pool, since the CPU backend's GEMM runs
 /// matrix-vector products on one thread: each part is the same product on a block of `W`'s rows,
@@ -114,6 +116,13 @@ pub(crate) fn product<B: Backend>(
     let out = w.dims()[0];
     let threads = rayon::current_num_threads();
     if rows > GEMV_ROWS || w.is_require_grad() {
+        let (x, w) = match compute {
+            None => match host_linear::product(x, w) {
+                Ok(y) => return y,
+                Err(pair) => pair,
+            },
+            Some(_) => (x, w),
+        };
         return mixed_matmul(x, w.transpose(), compute);
     }
     let (x, w) = match compute {
