@@ -24,7 +24,7 @@ pub(crate) mod hedgehog_tests;
 mod host_attention;
 mod host_attention_grad;
 mod host_gemv;
-mod host_linear;
+pub(crate) mod host_linear;
 mod host_swiglu;
 mod kv_buffer;
 mod load;
