@@ -50,6 +50,26 @@ impl CpuView {
             false => CpuView::Copied(cpu_values(x)),
         }
     }
+
+    /// The values of a tensor of any backend: read where they lie on the CPU backend (with or
+    /// without autodiff), copied to the host otherwise.
+    pub(crate) fn of<B: Backend, const D: usize>(x: burn::tensor::Tensor<B, D>) -> Self {
+        use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+        use burn::backend::Autodiff;
+        use burn::tensor::Tensor;
+        let x = match cast::<_, Tensor<Cpu, D>>(x) {
+            Ok(x) => return CpuView::new(x.into_primitive().tensor()),
+            Err(x) => x,
+        };
+        let x = match cast::<_, Tensor<Autodiff<Cpu>, D>>(x) {
+            Ok(x) => return CpuView::new(x.into_primitive().tensor().primitive),
+            Err(x) => x,
+        };
+        match cast::<_, Tensor<Autodiff<Cpu, BalancedCheckpointing>, D>>(x) {
+            Ok(x) => CpuView::new(x.into_primitive().tensor().primitive),
+            Err(x) => CpuView::Copied(crate::rows::host_f32(x)),
+        }
+    }
 }
 
 impl std::ops::Deref for CpuView {

@@ -88,10 +88,7 @@ pub fn nll_of_tokens<B: Backend>(
     if let Some(head) = host_head(model) {
         let hidden = model.hidden(input, None);
         let h = hidden.dims()[2];
-        let hidden = match cast::<_, Tensor<Cpu, 3>>(hidden) {
-            Ok(x) => CpuView::new(x.into_primitive().tensor()),
-            Err(_) => unreachable!("checked is_cpu"),
-        };
+        let hidden = CpuView::of(hidden);
         return nll_by_vocab_chunks(&hidden, &head, h, targets).iter().sum();
     }
     chunked_nll(model, input, targets, logit_chunk_rows(model.vocab_size()))

@@ -61,18 +61,15 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdamW {
     ) -> (Tensor<B, D>, Option<Self::State<D>>) {
         let all_f32 =
             tensor.dtype() == burn::tensor::DType::F32 && grad.dtype() == burn::tensor::DType::F32;
-        match cast::<Update<B, D>, Update<Cpu, D>>((tensor, grad, state)) {
-            Ok((p, g, s)) if all_f32 => {
-                let (p, s) = self.fused(lr, p, g, s);
-                same((p, Some(s)))
-            }
-            Ok(update) => {
-                let (p, s) =
-                    SimpleOptimizer::<Cpu>::step(&self.reference, lr, update.0, update.1, update.2);
-                same((p, s))
-            }
-            Err((p, g, s)) => self.reference.step(lr, p, g, s),
-        }
+        let update = (tensor, grad, state);
+        let (p, g, s) = match all_f32 {
+            true => match cast::<Update<B, D>, Update<Cpu, D>>(update) {
+                Ok((p, g, s)) => return same(self.fused(lr, p, g, s)),
+                Err(update) => update,
+            },
+            false => update,
+        };
+        self.reference.step(lr, p, g, s)
     }
 
     fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
@@ -122,7 +119,7 @@ impl FusedAdamW {
         param: Tensor<Cpu, D>,
         grad: Tensor<Cpu, D>,
         state: Option<AdamWState<Cpu, D>>,
-    ) -> (Tensor<Cpu, D>, AdamWState<Cpu, D>) {
+    ) -> (Tensor<Cpu, D>, Option<AdamWState<Cpu, D>>) {
         let shape = param.shape();
         let (time, m, v) = match state {
             Some(s) => (
@@ -150,7 +147,7 @@ impl FusedAdamW {
         let [p, m, v] =
             [p, m, v].map(|t| Tensor::<Cpu, D>::from_primitive(TensorPrimitive::Float(t)));
         let momentum = AdaptiveMomentumState::new(time, m, v);
-        (p, AdamWState::new(momentum))
+        (p, Some(AdamWState::new(momentum)))
     }
 }
 

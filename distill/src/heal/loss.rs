@@ -13,9 +13,9 @@
 //! operations (autodiff differentiates their log-softmax), for backends where the logits should
 //! not leave the device.
 use super::logit_grad::logit_loss;
-use crate::backend::{cast, Cpu, CpuView};
+use crate::backend::CpuView;
 use crate::model::log_softmax;
-use crate::rows::{self, host_f32};
+use crate::rows;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use rayon::prelude::*;
@@ -49,7 +49,7 @@ pub fn kd_loss<B: Backend>(
         [b, n, v],
         "student and teacher logits differ in shape"
     );
-    let z = host_view(teacher);
+    let z = CpuView::of(teacher);
     let rows = (b * n).max(1);
     // d(loss)/d(z_S): (p_S - p_T) / T per token, times T^2 when scaled, over the token count.
     let c = (if scale_t2 { t } else { 1.0 / t } / rows as f64) as f32;
@@ -69,25 +69,6 @@ pub fn kd_loss<B: Backend>(
         let scale = if scale_t2 { t * t } else { 1.0 };
         scale * kl / rows as f64
     })
-}
-
-/// The f32 values of `x`, read where they lie on the CPU backend (with or without autodiff),
-/// copied to the host otherwise.
-fn host_view<B: Backend, const D: usize>(x: Tensor<B, D>) -> CpuView {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-    use burn::backend::Autodiff;
-    let x = match cast::<_, Tensor<Cpu, D>>(x) {
-        Ok(x) => return CpuView::new(x.into_primitive().tensor()),
-        Err(x) => x,
-    };
-    let x = match cast::<_, Tensor<Autodiff<Cpu>, D>>(x) {
-        Ok(x) => return CpuView::new(x.into_primitive().tensor().primitive),
-        Err(x) => x,
-    };
-    match cast::<_, Tensor<Autodiff<Cpu, BalancedCheckpointing>, D>>(x) {
-        Ok(x) => CpuView::new(x.into_primitive().tensor().primitive),
-        Err(x) => CpuView::Copied(host_f32(x)),
-    }
 }
 
 /// One token of [`kd_loss`]: `g` holds the student's logits and receives `c * (p_S - p_T)`;
