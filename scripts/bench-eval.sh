@@ -8,8 +8,9 @@
 #        sides read the same weights and tokenizer.json (default: SmolLM2 as an HF directory)
 # DATA:  text or .jsonl (default: Python's pydoc_data/topics.py)
 # Env:   PYTHON (with torch + transformers + tokenizers; default $SURGEON_PYTHON, see scripts/env.sh),
-#        THREADS (2), WINDOW (512), MAX_TOKENS (2048), PROMPT_TOKENS (512: the generation prompt is
+#        THREADS (2), WINDOW (512), MAX_TOKENS (8192), PROMPT_TOKENS (512: the generation prompt is
 #        the first PROMPT_TOKENS tokens of DATA), NEW_TOKENS (256), PROFILE (release),
+#        BATCH (windows per forward pass on both sides; default surgeon's own, 4096 / WINDOW),
 #        SURGEON (a prebuilt binary; otherwise cargo builds one with PROFILE).
 # Each side runs under /usr/bin/time, which reports its peak RSS. Both tokenise with tokenizer.json through
 # the `tokenizers` library (transformers 5 rebuilds some tokenizers without their pre-tokenizer, e.g.
@@ -20,10 +21,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(reference_python torch transformers tokenizers)}
 THREADS=${THREADS:-2}
 WINDOW=${WINDOW:-512}
-MAX_TOKENS=${MAX_TOKENS:-2048}
+MAX_TOKENS=${MAX_TOKENS:-8192}
 NEW_TOKENS=${NEW_TOKENS:-256}
 PROMPT_TOKENS=${PROMPT_TOKENS:-512}
 PROFILE=${PROFILE:-release}
+# surgeon eval's default batch (eval::AUTO_BATCH_POSITIONS positions), given to both sides.
+BATCH=${BATCH:-$(( 4096 / WINDOW > 1 ? 4096 / WINDOW : 1 ))}
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 SURGEON=$(surgeon_bin "$PROFILE")
 MODEL=${1:-$(smollm2_hf)}
@@ -35,21 +38,21 @@ if [[ $MODEL == *.gguf ]]; then
   MODEL=$WORK/model
 fi
 
-echo "== eval: window $WINDOW, first $MAX_TOKENS tokens, $THREADS threads" >&2
+echo "== eval: window $WINDOW, first $MAX_TOKENS tokens, $BATCH windows per batch, $THREADS threads" >&2
 RSS=$WORK/rss
 # peak RSS in MiB of the last command run under `timed`
 timed() { /usr/bin/time -f %M -o "$RSS" "$@"; }
 peak() { echo "$(( $(tail -1 "$RSS") / 1024 )) MiB"; }
-rust_eval=$(timed "$SURGEON" eval "$MODEL" --data "$DATA" --window "$WINDOW" --max-tokens "$MAX_TOKENS" --json)
+rust_eval=$(timed "$SURGEON" eval "$MODEL" --data "$DATA" --window "$WINDOW" --max-tokens "$MAX_TOKENS" --batch-size "$BATCH" --json)
 rust_eval_rss=$(peak)
 echo "surgeon: $rust_eval, peak RSS $rust_eval_rss"
 
-torch_eval=$(timed "$PYTHON" - "$MODEL" "$DATA" "$WINDOW" "$MAX_TOKENS" "$THREADS" <<'PY'
+torch_eval=$(timed "$PYTHON" - "$MODEL" "$DATA" "$WINDOW" "$MAX_TOKENS" "$THREADS" "$BATCH" <<'PY'
 import json, math, os, sys, time
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
-model_path, data, window, max_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+model_path, data, window, max_tokens, threads, batch = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 torch.set_num_threads(threads)
 tok = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
 model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -61,12 +64,19 @@ wins = [ids[i:i + window + 1] for i in range(0, len(ids), window + 1)]
 wins = [w for w in wins if len(w) >= 2]
 total, count = 0.0, 0
 start = time.perf_counter()
+# Batches as surgeon's: up to `batch` consecutive windows of equal length.
+batches = []
+for w in wins:
+    if batches and len(batches[-1]) < batch and len(batches[-1][0]) == len(w):
+        batches[-1].append(w)
+    else:
+        batches.append([w])
 with torch.inference_mode():
-    for w in wins:
-        x = torch.tensor([w])
+    for b in batches:
+        x = torch.tensor(b)
         logits = model(x[:, :-1]).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum")
-        total += nll.item(); count += len(w) - 1
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+        total += nll.item(); count += x[:, 1:].numel()
 secs = time.perf_counter() - start
 print(json.dumps({"tokens": count, "nll": total / count, "ppl": math.exp(total / count), "tokens_per_s": count / secs}))
 PY

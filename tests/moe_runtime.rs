@@ -378,7 +378,7 @@ fn heal_split_model_short() {
     let eval = EvalOptions {
         window: 256,
         max_tokens: Some(514),
-        batch_size: 1,
+        batch_size: Some(1),
         progress: false,
     };
     let dev = Default::default();

@@ -299,12 +299,14 @@ fn perplexity_scores_non_overlapping_windows() {
         &model,
         &toks,
         &EvalOptions {
-            batch_size: 3,
+            batch_size: Some(3),
             ..opts.clone()
         },
     )
     .unwrap();
-    assert!((batched.nll - r.nll).abs() < 1e-5);
+    // On the CPU backend to the bit: each row's logits do not depend on the batch, and the
+    // values are summed in the same order.
+    assert_eq!(batched.nll.to_bits(), r.nll.to_bits());
     // Out-of-vocabulary ids are an error, not a panic.
     assert!(perplexity(&model, &[1, 2, 999], &opts).is_err());
 }

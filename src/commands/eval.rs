@@ -22,9 +22,10 @@ pub struct Args {
     /// Score only the first N tokens.
     #[arg(long)]
     pub max_tokens: Option<usize>,
-    /// Windows per forward pass.
-    #[arg(long, default_value_t = EvalOptions::default().batch_size)]
-    pub batch_size: usize,
+    /// Windows per forward pass (default: enough windows for about 4096 positions; fewer off the
+    /// CPU, where the batch's logits are made whole). The perplexity does not depend on it.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     #[command(flatten)]
     pub backend: BackendArgs,
     /// Print one JSON object (`tokens`, `nll`, `ppl`, `tokens_per_s`).

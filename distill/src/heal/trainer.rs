@@ -131,22 +131,25 @@ fn moe_top_k<B: Backend>(model: &Llama<B>) -> Option<usize> {
     })
 }
 
-/// Perplexity of `model` on `seqs` (each `L + 1` tokens), in batches of `batch`.
+/// Perplexity of `model` on `seqs` (each `L + 1` tokens), in batches of `batch` (the values summed
+/// in order as in [`crate::eval::perplexity`]).
 pub fn eval_ppl<B: Backend>(
     model: &Llama<B>,
     seqs: &[Vec<u32>],
     batch: usize,
     device: &B::Device,
 ) -> f64 {
-    let mut nll = 0.0f64;
-    let mut n = 0usize;
+    let (mut nll, mut n) = (0.0f64, 0usize);
+    let mut values = Vec::new();
     for chunk in seqs.chunks(batch.max(1)) {
         let refs: Vec<&Vec<u32>> = chunk.iter().collect();
         let t = batch_tensor::<B>(&refs, device);
         let [b, l1] = t.dims();
         let input = t.slice([0..b, 0..l1 - 1]);
         let target: Vec<u32> = chunk.iter().flat_map(|s| s[1..].iter().copied()).collect();
-        nll += crate::eval::nll_of_tokens(model, input, &target);
+        values.clear();
+        crate::eval::nll_rows_of_tokens(model, input, &target, &mut values);
+        nll = values.iter().fold(nll, |sum, v| sum + v);
         n += b * (l1 - 1);
     }
     (nll / n.max(1) as f64).exp()
@@ -581,12 +584,11 @@ impl<'p, B: AutodiffBackend> Trainer<'p, B> {
     /// Held-out perplexity of the current weights.
     pub fn evaluate(&self) -> f64 {
         let seqs = &self.plan.data.eval;
-        eval_ppl(
-            &self.model().valid(),
-            seqs,
-            self.plan.cfg.batch,
-            &self.device,
-        )
+        let model = self.model().valid();
+        // Batches as `surgeon eval`'s default (not the training batch): the same value, faster.
+        let window = seqs.first().map_or(1, |s| s.len().saturating_sub(1));
+        let batch = crate::eval::auto_batch::<B::InnerBackend>(window, model.vocab_size());
+        eval_ppl(&model, seqs, batch, &self.device)
     }
 
     /// Forward and backward over `grad_accum` micro-batches, each split over the devices: the
