@@ -1,5 +1,6 @@
 //! Autoregressive generation with a KV cache: greedy or temperature + nucleus (top-p) sampling.
-use crate::model::Llama;
+use crate::backend::on_worker;
+use crate::model::{KvCache, Llama};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -135,8 +136,12 @@ pub fn generate<B: Backend>(
         let v: Vec<i64> = t.iter().map(|&x| x as i64).collect();
         Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, t.len()]), &device)
     };
+    // Each forward pass runs on a worker of rayon's pool (see `backend::on_worker`).
+    let step = |t: Tensor<B, 2, Int>, cache: &mut KvCache<B>| {
+        on_worker(|| last_row(model.forward_cached(t, cache)))
+    };
     let t0 = Instant::now();
-    let mut row = last_row(model.forward_cached(ids(prompt), &mut cache));
+    let mut row = step(ids(prompt), &mut cache);
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut out = vec![];
@@ -157,9 +162,9 @@ pub fn generate<B: Backend>(
             // as transformers' Phi-3 does when generation first passes the pretraining length.
             cache.clear();
             let seq: Vec<u32> = prompt.iter().chain(&out).copied().collect();
-            last_row(model.forward_cached(ids(&seq), &mut cache))
+            step(ids(&seq), &mut cache)
         } else {
-            last_row(model.forward_cached(ids(&[next]), &mut cache))
+            step(ids(&[next]), &mut cache)
         };
     }
     let decode_s = t1.elapsed().as_secs_f64();
