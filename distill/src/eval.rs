@@ -289,6 +289,9 @@ pub fn perplexity<B: Backend>(
     if opts.window == 0 {
         return Err(Error::Invalid("window must be at least 1".into()));
     }
+    if opts.batch_size == Some(0) {
+        return Err(Error::Invalid("`batch_size` must be at least 1".into()));
+    }
     let vocab = model.vocab_size();
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
         return Err(Error::Invalid(format!(
@@ -315,8 +318,7 @@ pub fn perplexity<B: Backend>(
     let start = Instant::now();
     let batch_size = opts
         .batch_size
-        .unwrap_or_else(|| auto_batch::<B>(opts.window, vocab))
-        .max(1);
+        .unwrap_or_else(|| auto_batch::<B>(opts.window, vocab));
     // Summed in order, value by value: on the CPU backend the same bits for any batch size.
     let (mut total, mut count) = (0f64, 0usize);
     let mut values = Vec::new();

@@ -307,6 +307,11 @@ fn perplexity_scores_non_overlapping_windows() {
     // On the CPU backend to the bit: each row's logits do not depend on the batch, and the
     // values are summed in the same order.
     assert_eq!(batched.nll.to_bits(), r.nll.to_bits());
+    let zero = EvalOptions {
+        batch_size: Some(0),
+        ..opts.clone()
+    };
+    assert!(perplexity(&model, &toks, &zero).is_err());
     // Out-of-vocabulary ids are an error, not a panic.
     assert!(perplexity(&model, &[1, 2, 999], &opts).is_err());
 }

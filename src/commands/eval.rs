@@ -23,7 +23,8 @@ pub struct Args {
     #[arg(long)]
     pub max_tokens: Option<usize>,
     /// Windows per forward pass (default: enough windows for about 4096 positions; fewer off the
-    /// CPU, where the batch's logits are made whole). The perplexity does not depend on it.
+    /// CPU, where the batch's logits are made whole). On the CPU backend the perplexity does not
+    /// depend on it, to the bit.
     #[arg(long)]
     pub batch_size: Option<usize>,
     #[command(flatten)]
