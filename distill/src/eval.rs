@@ -287,7 +287,7 @@ pub fn perplexity<B: Backend>(
     opts: &EvalOptions,
 ) -> Result<EvalReport> {
     if opts.window == 0 {
-        return Err(Error::Invalid("window must be at least 1".into()));
+        return Err(Error::Invalid("`window` must be at least 1".into()));
     }
     if opts.batch_size == Some(0) {
         return Err(Error::Invalid("`batch_size` must be at least 1".into()));
